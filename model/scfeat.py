@@ -1,0 +1,124 @@
+"""SCFeat: the F2R backbone and the detection network in one module (config name
+``SCFeatModel``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from utils.errors import SCFeatError
+
+DETECTOR_INPUTS = ("local_map", "local_map_first", "desc_map")
+
+
+class SCFeatModel(nn.Module):
+    """Holds ``backbone`` and ``localheader``; built by :func:`registry.build_model`.
+
+    ``model_config`` keys (those of the original code): ``backbone``, ``backbone_config``,
+    ``localheader``, ``localheader_config``, ``align_local_grad`` (let the detector's gradient
+    reach the backbone), ``local_input_elements`` (backbone maps concatenated as detector input),
+    ``local_with_img`` (the detector also sees the image).
+    """
+
+    default_conf = {
+        "backbone": "ResUNet_F2R",
+        "backbone_config": {},
+        "localheader": "DetNet",
+        "localheader_config": {},
+        "align_local_grad": False,
+        "local_input_elements": ["local_map", "local_map_first"],
+        "local_with_img": True,
+    }
+
+    def __init__(self, backbone: nn.Module, localheader: nn.Module, conf: dict | None = None):
+        super().__init__()
+        self.conf = {**self.default_conf, **(conf or {})}
+        bad = [e for e in self.conf["local_input_elements"] if e not in DETECTOR_INPUTS]
+        if bad or not self.conf["local_input_elements"]:
+            raise SCFeatError(f"model_config.local_input_elements: {self.conf['local_input_elements']} "
+                              f"must be a non-empty list drawn from {list(DETECTOR_INPUTS)}")
+        self.backbone = backbone
+        self.localheader = localheader
+
+    def backbone_needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters())
+
+    def detector_input(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``cat(local_input_elements)``, detached unless ``align_local_grad``."""
+        features = torch.cat([maps[name] for name in self.conf["local_input_elements"]], dim=1)
+        return features if self.conf["align_local_grad"] else features.detach()
+
+    def forward(self, images: torch.Tensor, with_detector: bool = True) -> dict[str, torch.Tensor]:
+        """Images ``B×3×H×W`` → backbone maps and, with ``with_detector``, ``local_point``
+        (score map ``B×1×H×W``).
+
+        A frozen backbone (stage 2) runs without autograd.
+        """
+        with torch.set_grad_enabled(self.backbone_needs_grad()):
+            outputs = dict(self.backbone(images))
+        if with_detector:
+            image = images if self.conf["local_with_img"] else None
+            outputs["local_point"] = self.localheader(self.detector_input(outputs), image)
+        return outputs
+
+    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{global_map, desc_map, local_map, local_point}`` for ``B×3×H×W`` images."""
+        outputs = self.forward(images, with_detector=True)
+        return {k: outputs[k] for k in ("global_map", "desc_map", "local_map", "local_point")}
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | Path, device: str | torch.device | None = None,
+                        model_config: dict | None = None) -> "SCFeatModel":
+        """Load ``backbone.pth`` and ``localheader.pth`` from ``folder`` (strictly).
+
+        Model settings come from ``model_config``, else from ``config.yaml`` in the folder's
+        parent (written by ``train.py``), else the defaults. The encoder is never downloaded:
+        the checkpoint supplies all weights. Returns the model in eval mode on ``device``
+        (default: CUDA when available).
+        """
+        from registry import build_model  # late import: registry imports this module
+        from utils.checkpoint import load_state_dict_file
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise SCFeatError(f"checkpoint folder '{folder}' does not exist")
+        name = "SCFeatModel"
+        if model_config is None:
+            config_file = folder.parent / "config.yaml"
+            if config_file.is_file():
+                from utils.config import read_yaml
+                run_config = read_yaml(config_file)
+                name = run_config.get("model", name)
+                model_config = run_config.get("model_config", {})
+        model_config = dict(model_config or {})
+        model_config["backbone_config"] = {**model_config.get("backbone_config", {}), "pretrained": False}
+        model = build_model(name, model_config)
+        for part in ("backbone", "localheader"):
+            state = load_state_dict_file(folder / f"{part}.pth")
+            load_strict(getattr(model, part), state, folder / f"{part}.pth")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return model.to(device).eval()
+
+
+def load_strict(module: nn.Module, state: dict, path: Path) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the mismatched keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong_shape:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if wrong_shape:
+            parts.append("shape mismatch: " + show(
+                [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape]))
+        raise SCFeatError(f"{path}: checkpoint does not match the {module.__class__.__name__} "
+                          f"architecture of the config; " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)

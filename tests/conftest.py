@@ -1,0 +1,43 @@
+"""Shared pytest fixtures: the reference outputs of the original implementation."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+# ../shared/reference beside the clone (CI lays it out the same way); SCFEAT_REFERENCE overrides.
+REFERENCE_DIR = Path(os.environ.get("SCFEAT_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
+
+
+def _load_reference(name: str) -> dict:
+    path = REFERENCE_DIR / name
+    if not path.is_file():
+        pytest.skip(f"reference file {path} is absent: these tests compare against the original "
+                    f"implementation's outputs and cannot run without ../shared/reference")
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"reference folder {REFERENCE_DIR} is absent")
+    return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def f2r_reference() -> dict:
+    """Arrays of ``f2r_detnet_reference.npz`` (networks and keypoint selection)."""
+    return _load_reference("f2r_detnet_reference.npz")
+
+
+@pytest.fixture(scope="session")
+def line2window_reference() -> dict:
+    """Arrays of ``line2window_reference.npz`` (the stage-1 loss, with gradients)."""
+    return _load_reference("line2window_reference.npz")
