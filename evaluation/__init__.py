@@ -1,0 +1,1 @@
+"""Benchmarks of extracted features (HPatches-sequences MMA in `evaluation.hpatches`)."""

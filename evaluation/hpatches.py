@@ -1,0 +1,487 @@
+"""HPatches-sequences evaluation with the D2-Net protocol (mean matching accuracy, MMA).
+
+Protocol, so that numbers compare with published ones:
+
+* the 8 high-resolution sequences in `HIGH_RES_SEQUENCES` are excluded (108 remain);
+* in each sequence image 1 is matched to images 2..6 by mutual nearest neighbours of the
+  descriptors (dot product);
+* a match is correct at threshold t when the image-1 keypoint projected by ``H_1_k`` lands
+  within t px (``<=``) of its match; the accuracy is averaged per pair first (a pair without
+  matches counts 0), then over pairs.
+
+A result cache has D2-Net's format: ``np.save`` of an object array
+``(i_err, v_err, [seq_type, n_feats, n_matches])`` where ``i_err[t]`` / ``v_err[t]`` are the
+per-pair accuracies at t = 1..15 summed over illumination / viewpoint pairs, ``seq_type`` the
+first letter of each pair's sequence, ``n_feats`` the features of every image and
+``n_matches`` the matches of every pair.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+
+from utils.errors import SCFeatError
+
+logger = logging.getLogger(__name__)
+
+HIGH_RES_SEQUENCES = ("i_contruction", "i_crownnight", "i_dc", "i_pencils", "i_whitebuilding",
+                      "v_artisans", "v_astronautis", "v_talent")
+CACHE_THRESHOLDS = np.arange(1, 16)  # D2-Net caches t = 1..15 px
+TARGET_IMAGES = range(2, 7)
+# Bump when the protocol or the cache content changes, so older caches are never reused.
+PROTOCOL_VERSION = "d2net-hpatches-mma-v1"
+METHOD_KEYS = {"name", "features", "postfix"}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = Path(os.environ.get("SCFEAT_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
+
+default_conf = {
+    "data_path": "data/hpatches-sequences-release",
+    # each a {name, features, postfix} dict (features: <features>/<seq>/<k>.ppm.<postfix>)
+    # or the string 'sift' (the built-in OpenCV SIFT baseline)
+    "methods": ["sift"],
+    # result caches (.npy) to plot beside; None: the published ones in
+    # ../shared/reference/hpatches_cache when that folder exists
+    "compare_caches": None,
+    "cache_dir": "outputs/hpatches_cache",
+    "output_plot": "outputs/hpatches_mma.png",
+    "thresholds": 10,  # largest t reported and plotted (1..15)
+    "exclude_high_res": True,
+}
+
+Cache = tuple[dict, dict, list]
+FeatureReader = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method to evaluate: features read from files, or the SIFT baseline (`features` None)."""
+    name: str
+    features: Path | None = None
+    postfix: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset layout
+# ---------------------------------------------------------------------------------------------
+
+def list_sequences(data_path: str | Path, exclude_high_res: bool = True) -> list[str]:
+    """Sorted ``i_*`` / ``v_*`` sequence folders of ``data_path``."""
+    root = Path(data_path)
+    if not root.is_dir():
+        raise SCFeatError(f"HPatches data_path {root} is not a folder "
+                          f"(expected <data_path>/<i_|v_sequence>/1.ppm ... H_1_6)")
+    sequences = sorted(p.name for p in root.iterdir()
+                       if p.is_dir() and re.match(r"^[iv]_", p.name))
+    if exclude_high_res:
+        sequences = [s for s in sequences if s not in HIGH_RES_SEQUENCES]
+    if not sequences:
+        raise SCFeatError(f"no HPatches sequences (folders named i_* or v_*) under {root}")
+    return sequences
+
+
+def homography_path(data_path: Path, seq: str, k: int) -> Path:
+    return data_path / seq / f"H_1_{k}"
+
+
+def image_path(data_path: Path, seq: str, k: int) -> Path:
+    return data_path / seq / f"{k}.ppm"
+
+
+def feature_path(features_root: Path, seq: str, k: int, postfix: str) -> Path:
+    return features_root / seq / f"{k}.ppm.{postfix}"
+
+
+def _require_files(paths: list[Path], what: str) -> None:
+    """Raise naming the missing files (all checked before any work is done)."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise SCFeatError(f"missing {what} file{'s' if len(missing) > 1 else ''}: {shown}{more}")
+
+
+def read_homography(path: Path) -> np.ndarray:
+    """A ``3×3`` homography from a whitespace-separated text file."""
+    try:
+        homography = np.loadtxt(path, dtype=np.float64)
+    except (OSError, ValueError) as error:
+        raise SCFeatError(f"cannot read homography {path}: {error}") from error
+    if homography.shape != (3, 3):
+        raise SCFeatError(f"homography {path} must hold a 3×3 matrix, got shape "
+                          f"{homography.shape}")
+    return homography
+
+
+def read_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``keypoints`` (``N×2`` x, y; extra columns ignored) and ``descriptors`` (``N×D``)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = {"keypoints", "descriptors"} - set(data.files)
+            if missing:
+                raise SCFeatError(f"feature file {path} lacks {sorted(missing)} (expected an npz "
+                                  f"with keypoints N×2, scores N, descriptors N×D)")
+            keypoints, descriptors = data["keypoints"], data["descriptors"]
+    except SCFeatError:
+        raise
+    except Exception as error:  # np.load raises several types for a corrupt file
+        raise SCFeatError(f"cannot read feature file {path} as npz: {error}") from error
+    if keypoints.size == 0:  # no features: valid, the pairs of this image score 0
+        width = descriptors.shape[-1] if descriptors.ndim == 2 else 0
+        return np.zeros((0, 2)), np.zeros((0, width), np.float32)
+    if keypoints.ndim != 2 or keypoints.shape[1] < 2 or descriptors.ndim != 2 \
+            or len(keypoints) != len(descriptors):
+        raise SCFeatError(f"feature file {path}: expected keypoints N×2 and descriptors N×D with "
+                          f"the same N, got {keypoints.shape} and {descriptors.shape}")
+    return keypoints[:, :2].astype(np.float64), descriptors.astype(np.float32)
+
+
+def sift_features(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV SIFT on an image: keypoints ``N×2`` and L2-normalised descriptors ``N×128``."""
+    gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if gray is None:
+        raise SCFeatError(f"cannot read image {path}")
+    keypoints, descriptors = cv2.SIFT_create().detectAndCompute(gray, None)
+    if descriptors is None:
+        return np.zeros((0, 2)), np.zeros((0, 128), np.float32)
+    descriptors = descriptors / np.linalg.norm(descriptors, axis=1, keepdims=True).clip(1e-12)
+    return np.array([kp.pt for kp in keypoints], np.float64), descriptors.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# matching and accuracy
+# ---------------------------------------------------------------------------------------------
+
+def mnn_matches(desc1: torch.Tensor, desc2: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Mutual nearest neighbours (max dot product) of ``N×D`` and ``M×D`` → ``K×2`` indices.
+
+    The similarity matrix is built ``chunk`` rows at a time so 20k×20k features fit in memory.
+    """
+    if len(desc1) == 0 or len(desc2) == 0:
+        return torch.zeros(0, 2, dtype=torch.long, device=desc1.device)
+    nn12 = torch.empty(len(desc1), dtype=torch.long, device=desc1.device)
+    best21 = torch.full((len(desc2),), -torch.inf, device=desc1.device)
+    nn21 = torch.zeros(len(desc2), dtype=torch.long, device=desc1.device)
+    for start in range(0, len(desc1), chunk):
+        sim = desc1[start:start + chunk] @ desc2.T
+        nn12[start:start + chunk] = sim.argmax(dim=1)
+        col_best, col_arg = sim.max(dim=0)
+        better = col_best > best21  # strict: ties keep the earliest row, as one big max would
+        best21 = torch.where(better, col_best, best21)
+        nn21 = torch.where(better, col_arg + start, nn21)
+    ids1 = torch.arange(len(desc1), device=desc1.device)
+    mutual = nn21[nn12] == ids1
+    return torch.stack([ids1[mutual], nn12[mutual]], dim=1)
+
+
+def projection_errors(keypoints1: np.ndarray, keypoints2: np.ndarray, matches: np.ndarray,
+                      homography: np.ndarray) -> np.ndarray:
+    """Distances ``K`` between ``H·keypoints1[m0]`` and ``keypoints2[m1]`` for matches ``K×2``."""
+    points1 = keypoints1[matches[:, 0]]
+    projected = np.concatenate([points1, np.ones((len(points1), 1))], axis=1) @ homography.T
+    projected = projected[:, :2] / projected[:, 2:]
+    return np.linalg.norm(keypoints2[matches[:, 1]] - projected, axis=1)
+
+
+def pair_accuracies(errors: np.ndarray, thresholds: np.ndarray = CACHE_THRESHOLDS) -> np.ndarray:
+    """Fraction of matches with error ``<= t`` for each t; all 0 for a pair without matches."""
+    if len(errors) == 0:
+        return np.zeros(len(thresholds))
+    return (errors[None, :] <= thresholds[:, None]).mean(axis=1)
+
+
+def evaluate_sequences(data_path: Path, sequences: list[str], read_features: FeatureReader,
+                       device: torch.device | str = "cpu") -> Cache:
+    """Run the protocol; ``read_features(seq, k)`` gives ``(keypoints N×2, descriptors N×D)``.
+
+    Returns the cache tuple ``(i_err, v_err, [seq_type, n_feats, n_matches])``.
+    """
+    _require_files([homography_path(data_path, s, k) for s in sequences for k in TARGET_IMAGES],
+                   "homography")
+    i_err = {np.int64(t): np.float64(0) for t in CACHE_THRESHOLDS}
+    v_err = {np.int64(t): np.float64(0) for t in CACHE_THRESHOLDS}
+    seq_type, n_feats, n_matches = [], [], []
+    for seq in _progress(sequences):
+        keypoints1, descriptors1 = read_features(seq, 1)
+        desc1 = torch.from_numpy(descriptors1).to(device)
+        n_feats.append(len(keypoints1))
+        for k in TARGET_IMAGES:
+            keypoints2, descriptors2 = read_features(seq, k)
+            n_feats.append(len(keypoints2))
+            if min(len(keypoints1), len(keypoints2)) and \
+                    descriptors1.shape[1] != descriptors2.shape[1]:
+                raise SCFeatError(f"sequence {seq}: descriptors of image 1 and {k} differ in size "
+                                  f"({descriptors1.shape[1]} vs {descriptors2.shape[1]})")
+            matches = mnn_matches(desc1, torch.from_numpy(descriptors2).to(device)).cpu().numpy()
+            homography = read_homography(homography_path(data_path, seq, k))
+            errors = projection_errors(keypoints1, keypoints2, matches, homography)
+            accuracies = pair_accuracies(errors)
+            target = i_err if seq[0] == "i" else v_err
+            for t, accuracy in zip(CACHE_THRESHOLDS, accuracies):
+                target[np.int64(t)] += accuracy
+            seq_type.append(seq[0])
+            n_matches.append(len(matches))
+    return i_err, v_err, [np.array(seq_type), np.array(n_feats), np.array(n_matches)]
+
+
+def _progress(sequences: list[str]):
+    try:
+        from tqdm import tqdm
+        return tqdm(sequences, desc="HPatches", leave=False, disable=None)
+    except ImportError:  # tqdm is optional here
+        return sequences
+
+
+# ---------------------------------------------------------------------------------------------
+# caches
+# ---------------------------------------------------------------------------------------------
+
+def files_signature(paths: list[Path], extra: str = "") -> str:
+    """sha1 over the files' names, sizes and modification times (and `extra`).
+
+    Any rewritten, added or removed file changes it, so a stale cache is never reused.
+    """
+    digest = hashlib.sha1(f"{PROTOCOL_VERSION}\n{extra}\n".encode())
+    for path in sorted(paths):
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def save_cache(path: Path, cache: Cache) -> None:
+    """Write a cache atomically (temp file + rename), D2-Net's object-array layout."""
+    array = np.empty(3, dtype=object)
+    array[0], array[1], array[2] = cache[0], cache[1], list(cache[2])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array, allow_pickle=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_cache(path: str | Path) -> Cache:
+    """Read and check a D2-Net-format cache."""
+    path = Path(path)
+    if not path.is_file():
+        raise SCFeatError(f"HPatches cache {path} does not exist")
+    try:
+        array = np.load(path, allow_pickle=True)
+        i_err, v_err, (seq_type, n_feats, n_matches) = array
+    except Exception as error:
+        raise SCFeatError(f"{path} is not an HPatches cache (expected np.save of "
+                          f"(i_err, v_err, [seq_type, n_feats, n_matches])): {error}") from error
+    if not isinstance(i_err, dict) or not isinstance(v_err, dict) \
+            or any(int(t) not in {int(k) for k in d} for d in (i_err, v_err)
+                   for t in CACHE_THRESHOLDS):
+        raise SCFeatError(f"HPatches cache {path}: i_err and v_err must be dicts with thresholds "
+                          f"{CACHE_THRESHOLDS[0]}..{CACHE_THRESHOLDS[-1]}")
+    return i_err, v_err, [np.asarray(seq_type), np.asarray(n_feats), np.asarray(n_matches)]
+
+
+def summarize(cache: Cache, max_threshold: int = 10) -> dict:
+    """MMA at t = 1..max_threshold (overall, illumination, viewpoint), mean features/matches."""
+    i_err, v_err, (seq_type, n_feats, n_matches) = cache
+    errors_i = {int(t): float(v) for t, v in i_err.items()}
+    errors_v = {int(t): float(v) for t, v in v_err.items()}
+    n_i = int(np.sum(seq_type == "i"))
+    n_v = int(np.sum(seq_type == "v"))
+    ts = range(1, max_threshold + 1)
+
+    def ratio(total: float, count: int) -> float:
+        return total / count if count else float("nan")
+
+    return {
+        "thresholds": np.array(ts),
+        "mma": np.array([ratio(errors_i[t] + errors_v[t], n_i + n_v) for t in ts]),
+        "mma_i": np.array([ratio(errors_i[t], n_i) for t in ts]),
+        "mma_v": np.array([ratio(errors_v[t], n_v) for t in ts]),
+        "pairs_i": n_i,
+        "pairs_v": n_v,
+        "mean_features": float(np.mean(n_feats)) if len(n_feats) else 0.0,
+        "mean_matches": float(np.mean(n_matches)) if len(n_matches) else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# methods
+# ---------------------------------------------------------------------------------------------
+
+def parse_methods(entries: list) -> list[Method]:
+    """Config ``methods`` → `Method`s; each entry is 'sift' or {name, features, postfix}."""
+    if not isinstance(entries, list) or not entries:
+        raise SCFeatError("config key 'methods': expected a non-empty list of "
+                          "{name, features, postfix} entries or 'sift'")
+    methods = []
+    for index, entry in enumerate(entries):
+        if entry == "sift":
+            methods.append(Method("sift"))
+            continue
+        if not isinstance(entry, dict) or set(entry) != METHOD_KEYS \
+                or not all(isinstance(entry[key], str) and entry[key] for key in METHOD_KEYS):
+            raise SCFeatError(f"config key 'methods[{index}]': expected 'sift' or a mapping with "
+                              f"exactly the non-empty strings {sorted(METHOD_KEYS)}, got {entry!r}")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", entry["name"]):
+            raise SCFeatError(f"config key 'methods[{index}].name': {entry['name']!r} may only "
+                              f"hold letters, digits, '.', '_' and '-' (it names the cache file)")
+        methods.append(Method(entry["name"], Path(entry["features"]), entry["postfix"]))
+    names = [m.name for m in methods]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SCFeatError(f"config key 'methods': names must be unique, repeated: {duplicates}")
+    return methods
+
+
+def evaluate_method(method: Method, data_path: str | Path, sequences: list[str],
+                    cache_dir: str | Path,
+                    device: torch.device | str = "cpu") -> tuple[Cache, Path]:
+    """The cache of one method, reused when its signature matches, else computed and saved.
+
+    Returns ``(cache, cache_path)``. Nothing is written unless the whole evaluation succeeds.
+    """
+    data_path = Path(data_path)
+    if method.features is None:  # SIFT baseline, from the images
+        sources = [image_path(data_path, s, k) for s in sequences for k in range(1, 7)]
+        _require_files(sources, "image")
+        extra = f"sift opencv-{cv2.__version__}"
+
+        def read(seq: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+            return sift_features(image_path(data_path, seq, k))
+    else:
+        if not method.features.is_dir():
+            raise SCFeatError(f"features folder {method.features} of method '{method.name}' "
+                              f"does not exist (run the extraction first, or fix config key "
+                              f"'methods')")
+        sources = [feature_path(method.features, s, k, method.postfix)
+                   for s in sequences for k in range(1, 7)]
+        _require_files(sources, f"feature ('{method.name}', <seq>/<k>.ppm.{method.postfix})")
+        extra = f"features {method.postfix}"
+
+        def read(seq: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+            return read_feature_file(feature_path(method.features, seq, k, method.postfix))
+
+    homographies = [homography_path(data_path, s, k) for s in sequences for k in TARGET_IMAGES]
+    _require_files(homographies, "homography")
+    signature = files_signature(sources + homographies, extra)
+    cache_path = Path(cache_dir) / f"{method.name}-{signature[:16]}.npy"
+    if cache_path.is_file():
+        logger.info("%s: reusing %s", method.name, cache_path)
+        return load_cache(cache_path), cache_path
+    logger.info("%s: evaluating %d sequences", method.name, len(sequences))
+    cache = evaluate_sequences(data_path, sequences, read, device)
+    save_cache(cache_path, cache)
+    return cache, cache_path
+
+
+def default_compare_caches() -> list[Path]:
+    """The published caches in ``../shared/reference/hpatches_cache`` (empty when absent)."""
+    folder = REFERENCE_DIR / "hpatches_cache"
+    return sorted(folder.glob("*.npy")) if folder.is_dir() else []
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+def format_table(results: dict[str, dict], max_threshold: int = 10) -> str:
+    """Text table: per method, MMA@1..max for all / illumination / viewpoint pairs."""
+    width = max([len("method")] + [len(name) for name in results])
+    header = (f"{'method':<{width}}  {'pairs':<9}"
+              + "".join(f"{'@' + str(t):>7}" for t in range(1, max_threshold + 1))
+              + f"{'feats':>9}{'matches':>9}")
+    lines = [header, "-" * len(header)]
+    for name, summary in results.items():
+        rows = [("all", summary["mma"], summary["pairs_i"] + summary["pairs_v"]),
+                ("illum", summary["mma_i"], summary["pairs_i"]),
+                ("view", summary["mma_v"], summary["pairs_v"])]
+        for row, (split, values, pairs) in enumerate(rows):
+            label = name if row == 0 else ""
+            tail = (f"{summary['mean_features']:>9.0f}{summary['mean_matches']:>9.0f}"
+                    if row == 0 else "")
+            lines.append(f"{label:<{width}}  {split + ' ' + str(pairs):<9}"
+                         + "".join(f"{v:>7.3f}" for v in values) + tail)
+    return "\n".join(lines)
+
+
+def plot_mma(results: dict[str, dict], path: str | Path, max_threshold: int = 10) -> None:
+    """MMA curves (overall / illumination / viewpoint) of every method, one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    figure, axes = plt.subplots(1, 3, figsize=(15, 5))
+    for axis, (key, title) in zip(axes, [("mma", "Overall"), ("mma_i", "Illumination"),
+                                         ("mma_v", "Viewpoint")]):
+        for name, summary in results.items():
+            axis.plot(summary["thresholds"], summary[key], linewidth=2, label=name)
+        axis.set_title(title)
+        axis.set_xlim(1, max_threshold)
+        axis.set_ylim(0, 1)
+        axis.set_xlabel("threshold [px]")
+        axis.grid()
+    axes[0].set_ylabel("MMA")
+    axes[0].legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(figure)
+
+
+def run_evaluation(conf: dict, print_fn: Callable[[str], None] = print) -> dict[str, dict]:
+    """Evaluate the configured methods, add the comparison caches, print a table, plot.
+
+    ``conf`` holds the keys of `default_conf`. Returns ``{label: summary}``.
+    """
+    conf = {**default_conf, **conf}
+    max_threshold = conf["thresholds"]
+    if not isinstance(max_threshold, int) or not 1 <= max_threshold <= CACHE_THRESHOLDS[-1]:
+        raise SCFeatError(f"config key 'thresholds': expected an integer in 1.."
+                          f"{CACHE_THRESHOLDS[-1]}, got {max_threshold!r}")
+    methods = parse_methods(conf["methods"])
+    compare = conf["compare_caches"]
+    compare_paths = default_compare_caches() if compare is None else compare
+    if not isinstance(compare_paths, list) or not all(isinstance(p, (str, Path))
+                                                      for p in compare_paths):
+        raise SCFeatError("config key 'compare_caches': expected a list of .npy paths or null")
+    compare_caches = {Path(p).stem: load_cache(p) for p in compare_paths}  # fail before work
+
+    sequences = list_sequences(conf["data_path"], conf["exclude_high_res"])
+    n_illum = sum(s.startswith("i_") for s in sequences)
+    print_fn(f"HPatches: {len(sequences)} sequences ({n_illum} illumination, "
+             f"{len(sequences) - n_illum} viewpoint) in {conf['data_path']}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {}
+    for method in methods:
+        cache, cache_path = evaluate_method(method, conf["data_path"], sequences,
+                                            conf["cache_dir"], device)
+        print_fn(f"{method.name}: cache {cache_path}")
+        results[method.name] = summarize(cache, max_threshold)
+    for name, cache in compare_caches.items():
+        label = name if name not in results else f"{name} (cache)"
+        results[label] = summarize(cache, max_threshold)
+    print_fn(format_table(results, max_threshold))
+    if conf["output_plot"]:
+        plot_mma(results, conf["output_plot"], max_threshold)
+        print_fn(f"plot: {conf['output_plot']}")
+    return results
