@@ -67,6 +67,14 @@ class SCFeatModel(nn.Module):
         outputs = self.forward(images, with_detector=True)
         return {k: outputs[k] for k in ("global_map", "desc_map", "local_map", "local_point")}
 
+    def detect_and_describe(self, image, detector: str = "generate_kpts_single",
+                            descriptor_map: str = "desc_map", **detector_config) -> dict:
+        """Features of one ``H×W×3`` uint8 RGB numpy image of any size (≥ 16×16): numpy
+        float32 ``keypoints`` ``N×2`` (``x, y`` in the image's pixels), ``scores`` ``N``,
+        ``descriptors`` ``N×D`` (unit norm). See :func:`extraction.detect_and_describe`."""
+        from extraction import detect_and_describe  # late import: extraction imports registry
+        return detect_and_describe(self, image, detector, descriptor_map, **detector_config)
+
     @classmethod
     def from_checkpoint(cls, folder: str | Path, device: str | torch.device | None = None,
                         model_config: dict | None = None) -> "SCFeatModel":

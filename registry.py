@@ -1,0 +1,84 @@
+"""The one explicit map from the names used in YAML configs to classes and functions.
+
+A config names a class (``model: SCFeatModel``, ``losses: [KeypointLoss]``...); this module is
+the only place that turns the name into code, and the config loader uses the classes'
+``default_conf`` to validate their config sections.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch.nn as nn
+
+from dataloader.hpatches import HPatch_SIFT
+from dataloader.megadepth import MegaDepth_SIFT
+from losses.keypoint import KeypointLoss
+from losses.line2window import EpipolarLoss_Line2Window, Preprocess_Line2Window
+from model.detnet import DetNet
+from model.f2r import ResUNet_F2R
+from model.scfeat import SCFeatModel
+from utils.config import Spec
+from utils.errors import SCFeatError
+from utils.keypoints import generate_kpts_single
+
+BACKBONES = {"ResUNet_F2R": ResUNet_F2R}
+LOCALHEADERS = {"DetNet": DetNet}
+MODELS = {"SCFeatModel": SCFeatModel}
+DATASETS = {"MegaDepth_SIFT": MegaDepth_SIFT, "HPatch_SIFT": HPatch_SIFT}
+PREPROCESSORS = {"Preprocess_Line2Window": Preprocess_Line2Window}
+LOSSES = {"EpipolarLoss_Line2Window": EpipolarLoss_Line2Window, "KeypointLoss": KeypointLoss}
+DETECTORS = {"generate_kpts_single": generate_kpts_single}
+
+
+def lookup(table: dict[str, Any], name: Any, key: str) -> Any:
+    """``table[name]``, or an error naming the config ``key`` and the valid names."""
+    if name in table:
+        return table[name]
+    close = difflib.get_close_matches(str(name), list(table), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise SCFeatError(f"{key}: unknown name '{name}'{hint} (expected one of {sorted(table)})")
+
+
+def class_section(table: dict[str, Any], key: str):
+    """Schema of a ``<key>_config`` section: the ``default_conf`` of the class that the
+    config's ``key`` names (an empty schema when ``key`` is null)."""
+    def schema_of(root: dict, raw: dict) -> dict:
+        name = root.get(key)
+        return {} if name is None else lookup(table, name, key).default_conf
+    return schema_of
+
+
+def model_schema(model_config: dict) -> dict:
+    """Schema of ``model_config``: SCFeatModel's keys, with ``backbone_config`` and
+    ``localheader_config`` taken from the classes the config names."""
+    defaults = SCFeatModel.default_conf
+    backbone = model_config.get("backbone", defaults["backbone"])
+    header = model_config.get("localheader", defaults["localheader"])
+    return {
+        "backbone": Spec(defaults["backbone"], choices=tuple(BACKBONES)),
+        "backbone_config": {**lookup(BACKBONES, backbone, "model_config.backbone").default_conf,
+                            "pretrained": Spec(True, types=(bool, str))},
+        "localheader": Spec(defaults["localheader"], choices=tuple(LOCALHEADERS)),
+        "localheader_config": lookup(LOCALHEADERS, header, "model_config.localheader").default_conf,
+        "align_local_grad": defaults["align_local_grad"],
+        "local_input_elements": defaults["local_input_elements"],
+        "local_with_img": defaults["local_with_img"],
+    }
+
+
+def build_model(name: str, model_config: dict) -> nn.Module:
+    """The model named ``name`` (``SCFeatModel``) with its backbone and detection network."""
+    lookup(MODELS, name, "model")
+    conf = {**SCFeatModel.default_conf, **model_config}
+    backbone = lookup(BACKBONES, conf["backbone"], "model_config.backbone")(conf["backbone_config"])
+    header_cls = lookup(LOCALHEADERS, conf["localheader"], "model_config.localheader")
+    channels = {"local_map": backbone.conf["fusion_out_ch"], "desc_map": backbone.conf["fusion_out_ch"],
+                "local_map_first": 64}
+    expected = sum(channels.get(e, 0) for e in conf["local_input_elements"])
+    in_channels = {**header_cls.default_conf, **conf["localheader_config"]}["in_channels"]
+    if expected != in_channels:
+        raise SCFeatError(f"model_config.localheader_config.in_channels: {in_channels} does not match "
+                          f"local_input_elements {conf['local_input_elements']} ({expected} channels)")
+    header = header_cls(conf["localheader_config"], with_image=conf["local_with_img"])
+    return SCFeatModel(backbone, header, conf)
