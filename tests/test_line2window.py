@@ -1,0 +1,359 @@
+"""Stage-1 line-to-window loss: reference outputs, geometry helpers, sampling, edge cases."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses.line2window import (EpipolarLoss_Line2Window, Preprocess_Line2Window, bilinear_taps,
+                                draw_queries, inverse_std_weights, line_border_intersections,
+                                line_search_centres, padded_table, sample_along_lines,
+                                sampled_correlation, temperature_at, window_correspondence,
+                                window_offsets)
+from utils.errors import SCFeatError
+from utils.geometry import epipolar_lines, point_line_distance, skew
+
+REFERENCE_CONF = {"window_size": 0.1, "line_step": 100, "use_nn": True, "loc_rand": False,
+                  "temperature_base": 60, "temperature_max": 60}
+LOSS_CONF = {"grid_cost_thr": 0.5, "win_cost_thr": 0.1, "use_std_as_weight": True,
+             "weight_grid": 0.0, "weight_window": 1.0}
+
+
+def run(map1, map2, fmat1, fmat2, queries, image_hw, pre_conf=None, loss_conf=None, epoch=0):
+    """Preprocess + loss on given local maps; returns (processed, loss, components)."""
+    batch = {"im1": torch.zeros(map1.shape[0], 3, *image_hw), "F1": fmat1, "F2": fmat2}
+    outputs1, outputs2 = {"local_map": map1}, {"local_map": map2}
+    processed = Preprocess_Line2Window({**REFERENCE_CONF, **(pre_conf or {})})(
+        batch, outputs1, outputs2, epoch, queries=queries)
+    loss, components = EpipolarLoss_Line2Window({**LOSS_CONF, **(loss_conf or {})})(
+        batch, outputs1, outputs2, processed, epoch)
+    return processed, loss, components
+
+
+def close_to_max(actual: torch.Tensor, expected: torch.Tensor, fraction: float) -> None:
+    """``|actual − expected| ≤ fraction · max|expected|`` elementwise."""
+    expected = torch.as_tensor(expected, dtype=actual.dtype)
+    bound = fraction * expected.abs().max().item()
+    error = (actual.detach() - expected).abs().max().item()
+    assert error <= bound, f"max error {error:.3g} > {bound:.3g}"
+
+
+def synthetic_pair(batch=2, channels=8, feat_hw=(24, 32), image_hw=(96, 128), seed=0):
+    """Random local maps, a plausible F pair (sideways motion) and random queries."""
+    gen = torch.Generator().manual_seed(seed)
+    map1 = torch.randn(batch, channels, *feat_hw, generator=gen)
+    map2 = torch.randn(batch, channels, *feat_hw, generator=gen)
+    height, width = image_hw
+    intr = torch.tensor([[width * 0.9, 0, width / 2], [0, width * 0.9, height / 2], [0, 0, 1.0]])
+    angle = torch.tensor(0.15)
+    rot = torch.tensor([[angle.cos(), 0, angle.sin()], [0, 1, 0], [-angle.sin(), 0, angle.cos()]])
+    trans = torch.tensor([0.6, 0.1, 0.1])
+    kinv = torch.linalg.inv(intr)
+    fmat1 = kinv.T @ skew(trans[None])[0] @ rot @ kinv
+    fmat1 = (fmat1 / fmat1[2, 2]).expand(batch, 3, 3).clone()
+    fmat2 = fmat1.transpose(1, 2).clone()
+    queries = tuple(torch.rand(batch, 10, 2, generator=gen) * 1.8 - 0.9 for _ in range(2))
+    return map1, map2, fmat1, fmat2, queries
+
+
+# --------------------------------------------------------------------------- reference
+
+def test_matches_original_implementation(line2window_reference):
+    ref = {key: torch.from_numpy(value) for key, value in line2window_reference.items()}
+    map1 = ref["xf1"].clone().requires_grad_(True)
+    map2 = ref["xf2"].clone().requires_grad_(True)
+    image_hw = tuple(int(size) for size in ref["image_hw"])
+    processed, loss, components = run(map1, map2, ref["F1"], ref["F2"],
+                                      (ref["query1_n"], ref["query2_n"]), image_hw)
+    loss.backward()
+    for key in ("coord1", "coord2"):
+        close_to_max(processed[key], ref[f"out/{key}"], 1e-7)
+    for key in ("valid_epi1", "valid_epi2"):
+        assert torch.equal(processed[key], ref[f"out/{key}"])
+    # Global and window locations: float32 rounding only (~4e-7 of the largest).
+    for key in ("feat1g_corloc", "feat2g_corloc", "feat1w_corloc", "feat2w_corloc"):
+        close_to_max(processed[key], ref[f"out/{key}"], 2e-6)
+    # Spreads are E[c²] − E[c]² in float32: cancellation makes the reference itself differ
+    # from float64 by ~7e-6 (global); the window sums in another order.
+    for key in ("feat1g_std", "feat2g_std"):
+        close_to_max(processed[key], ref[f"out/{key}"], 5e-5)
+    for key in ("feat1w_std", "feat2w_std"):
+        close_to_max(processed[key], ref[f"out/{key}"], 1e-3)
+    torch.testing.assert_close(loss.detach(), ref["loss"], rtol=1e-5, atol=0)
+    for key in ("loss_w1", "loss_w2"):
+        torch.testing.assert_close(components[key].detach(), ref[f"comp/{key}"], rtol=1e-4,
+                                   atol=0)
+    # 1/std weights amplify the spread's rounding noise on the sharpest global matches.
+    for key in ("loss_g1", "loss_g2"):
+        torch.testing.assert_close(components[key].detach(), ref[f"comp/{key}"], rtol=1e-3,
+                                   atol=0)
+    for key in ("percent_g", "percent_w"):
+        assert components[key].item() == ref[f"comp/{key}"].item()
+    close_to_max(map1.grad, ref["grad_xf1"], 1e-3)
+    close_to_max(map2.grad, ref["grad_xf2"], 1e-3)
+
+
+def test_loss_formula_reproduces_reference_components(line2window_reference):
+    """Fed the reference's own processed outputs, the loss gives its components to 1e-6."""
+    ref = {key: torch.from_numpy(value) for key, value in line2window_reference.items()}
+    processed = {key[4:]: value for key, value in ref.items() if key.startswith("out/")}
+    processed["epi_line1"] = epipolar_lines(ref["F1"], ref["out/coord1"])
+    processed["epi_line2"] = epipolar_lines(ref["F2"], ref["out/coord2"])
+    processed["image_hw"] = tuple(int(size) for size in ref["image_hw"])
+    loss, components = EpipolarLoss_Line2Window(LOSS_CONF)({}, {}, {}, processed, 0)
+    for key, value in components.items():
+        torch.testing.assert_close(value, ref[f"comp/{key}"], rtol=2e-6, atol=0)
+    torch.testing.assert_close(loss, ref["loss"], rtol=2e-6, atol=0)
+
+
+# --------------------------------------------------------------------------- geometry helpers
+
+def test_line_border_intersections():
+    height, width = 30, 40
+    lines = torch.tensor([[[0.0, 1.0, -10.0],       # y = 10, through the image
+                           [0.0, 1.0, 5.0],         # y = -5, misses it
+                           [29.0, -39.0, 0.0],      # diagonal through two corners
+                           [1.0, 1.0, 0.0],         # touches the corner (0, 0) only
+                           [1.0, -2.0, 5.0],        # oblique, left to top-right part
+                           [0.0, 0.0, 0.0]]])       # the epipole: no line at all
+    ends, valid = line_border_intersections(lines, height, width)
+    assert valid.tolist() == [[True, False, False, True, True, False]]
+    torch.testing.assert_close(ends[0, 0], torch.tensor([[0.0, 10.0], [39.0, 10.0]]))
+    torch.testing.assert_close(ends[0, 3], torch.zeros(2, 2))
+    assert torch.isfinite(ends).all()
+    assert (ends[~valid] == 0).all()
+    oblique = ends[0, 4]  # x - 2y + 5 = 0: (0, 2.5) and (39, 22)
+    torch.testing.assert_close(oblique, torch.tensor([[0.0, 2.5], [39.0, 22.0]]))
+    points = sample_along_lines(ends, 7)
+    assert points.shape == (1, 6, 7, 2)
+    torch.testing.assert_close(points[0, 4, 0], oblique[0])
+    torch.testing.assert_close(points[0, 4, -1], oblique[1])
+    torch.testing.assert_close(points[0, 4, 3], oblique.mean(0))
+    on_line = point_line_distance(lines[:, 4:5].expand(1, 7, 3), points[:, 4])
+    assert on_line.abs().max() < 1e-5
+
+
+def test_temperature_follows_epoch_schedule():
+    assert [temperature_at(e, 50, 60) for e in (0, 4, 10, 25)] == [50.0, 54.0, 60.0, 60.0]
+    map1, map2, fmat1, fmat2, queries = synthetic_pair()
+    late, _, _ = run(map1, map2, fmat1, fmat2, queries, (96, 128),
+                     {"temperature_base": 50, "temperature_max": 60}, epoch=4)
+    fixed, _, _ = run(map1, map2, fmat1, fmat2, queries, (96, 128),
+                      {"temperature_base": 54, "temperature_max": 54})
+    early, _, _ = run(map1, map2, fmat1, fmat2, queries, (96, 128),
+                      {"temperature_base": 50, "temperature_max": 60})
+    assert late["temperature"] == 54.0
+    for key in ("feat1g_std", "feat1w_std", "feat2w_corloc"):
+        torch.testing.assert_close(late[key], fixed[key])
+    assert not torch.allclose(late["feat1g_std"], early["feat1g_std"])
+
+
+def test_queries_one_per_cell():
+    gen = torch.Generator().manual_seed(3)
+    points = draw_queries(2, 50, 70, 16, generator=gen)  # 3×4 whole cells
+    assert points.shape == (2, 12, 2)
+    cells = torch.div(points, 16, rounding_mode="floor").long()
+    all_cells = sorted((x, y) for y in range(3) for x in range(4))
+    for item in cells:
+        assert sorted(map(tuple, item.tolist())) == all_cells
+    assert not torch.equal(points[0], points[1])  # drawn, not fixed
+    processed = Preprocess_Line2Window({})(
+        {"im1": torch.zeros(2, 3, 32, 48), "F1": torch.eye(3).expand(2, 3, 3),
+         "F2": torch.eye(3).expand(2, 3, 3)},
+        {"local_map": torch.randn(2, 4, 8, 12)}, {"local_map": torch.randn(2, 4, 8, 12)}, 0)
+    assert processed["coord1"].shape == (2, 6, 2)
+    assert not torch.equal(processed["coord1"], processed["coord2"])
+
+
+# --------------------------------------------------------------------------- sampling
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_bilinear_taps_match_grid_sample(padding_mode):
+    gen = torch.Generator().manual_seed(1)
+    feature_map = torch.randn(2, 5, 6, 9, generator=gen)
+    coords = torch.rand(2, 4, 30, 2, generator=gen) * 2.8 - 1.4  # many outside the map
+    coords[0, 0, :4] = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [1 + 1 / 9, 0.0], [0.0, -1 - 1 / 6]])
+    rows, weights = bilinear_taps(coords, 6, 9, padding_mode)
+    table = padded_table(feature_map)
+    sampled = (table[rows] * weights.unsqueeze(-1)).sum(-2)
+    expected = F.grid_sample(F.normalize(feature_map, dim=1), coords, align_corners=False,
+                             padding_mode=padding_mode).permute(0, 2, 3, 1)
+    torch.testing.assert_close(sampled, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_sampled_correlation_values_and_gradients():
+    gen = torch.Generator().manual_seed(2)
+    desc = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    cols = torch.tensor([[0, 3, 3], [6, 1, 0], [2, 2, 2], [5, 4, 6], [1, 0, 2]])  # repeats
+    expected = (table[cols] * desc.unsqueeze(1)).sum(-1)
+    torch.testing.assert_close(sampled_correlation(desc, table, cols), expected)
+    assert torch.autograd.gradcheck(lambda d, t: sampled_correlation(d, t, cols), (desc, table),
+                                    fast_mode=True)
+    many = torch.randint(0, 7, (5, 9), generator=gen)  # more entries per row than table rows
+    torch.testing.assert_close(sampled_correlation(desc, table, many),
+                               (table[many] * desc.unsqueeze(1)).sum(-1))
+
+
+def dense_window(desc, scaled_map, centres, offsets):
+    """The window step written plainly with ``grid_sample``: location, std."""
+    coords = centres.unsqueeze(2) + offsets
+    samples = F.grid_sample(scaled_map, coords, align_corners=False)  # B×C×N×K
+    prob = torch.softmax(torch.einsum("bnc,bcnk->bnk", desc, samples), -1)
+    location = (prob.unsqueeze(-1) * coords).sum(2)
+    var = (prob.unsqueeze(-1) * coords.square()).sum(2) - location.square()
+    return location, var.clamp(min=1e-10).sqrt().sum(-1)
+
+
+@pytest.mark.parametrize("window_size", [0.1, 0.13, 0.25])
+def test_window_matches_dense_grid_sample(window_size):
+    gen = torch.Generator().manual_seed(4)
+    feature_map = torch.randn(2, 6, 24, 32, generator=gen)
+    desc = F.normalize(torch.randn(2, 9, 6, generator=gen), dim=-1)
+    centres = torch.rand(2, 9, 2, generator=gen) * 2.3 - 1.15  # some windows stick out
+    centres[0, :3] = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [0.999, -0.999]])
+    offsets = window_offsets(window_size, 24, 32)
+    assert offsets.shape == (int(window_size * 24) * int(window_size * 32), 2)
+    assert offsets.abs().max() == pytest.approx(window_size)
+    map_a = feature_map.clone().requires_grad_(True)
+    desc_a = desc.clone().requires_grad_(True)
+    location, std = window_correspondence(desc_a, padded_table(map_a, 20.0), (24, 32), centres,
+                                          offsets, window_size)
+    map_b = feature_map.clone().requires_grad_(True)
+    desc_b = desc.clone().requires_grad_(True)
+    expected_location, expected_std = dense_window(desc_b, 20.0 * F.normalize(map_b, dim=1),
+                                                   centres, offsets)
+    torch.testing.assert_close(location, expected_location, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(std, expected_std, atol=1e-5, rtol=1e-4)
+    direction = torch.randn(2, 9, 2, generator=gen)
+    (location * direction).sum().backward()
+    (expected_location * direction).sum().backward()
+    torch.testing.assert_close(map_a.grad, map_b.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(desc_a.grad, desc_b.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_nn", [True, False])
+def test_line_search_matches_dense_grid_sample(use_nn):
+    gen = torch.Generator().manual_seed(5)
+    feature_map = torch.randn(2, 6, 12, 16, generator=gen)
+    desc = F.normalize(torch.randn(2, 5, 6, generator=gen), dim=-1)
+    ends = torch.rand(2, 5, 2, 2, generator=gen) * 2.2 - 1.1  # normalised, some off the map
+    points = sample_along_lines(ends, 40)
+    centres = line_search_centres(desc, padded_table(feature_map, 10.0), (12, 16), points, use_nn)
+    samples = F.grid_sample(10.0 * F.normalize(feature_map, dim=1), points,
+                            align_corners=False, padding_mode="border")
+    logits = torch.einsum("bnc,bcnl->bnl", desc, samples)
+    if use_nn:
+        expected = torch.gather(points, 2, logits.argmax(-1)[..., None, None].expand(2, 5, 1, 2))
+        torch.testing.assert_close(centres, expected.squeeze(2))
+    else:
+        expected = (torch.softmax(logits, -1).unsqueeze(-1) * points).sum(2)
+        torch.testing.assert_close(centres, expected, atol=1e-5, rtol=1e-5)
+        # a convex combination of points on a line stays on it
+        direction = ends[..., 1, :] - ends[..., 0, :]
+        offset = centres - ends[..., 0, :]
+        cross = direction[..., 0] * offset[..., 1] - direction[..., 1] * offset[..., 0]
+        assert cross.abs().max() < 1e-5
+
+
+# --------------------------------------------------------------------------- classes
+
+def test_directions_mirror_each_other():
+    map1, map2, fmat1, fmat2, (query1, query2) = synthetic_pair()
+    forward, loss_a, comp_a = run(map1, map2, fmat1, fmat2, (query1, query2), (96, 128))
+    swapped, loss_b, comp_b = run(map2, map1, fmat2, fmat1, (query2, query1), (96, 128))
+    for name in ("g_corloc", "g_std", "w_corloc", "w_std"):
+        torch.testing.assert_close(forward[f"feat1{name}"], swapped[f"feat2{name}"])
+        torch.testing.assert_close(forward[f"feat2{name}"], swapped[f"feat1{name}"])
+    assert torch.equal(forward["valid_epi1"], swapped["valid_epi2"])
+    assert torch.equal(forward["coord1"], swapped["coord2"])
+    for name in ("g", "w"):
+        torch.testing.assert_close(comp_a[f"loss_{name}1"], comp_b[f"loss_{name}2"])
+    torch.testing.assert_close(loss_a, loss_b)
+
+
+def test_without_std_weights_the_mask_alone_weights():
+    map1, map2, fmat1, fmat2, queries = synthetic_pair()
+    processed, _, _ = run(map1, map2, fmat1, fmat2, queries, (96, 128))
+    costs = {index: point_line_distance(processed[f"epi_line{index}"],
+                                        processed[f"feat{index}w_corloc"]) for index in "12"}
+    threshold = torch.cat([cost.flatten() for cost in costs.values()]).median().item()
+    conf = {"use_std_as_weight": False, "win_cost_thr": threshold / 96, "weight_grid": 1.0}
+    loss, comp = EpipolarLoss_Line2Window(conf)({}, {}, {}, processed, 0)
+    _, comp_std = EpipolarLoss_Line2Window({**conf, "use_std_as_weight": True})(
+        {}, {}, {}, processed, 0)
+    for index, cost in costs.items():
+        mask = ((cost < threshold) & processed[f"valid_epi{index}"]).float()
+        assert 0 < mask.mean() < 1  # the test could not tell weightings apart otherwise
+        expected = (mask * cost).mean() / (mask.mean() + 1e-8)
+        torch.testing.assert_close(comp[f"loss_w{index}"], expected)
+        assert not torch.allclose(comp[f"loss_w{index}"], comp_std[f"loss_w{index}"])
+    torch.testing.assert_close(
+        loss, comp["loss_g1"] + comp["loss_g2"] + comp["loss_w1"] + comp["loss_w2"])
+
+
+def test_inverse_std_weights():
+    std = torch.tensor([[1.0, 2.0, 4.0, 0.0]])
+    mask = torch.tensor([[True, True, False, True]])
+    weight = inverse_std_weights(std, mask, True)
+    raw = torch.tensor([1.0, 0.5, 0.25, 1e10])
+    raw = raw / raw.mean() * mask[0]
+    torch.testing.assert_close(weight[0], raw / (raw.mean() + 1e-8))
+    torch.testing.assert_close(inverse_std_weights(std, mask, False)[0],
+                               torch.tensor([4 / 3, 4 / 3, 0.0, 4 / 3]))
+
+
+def test_only_weighted_terms_carry_gradient():
+    map1, map2, fmat1, fmat2, queries = synthetic_pair()
+    map1.requires_grad_(True)
+    _, loss, comp = run(map1, map2, fmat1, fmat2, queries, (96, 128),
+                        loss_conf={"weight_grid": 2.0, "weight_window": 0.0})
+    torch.testing.assert_close(loss, 2.0 * (comp["loss_g1"] + comp["loss_g2"]))
+    assert not comp["loss_w1"].requires_grad
+    loss.backward()
+    assert map1.grad.abs().sum() > 0
+
+
+def test_no_nan_at_epipole_or_with_equal_descriptors():
+    map1, map2, fmat1, fmat2, (query1, query2) = synthetic_pair()
+    height, width = 96, 128
+    query1 = query1.clone()
+    query1[:, 0] = 0.0  # image centre, pixel (63.5, 47.5)
+    fmat1 = skew(torch.tensor([[63.5, 47.5, 1.0]])).expand(2, 3, 3)  # F1·x̃1 = 0 there
+    cases = {"epipole": (map1, map2, fmat1),
+             "equal descriptors": (torch.ones_like(map1), torch.ones_like(map2), fmat1),
+             "no valid line": (map1, map2, torch.zeros(2, 3, 3))}
+    for name, (feat1, feat2, fmat) in cases.items():
+        feat1 = feat1.clone().requires_grad_(True)
+        feat2 = feat2.clone().requires_grad_(True)
+        processed, loss, comp = run(feat1, feat2, fmat, fmat2, (query1, query2), (height, width),
+                                    loss_conf={"weight_grid": 1.0})
+        loss.backward()
+        assert not processed["valid_epi1"][:, 0].any(), name
+        assert torch.isfinite(loss), name
+        assert all(torch.isfinite(value) for value in comp.values()), name
+        assert torch.isfinite(feat1.grad).all() and torch.isfinite(feat2.grad).all(), name
+        for key, value in processed.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert torch.isfinite(value).all(), (name, key)
+
+
+@pytest.mark.parametrize("conf, key", [({"window_size": 0}, "window_size"),
+                                       ({"line_step": 1}, "line_step"),
+                                       ({"grid_size": 0}, "grid_size")])
+def test_bad_preprocess_config(conf, key):
+    with pytest.raises(SCFeatError, match=key):
+        Preprocess_Line2Window(conf)
+
+
+def test_bad_loss_config():
+    with pytest.raises(SCFeatError, match="win_cost_thr"):
+        EpipolarLoss_Line2Window({"win_cost_thr": 0.0})
+
+
+def test_default_confs_list_every_key():
+    assert set(Preprocess_Line2Window.default_conf) == {
+        "grid_size", "window_size", "line_step", "use_nn", "loc_rand", "temperature_base",
+        "temperature_max"}
+    assert set(EpipolarLoss_Line2Window.default_conf) == set(LOSS_CONF)
+    assert EpipolarLoss_Line2Window.needs_detector is False
