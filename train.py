@@ -58,7 +58,8 @@ TRAIN_SCHEMA = {
     "model_config": Dynamic(lambda root, raw: model_schema(raw)),
     "data": Spec("MegaDepth_SIFT", choices=tuple(DATASETS)),
     "data_config_train": Dynamic(class_section(DATASETS, "data")),
-    "val_config": None,
+    "val_config": Dynamic(lambda root, raw: {} if not raw else lookup(DATASETS, root["data"], "data").default_conf,
+                          default=None),
     "preprocess_train": Spec(None, types=(str, type(None))),
     "preprocess_train_config": Dynamic(class_section(PREPROCESSORS, "preprocess_train")),
     "losses": Spec(types=(list,)),
@@ -286,16 +287,13 @@ class Trainer:
         return model
 
     def make_loader(self) -> torch.utils.data.DataLoader:
-        collate = getattr(self.dataset, "collate_fn", None)
-        if collate is None:
-            from dataloader.megadepth import collate_skip_none as collate
         sampler = ResumableSampler(len(self.dataset), seed=self.conf["seed"],
                                    shuffle=self.conf["data_config_train"].get("shuffle", True),
                                    rank=self.rank, world_size=self.world_size,
                                    start=self.batches_drawn * self.batch_size)
         return torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.workers,
-            collate_fn=collate, pin_memory=self.device.type == "cuda",
+            collate_fn=self.dataset.collate_fn, pin_memory=self.device.type == "cuda",
             # Its own generator: creating the iterator must not draw from the global RNG, or a
             # resumed run would diverge from an uninterrupted one.
             generator=torch.Generator().manual_seed(self.conf["seed"] + self.epoch),
@@ -342,14 +340,50 @@ class Trainer:
 
     # -- steps ----------------------------------------------------------------------------------
 
+    def validate(self) -> None:
+        """Mean loss and components over the ``val_config`` data (eval mode, no jitter), with
+        the same query points every epoch so that epochs compare."""
+        if not self.conf["val_config"] or not self.is_main:
+            return
+        dataset = DATASETS[self.conf["data"]]({**self.conf["val_config"], "mode": "val"})
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.conf["val_config"]["batch_size"], shuffle=False,
+            num_workers=self.conf["val_config"]["workers"], collate_fn=dataset.collate_fn)
+        model = self.pair_model.module if hasattr(self.pair_model, "module") else self.pair_model
+        sums: dict[str, float] = {}
+        count = 0
+        self.model.eval()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                torch.no_grad():
+            torch.manual_seed(self.conf["seed"])
+            for batch in loader:
+                if batch is None:
+                    continue
+                batch = to_device(batch, self.device)
+                loss, components = self.compute_loss(batch, model)
+                for name, value in {"loss": loss, **components}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+                count += 1
+        if count == 0:
+            log.warning("validation: no usable pair in val_config data")
+            return
+        means = {k: v / count for k, v in sums.items()}
+        log.info("validation after epoch %d (%d batches): %s", self.epoch, count,
+                 " ".join(f"{k}={v:.4g}" for k, v in means.items()))
+        if self.writer is not None:
+            for name, value in means.items():
+                self.writer.add_scalar(f"val/{name}", value, self.global_step)
+
     def set_train_mode(self) -> None:
         self.model.train()
         for name in TRAINABLE_MODULES:
             if name not in self.trainable:
                 getattr(self.model, name).eval()  # frozen: BatchNorm keeps its statistics
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        outputs1, outputs2 = self.pair_model(batch["im1"], batch["im2"], self.with_detector)
+    def compute_loss(self, batch: dict, pair_model: nn.Module | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pair_model = pair_model or self.pair_model
+        outputs1, outputs2 = pair_model(batch["im1"], batch["im2"], self.with_detector)
         processed = {}
         if self.preprocess is not None:
             processed = self.preprocess(batch, outputs1, outputs2, self.epoch)
@@ -471,6 +505,7 @@ class Trainer:
                 self.scheduler.step()
                 self.save_epoch()
                 self.save_state()
+                self.validate()
                 if self.is_main:
                     log.info("epoch %d done: weights in %s", self.epoch, self.run_dir / f"{self.epoch:03d}")
         finally:

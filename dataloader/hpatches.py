@@ -59,6 +59,7 @@ def collate_skip_none(batch: list[dict | None]) -> dict | None:
 class HPatch_SIFT(Dataset):
     """HPatches-sequences images; items are dicts (see `__getitem__`), ``None`` if unreadable."""
 
+    collate_fn = staticmethod(collate_skip_none)  # drops unusable items (None)
     default_conf = {
         "data_path": "data/hpatches-sequences-release",
         "batch_size": 1,

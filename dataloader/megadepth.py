@@ -264,6 +264,7 @@ class MegaDepth_SIFT(Dataset):
     (num_pts×2 float32 pixel ``x, y``).
     """
 
+    collate_fn = staticmethod(collate_skip_none)  # drops unusable items (None)
     default_conf = {
         "data_path": "data/megadepth/train",
         "mode": "train",

@@ -42,9 +42,11 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_stage1_writes_checkpoints_and_freezes_the_detector(megadepth, tmp_path):
-    assert train.main(stage1_args(megadepth, tmp_path)) == 0
+    val = f"val_config={{data_path: {megadepth}, batch_size: 1, workers: 0, max_pairs_per_scene: 2}}"
+    assert train.main(stage1_args(megadepth, tmp_path, val)) == 0
     run_dir = tmp_path / "demo-descriptor"
     assert (run_dir / "config.yaml").is_file() and list((run_dir / "tb").iterdir())
+    assert re.search(r"validation after epoch 1 \(2 batches\): loss=[\d.]+", (run_dir / "train.log").read_text())
     state = torch.load(run_dir / "training_state.pth", weights_only=False)
     assert state["epoch"] == 1 and state["global_step"] == 3
     backbone = load_state_dict_file(run_dir / "001" / "backbone.pth")
