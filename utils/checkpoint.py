@@ -17,16 +17,23 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     A crash or a full disk leaves the previous file intact, never a half-written one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, read-only or missing folder
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        previous = " (the previous file is intact)" if path.exists() else ""
+        raise SCFeatError(f"cannot write '{path}': {exc.strerror or exc}{previous}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
