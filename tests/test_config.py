@@ -13,7 +13,7 @@ SCHEMA = {
     "flag": False,
     "mode": Spec("train", choices=("train", "eval")),
     "maybe": None,
-    "section": {"alpha": 1, "beta": {"gamma": "x"}},
+    "section": {"alpha": 1, "beta": {"gamma": "x"}, "delta": Spec(2, types=(int, str))},
     "kind": Spec("a", choices=("a", "b")),
     "kind_config": Dynamic(lambda root, raw: {"a": {"size": 3}, "b": {"width": 2.0}}[root["kind"]]),
 }
@@ -27,7 +27,8 @@ def write(tmp_path, text):
 
 def test_defaults_filled_and_types_kept(tmp_path):
     conf = load_config(write(tmp_path, "name: run\nlr: 1\n"), [], SCHEMA)
-    assert conf["epoch"] == 10 and conf["section"] == {"alpha": 1, "beta": {"gamma": "x"}}
+    # Missing sections get their defaults, Specs resolved to their default values.
+    assert conf["epoch"] == 10 and conf["section"] == {"alpha": 1, "beta": {"gamma": "x"}, "delta": 2}
     assert conf["lr"] == 1.0 and isinstance(conf["lr"], float)  # an int is accepted for a float
     assert conf["kind_config"] == {"size": 3}
 

@@ -160,8 +160,10 @@ class _Validator:
             default = rule.default if isinstance(rule, (Spec, Dynamic)) else rule
             if default is REQUIRED:
                 raise SCFeatError(f"{self.origin}: required key '{sub}' is missing")
-            if isinstance(rule, Dynamic):
-                out[key] = self.value(copy.deepcopy(default), rule, sub, root)
+            if isinstance(rule, Dynamic) or (isinstance(rule, dict) and rule):
+                # Sub-sections fill their own defaults (a schema may hold Specs).
+                out[key] = self.value(copy.deepcopy(default) if isinstance(rule, Dynamic) else {},
+                                      rule, sub, root)
             else:
                 out[key] = copy.deepcopy(default)
         return out
