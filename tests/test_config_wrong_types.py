@@ -1,0 +1,71 @@
+"""Every key of the original training and extraction schemas rejects a value of the wrong type
+with a message naming the key (issue: config validation)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from extraction import EXTRACT_SCHEMA
+from train import TRAIN_SCHEMA, loss_sections
+from utils.config import REQUIRED, Dynamic, Spec, load_config
+from utils.errors import SCFeatError
+
+CONFIG = Path(__file__).resolve().parents[1] / "config"
+
+
+def wrong_value(rule):
+    """A YAML value whose type the rule does not accept."""
+    if isinstance(rule, Dynamic) or isinstance(rule, dict):
+        return "5"  # a number where a mapping is expected
+    if isinstance(rule, Spec):
+        types = rule.types or (type(rule.default),)
+        if str in types:
+            return "[1, 2]"
+        return "'text'"
+    if rule is None:
+        return None
+    return "[1, 2]" if isinstance(rule, (str, int, float, bool)) else "5"
+
+
+def cases(schema):
+    for key, rule in schema.items():
+        value = wrong_value(rule)
+        if value is not None:
+            yield key, value
+
+
+@pytest.mark.parametrize("key, value", list(cases(TRAIN_SCHEMA)))
+def test_training_key_with_wrong_type(key, value):
+    with pytest.raises(SCFeatError, match=rf"key '{key}'"):
+        load_config(CONFIG / "train_desc.yaml", [f"{key}={value}"], TRAIN_SCHEMA, loss_sections)
+
+
+@pytest.mark.parametrize("key, value", list(cases(EXTRACT_SCHEMA)))
+def test_extraction_key_with_wrong_type(key, value):
+    with pytest.raises(SCFeatError, match=rf"key '{key}'"):
+        load_config(CONFIG / "extract_hpatches.yaml", [f"{key}={value}"], EXTRACT_SCHEMA)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("model_config.backbone_config.fusion_out_ch", "'wide'"),
+    ("model_config.backbone_config.pretrained", "3"),
+    ("model_config.align_local_grad", "'no'"),
+    ("model_config.local_input_elements", "local_map"),
+    ("data_config_train.batch_size", "two"),
+    ("data_config_train.rot_thr", "[80]"),
+    ("preprocess_train_config.use_nn", "'yes'"),
+    ("preprocess_train_config.window_size", "small"),
+    ("EpipolarLoss_Line2Window_config.weight_window", "heavy"),
+])
+def test_nested_training_keys_with_wrong_type(key, value):
+    with pytest.raises(SCFeatError, match=rf"key '{key}'"):
+        load_config(CONFIG / "train_desc.yaml", [f"{key}={value}"], TRAIN_SCHEMA, loss_sections)
+
+
+def test_keypoint_loss_keys_with_wrong_type():
+    for key, value in [("KeypointLoss_config.grid_size", "'8'"),
+                       ("KeypointLoss_config.reward_config.reward_thr", "near"),
+                       ("KeypointLoss_config.cor_detach", "1")]:
+        with pytest.raises(SCFeatError, match=rf"key '{key}'"):
+            load_config(CONFIG / "train_det.yaml", [f"{key}={value}"], TRAIN_SCHEMA, loss_sections)
