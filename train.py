@@ -20,6 +20,7 @@ import random
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from dataloader.megadepth import summarize_skips
 from dataloader.sampler import ResumableSampler
 from model.scfeat import load_strict
 from registry import (DATASETS, LOSSES, MODELS, PREPROCESSORS, build_model, class_section, lookup,
@@ -72,6 +74,7 @@ TRAIN_SCHEMA = {
     "deterministic": False,
     "max_nonfinite_steps": 10,
     "max_steps_this_run": Spec(None, types=(int, type(None))),
+    "max_unusable_fraction": 0.5,
 }
 
 
@@ -235,6 +238,8 @@ class Trainer:
         self.batches_drawn = 0      # batches taken from the sampler, including dropped ones
         self.nonfinite_streak = 0
         self.saved_bad_batch = False
+        self.pairs_drawn = 0                       # in this epoch
+        self.skip_causes: Counter[str] = Counter()  # unusable pairs in this epoch, by cause
         self.stop_requested = False
         if resume:
             self.load_state()
@@ -252,7 +257,10 @@ class Trainer:
                 raise SCFeatError(f"--resume: no training state at '{self.state_path}'; start a new "
                                   f"run without --resume")
             return
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+        exists = self.run_dir.exists() and any(self.run_dir.iterdir())
+        if dist.is_initialized():
+            dist.barrier()  # every rank has looked before rank 0 creates the folder
+        if exists:
             raise SCFeatError(
                 f"run folder '{self.run_dir}' already exists. Continue it with "
                 f"`python train.py --config {config_path} --resume`, or start a new run with "
@@ -357,7 +365,8 @@ class Trainer:
                 torch.no_grad():
             torch.manual_seed(self.conf["seed"])
             for batch in loader:
-                if batch is None:
+                batch.pop("skipped", None)
+                if "im1" not in batch:
                     continue
                 batch = to_device(batch, self.device)
                 loss, components = self.compute_loss(batch, model)
@@ -445,14 +454,28 @@ class Trainer:
         self.writer.add_scalar("lr", self.optimizer.param_groups[0]["lr"], step)
 
     def next_batch(self, iterator) -> dict:
-        """The next usable batch; batches whose every pair was dropped are skipped, never
-        replaced by a stale one."""
+        """The next usable batch. Unusable pairs (the collate function lists their causes under
+        ``skipped``) are counted; a batch with no usable pair is skipped, never replaced by a
+        stale one. Stops the run when too large a share of the drawn pairs is unusable."""
         while True:
             batch = next(iterator)
             self.batches_drawn += 1
-            if batch is not None:
+            causes = batch.pop("skipped", [])
+            self.pairs_drawn += len(causes) + (len(batch["im1"]) if "im1" in batch else 0)
+            self.skip_causes.update(summarize_skips(causes))
+            unusable = sum(self.skip_causes.values())
+            limit = self.conf["max_unusable_fraction"]
+            if self.pairs_drawn >= 20 and unusable > limit * self.pairs_drawn:
+                raise SCFeatError(
+                    f"{unusable} of the {self.pairs_drawn} pairs drawn so far could not be used "
+                    f"(more than max_unusable_fraction={limit}): {self.skip_summary()}. Check "
+                    f"data_config_train.data_path and the log for the files concerned")
+            if "im1" in batch:
                 return batch
             log.warning("a whole batch was unusable and was skipped")
+
+    def skip_summary(self) -> str:
+        return ", ".join(f"{n} × {cause}" for cause, n in self.skip_causes.most_common()) or "none"
 
     def request_stop(self, signum, frame) -> None:
         """SIGINT: finish the current step, save the state, exit cleanly."""
@@ -500,6 +523,10 @@ class Trainer:
                         return
                 bar.close()
                 del iterator
+                if self.skip_causes:
+                    log.warning("epoch %d: %d of %d drawn pairs were unusable (%s)", self.epoch + 1,
+                                sum(self.skip_causes.values()), self.pairs_drawn, self.skip_summary())
+                self.pairs_drawn, self.skip_causes = 0, Counter()
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self.scheduler.step()

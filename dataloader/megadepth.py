@@ -7,18 +7,34 @@ On disk::
         img_cam.txt   # name w h fx fy cx cy r11..r33 t1 t2 t3   ([R|t] world→camera; '#' comments)
         pairs.txt     # name1 name2
 
-Everything that can be checked from the text files (syntax, names, rotation threshold,
-degenerate geometry, the per-folder cap) is checked once, when the index is built; a pair whose
-image is missing or unreadable at load time makes ``__getitem__`` return ``None``, which
-``collate_skip_none`` drops.
+The loader never trains on garbage and never stops on one bad pair:
+
+* A line that cannot be *parsed* (wrong token count, a non-number) and a pair naming an image
+  absent from ``img_cam.txt`` are an ``SCFeatError`` naming ``file:line``. Everything else is
+  checked once, when the index is built, and what fails is dropped with one log line per cause
+  (count and examples; ``dataset.dropped_at_index`` counts the pairs): images whose line is
+  parseable but unusable (image size, non-finite or singular intrinsics, a non-rotation, a
+  non-finite translation, a name listed twice) take their pairs with them; self pairs, repeated
+  pairs (either order), the rotation threshold (train mode), degenerate fundamental matrices,
+  pairs whose epipolar lines miss the other image, and the per-folder cap drop pairs. An
+  aligned folder lacking ``img_cam.txt``, ``pairs.txt`` or ``images/`` is skipped with a
+  warning; an empty ``pairs.txt`` contributes nothing (warning). Only when nothing usable is
+  left is it an error.
+* At load time, a pair whose image is missing, unreadable, truncated, undecodable or not of the
+  size ``img_cam.txt`` gives ``{"skipped": "<cause>: <detail>"}`` from ``__getitem__``;
+  ``collate_skip_none`` drops such items and lists their cause strings under the batch's
+  ``skipped`` key (the only key when no item was usable), so that the trainer can count causes
+  across DataLoader workers (:func:`summarize_skips`).
 """
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -28,7 +44,7 @@ from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 from torchvision.transforms import ColorJitter
 
-from dataloader.transforms import load_image_rgb, normalize_imagenet, to_float_tensor
+from dataloader.transforms import normalize_imagenet, to_float_tensor
 from utils.errors import SCFeatError
 from utils.geometry import fundamental_from_pose, relative_pose
 
@@ -38,16 +54,39 @@ MODES = ("train", "val", "test")
 QUERY_POINT_MODES = (None, "random", "sift", "mixed")
 IMG_CAM_FORMAT = "name w h fx fy cx cy r11 r12 r13 r21 r22 r23 r31 r32 r33 t1 t2 t3"
 MAX_FUNDAMENTAL_ENTRY = 1e12  # |F/F[2,2]| beyond this means F[2,2] ≈ 0: unusable normalisation
+ROTATION_TOLERANCE = 1e-2  # max |RᵀR - I| and |det R - 1| for a rotation matrix
+EXAMPLES_PER_CAUSE = 3  # places named in each index-time log line
+
+# Index-time causes (keys of ``dropped_at_index``). Filters asked for by the config are logged
+# at INFO, data faults at WARNING.
+INVALID_SIZE = "invalid image size in img_cam.txt"
+NONFINITE_INTRINSICS = "non-finite intrinsics"
+SINGULAR_INTRINSICS = "singular intrinsics (fx or fy <= 0)"
+NOT_ROTATION = "not a rotation matrix (RtR != I or det != 1)"
+NONFINITE_TRANSLATION = "non-finite translation"
+LISTED_TWICE = "image listed twice in img_cam.txt"
+SELF_PAIR = "self pair"
+DUPLICATE_PAIR = "duplicate pair (repeated or reversed)"
+DEGENERATE_F = "degenerate fundamental matrix (F[2,2] ~ 0 or no baseline)"
+EPIPOLAR_MISS = "epipolar lines miss the other image"
+
+# Load-time causes (the prefix of the strings in ``item['skipped']``).
+MISSING_IMAGE = "missing image"
+UNREADABLE_IMAGE = "unreadable image"
+TRUNCATED_IMAGE = "truncated image"
+UNDECODABLE_IMAGE = "undecodable image"
+SIZE_MISMATCH = "image size differs from img_cam.txt"
 
 
 @dataclass(frozen=True, slots=True)
 class CameraRecord:
     """One line of ``img_cam.txt``: image size, intrinsics ``K`` (3×3) and world→camera ``pose``
-    (4×4), both float64."""
+    (4×4), both float64; ``source`` is ``file:line``."""
     width: int
     height: int
     K: np.ndarray
     pose: np.ndarray
+    source: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,30 +100,68 @@ class PairRecord:
     camera2: CameraRecord
 
 
+class PairLine(NamedTuple):
+    """One line of ``pairs.txt``."""
+    line: int
+    name1: str
+    name2: str
+
+
 # ----------------------------------------------------------------------------- index files
 
 def _data_lines(path: Path) -> list[tuple[int, list[str]]]:
-    """``(line number, tokens)`` of the non-blank lines of ``path`` not starting with ``#``."""
+    """``(line number, tokens)`` of the non-blank lines of ``path`` not starting with ``#``
+    (lines end at ``\\n`` only, so the numbers match an editor's)."""
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as error:
         raise SCFeatError(f"{path}: cannot read the file ({error})") from None
+    except UnicodeDecodeError as error:
+        line = error.object[:error.start].count(b"\n") + 1
+        raise SCFeatError(f"{path}:{line}: not UTF-8 text (byte {error.object[error.start]:#04x}); "
+                          f"expected a text file") from None
     lines = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         stripped = line.strip()
         if stripped and not stripped.startswith("#"):
             lines.append((number, stripped.split()))
     return lines
 
 
-def read_img_cam(path: Path) -> dict[str, CameraRecord]:
-    """Parse ``img_cam.txt`` → ``{image name: CameraRecord}``; ``SCFeatError`` naming the line on
-    a wrong token count, a non-number, a non-positive size, a non-rotation or a repeated name."""
+def _camera_fault(values: np.ndarray) -> str | None:
+    """The index-time cause that makes a parsed ``img_cam.txt`` line unusable, or ``None``."""
+    width, height = values[0], values[1]
+    if not (np.isfinite(width) and np.isfinite(height) and width == int(width)
+            and height == int(height) and width >= 1 and height >= 1):
+        return INVALID_SIZE
+    fx, fy, cx, cy = values[2:6]
+    if not np.isfinite(values[2:6]).all():
+        return NONFINITE_INTRINSICS
+    if fx <= 0 or fy <= 0:
+        return SINGULAR_INTRINSICS
+    rotation = values[6:15].reshape(3, 3)
+    if not np.isfinite(rotation).all():
+        return NOT_ROTATION
+    with np.errstate(all="ignore"):
+        orthogonal = np.abs(rotation @ rotation.T - np.eye(3)).max() <= ROTATION_TOLERANCE
+        if not (orthogonal and abs(np.linalg.det(rotation) - 1) <= ROTATION_TOLERANCE):
+            return NOT_ROTATION
+    if not np.isfinite(values[15:18]).all():
+        return NONFINITE_TRANSLATION
+    return None
+
+
+def read_img_cam(path: Path) -> tuple[dict[str, CameraRecord], dict[str, tuple[str, str]]]:
+    """Parse ``img_cam.txt`` → ``(cameras, rejected)``: ``{name: CameraRecord}`` for the usable
+    lines and ``{name: (cause, 'file:line')}`` for the parseable but unusable ones (see the
+    module docstring). ``SCFeatError`` naming ``file:line`` on a wrong token count or a
+    non-number; a missing or non-UTF-8 file is an ``SCFeatError`` too."""
     path = Path(path)
     if not path.is_file():
         raise SCFeatError(f"{path}: img_cam.txt not found (expected one line per image: "
                           f"{IMG_CAM_FORMAT})")
     cameras: dict[str, CameraRecord] = {}
+    rejected: dict[str, tuple[str, str]] = {}
     for number, tokens in _data_lines(path):
         where = f"{path}:{number}"
         if len(tokens) != 19:
@@ -94,26 +171,21 @@ def read_img_cam(path: Path) -> dict[str, CameraRecord]:
         except ValueError:
             bad = next(t for t in tokens[1:] if not _is_float(t))
             raise SCFeatError(f"{where}: {bad!r} is not a number (expected {IMG_CAM_FORMAT})") from None
-        if not np.isfinite(values).all():
-            raise SCFeatError(f"{where}: values must be finite numbers")
-        width, height = values[0], values[1]
-        if width != int(width) or height != int(height) or width < 1 or height < 1:
-            raise SCFeatError(f"{where}: width and height must be positive integers, "
-                              f"got {tokens[1]} {tokens[2]}")
+        name = tokens[0]
+        if name in cameras or name in rejected:
+            first = cameras.pop(name).source if name in cameras else rejected[name][1]
+            rejected[name] = (LISTED_TWICE, f"{first} and line {number}")
+            continue
+        fault = _camera_fault(values)
+        if fault is not None:
+            rejected[name] = (fault, where)
+            continue
         fx, fy, cx, cy = values[2:6]
-        if fx <= 0 or fy <= 0:
-            raise SCFeatError(f"{where}: focal lengths fx, fy must be positive, got {fx:g} {fy:g}")
-        rotation = values[6:15].reshape(3, 3)
-        if (np.abs(rotation @ rotation.T - np.eye(3)).max() > 1e-2
-                or abs(np.linalg.det(rotation) - 1) > 1e-2):
-            raise SCFeatError(f"{where}: r11..r33 is not a rotation matrix (row-major, det 1)")
-        if tokens[0] in cameras:
-            raise SCFeatError(f"{where}: image {tokens[0]!r} is listed twice")
         pose = np.eye(4)
-        pose[:3, :3], pose[:3, 3] = rotation, values[15:18]
+        pose[:3, :3], pose[:3, 3] = values[6:15].reshape(3, 3), values[15:18]
         K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
-        cameras[tokens[0]] = CameraRecord(int(width), int(height), K, pose)
-    return cameras
+        cameras[name] = CameraRecord(int(values[0]), int(values[1]), K, pose, where)
+    return cameras, rejected
 
 
 def _is_float(token: str) -> bool:
@@ -124,9 +196,10 @@ def _is_float(token: str) -> bool:
     return True
 
 
-def read_pairs(path: Path, cameras: dict[str, CameraRecord]) -> list[tuple[str, str]]:
-    """Parse ``pairs.txt`` → ``[(name1, name2)]``; ``SCFeatError`` naming the line when it does
-    not hold two names or names an image absent from ``img_cam.txt``."""
+def read_pairs(path: Path) -> list[PairLine]:
+    """Parse ``pairs.txt`` → ``[PairLine(line, name1, name2)]`` in file order;
+    ``SCFeatError`` naming ``file:line`` when a line does not hold exactly two names. Which
+    pairs are usable is decided by the dataset."""
     path = Path(path)
     if not path.is_file():
         raise SCFeatError(f"{path}: pairs.txt not found (expected one 'name1 name2' per line)")
@@ -135,17 +208,14 @@ def read_pairs(path: Path, cameras: dict[str, CameraRecord]) -> list[tuple[str, 
         if len(tokens) != 2:
             raise SCFeatError(f"{path}:{number}: expected two image names 'name1 name2', "
                               f"got {len(tokens)} values")
-        for name in tokens:
-            if name not in cameras:
-                raise SCFeatError(f"{path}:{number}: image {name!r} is not listed in "
-                                  f"{path.parent / 'img_cam.txt'}")
-        pairs.append((tokens[0], tokens[1]))
+        pairs.append(PairLine(number, tokens[0], tokens[1]))
     return pairs
 
 
 def find_aligned_folders(data_path: Path) -> list[Path]:
     """``<data_path>/<scene>/<*dense*>/aligned`` folders, sorted. A scene folder without a dense
-    folder is skipped with a warning; a dense folder without ``aligned`` is an error."""
+    folder, or a dense folder without ``aligned``, is skipped with a warning; none at all is an
+    error."""
     data_path = Path(data_path)
     if not data_path.is_dir():
         raise SCFeatError(f"{data_path}: MegaDepth data folder not found (data.data_path)")
@@ -157,14 +227,26 @@ def find_aligned_folders(data_path: Path) -> list[Path]:
         for folder in dense:
             aligned = folder / "aligned"
             if not aligned.is_dir():
-                raise SCFeatError(f"{aligned}: folder not found (expected the CAPS layout "
-                                  f"<scene>/<dense>/aligned/{{images/, img_cam.txt, pairs.txt}})")
+                log.warning("%s: folder not found; %s skipped", aligned, folder)
+                continue
             folders.append(aligned)
     if not folders:
         raise SCFeatError(f"{data_path}: no <scene>/<dense*>/aligned folders (expected the CAPS "
                           f"MegaDepth layout <scene>/<dense>/aligned/{{images/, img_cam.txt, "
                           f"pairs.txt}})")
     return folders
+
+
+def _missing_part(folder: Path) -> str | None:
+    """Why an aligned folder cannot be used (a message naming the missing part), or ``None``."""
+    if not (folder / "img_cam.txt").is_file():
+        return (f"{folder / 'img_cam.txt'}: img_cam.txt not found (expected one line per image: "
+                f"{IMG_CAM_FORMAT})")
+    if not (folder / "pairs.txt").is_file():
+        return f"{folder / 'pairs.txt'}: pairs.txt not found (expected one 'name1 name2' per line)"
+    if not (folder / "images").is_dir():
+        return f"{folder / 'images'}: images folder not found"
+    return None
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -194,6 +276,34 @@ def pair_fundamentals(K1: np.ndarray, K2: np.ndarray, pose1: np.ndarray,
     fmat1 = fundamental_from_pose(K1, K2, rel12[:, :3, :3], rel12[:, :3, 3])
     fmat2 = fundamental_from_pose(K2, K1, rel21[:, :3, :3], rel21[:, :3, 3])
     return fmat1, fmat2
+
+
+def _rectangle(sizes: np.ndarray) -> np.ndarray:
+    """Homogeneous corners ``N×4×3`` of the pixel extents ``[-0.5, w-0.5]×[-0.5, h-0.5]`` of
+    images of ``sizes`` ``N×2`` (``w, h``)."""
+    w, h = sizes[:, 0] - 0.5, sizes[:, 1] - 0.5
+    lo, one = np.full_like(w, -0.5), np.ones_like(w)
+    return np.stack([np.stack([lo, lo, one], -1), np.stack([w, lo, one], -1),
+                     np.stack([lo, h, one], -1), np.stack([w, h, one], -1)], 1)
+
+
+def _lines_reach(fmat: np.ndarray, sizes_from: np.ndarray, sizes_to: np.ndarray) -> np.ndarray:
+    """Whether at least one of the epipolar lines ``F·x`` of the 4 corners and the centre of
+    the source images crosses the target image's rectangle → ``N`` bool."""
+    corners = _rectangle(sizes_from)
+    centre = np.concatenate([(sizes_from - 1) / 2, np.ones((len(sizes_from), 1))], 1)[:, None]
+    lines = np.concatenate([corners, centre], 1) @ fmat.transpose(0, 2, 1)  # N×5×3
+    values = lines @ _rectangle(sizes_to).transpose(0, 2, 1)  # N×5×4: line at each corner
+    # A line crosses the rectangle iff its sign is not the same strict sign at all 4 corners.
+    return ((values.min(-1) <= 0) & (values.max(-1) >= 0)).any(-1)
+
+
+def epipolar_lines_miss(fmat1: np.ndarray, fmat2: np.ndarray, sizes1: np.ndarray,
+                        sizes2: np.ndarray) -> np.ndarray:
+    """Pairs (``N×3×3`` F1, F2; ``N×2`` image sizes ``w, h``) where no epipolar line of image
+    1's corners and centre crosses image 2 (by ``F1``), or none of image 2's crosses image 1
+    (by ``F2``) → ``N`` bool. Cheap index-time check for a pose that is far off."""
+    return ~(_lines_reach(fmat1, sizes1, sizes2) & _lines_reach(fmat2, sizes2, sizes1))
 
 
 # ----------------------------------------------------------------------------- query points
@@ -228,28 +338,53 @@ def query_points(image_rgb: np.ndarray, mode: str, count: int, random_percent: f
     return coords.float()
 
 
+def _jpeg_complete(data: bytes) -> bool:
+    """Whether JPEG ``data`` is whole: it ends with the end-of-image marker (trailing padding
+    allowed) or, when something follows it, PIL decodes it without running out of data. Some
+    OpenCV builds decode a truncated JPEG with only a warning, filling the rest with grey."""
+    if data.rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9"):
+        return True
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception:  # noqa: BLE001 - PIL raises many types on bad data; all mean "not whole"
+        return False
+    return True
+
+
 # ----------------------------------------------------------------------------- batching
 
-def collate_skip_none(batch: list[dict | None]) -> dict | None:
-    """Collate the items that are not ``None`` → batch dict, or ``None`` if none is left.
+def _is_skipped(item: dict | None) -> bool:
+    return item is None or "skipped" in item
 
-    ``batch['skipped']`` (int) counts the dropped items; the reasons are counted in the
-    dataset's ``skipped`` and logged (once per reason) where they happen.
-    """
-    kept = [item for item in batch if item is not None]
-    dropped = len(batch) - len(kept)
-    if dropped:
-        log.debug("dropped %d of %d pairs from a batch", dropped, len(batch))
+
+def collate_skip_none(batch: list[dict | None]) -> dict:
+    """Collate the usable items → a batch dict whose ``skipped`` key lists the cause strings
+    (``"<cause>: <detail>"``) of the unusable ones (``{"skipped": ...}`` items; a bare ``None``
+    counts as ``"unusable item: the dataset returned None"``). When no item is usable the
+    result is ``{"skipped": [...]}`` with no other key."""
+    skipped = [("unusable item: the dataset returned None" if item is None else str(item["skipped"]))
+               for item in batch if _is_skipped(item)]
+    kept = [item for item in batch if not _is_skipped(item)]
+    if skipped:
+        log.debug("dropped %d of %d pairs from a batch", len(skipped), len(batch))
     if not kept:
-        return None
+        return {"skipped": skipped}
     for key in ("im1", "im2", "coord1", "coord2"):
         shapes = {tuple(item[key].shape) for item in kept if key in item}
         if len(shapes) > 1:
             raise SCFeatError(f"data: the images of one batch differ in size ({key}: "
                               f"{sorted(shapes)}); set data.resize: [H, W] or data.batch_size: 1")
     collated = default_collate(kept)
-    collated["skipped"] = dropped
+    collated["skipped"] = skipped
     return collated
+
+
+def summarize_skips(causes: list[str]) -> dict[str, int]:
+    """Cause strings (``"<cause>: <detail>"``) → ``{cause: count}``, most frequent first, the
+    cause being the text before the first ``':'``."""
+    counts = collections.Counter(cause.split(":", 1)[0].strip() for cause in causes)
+    return dict(counts.most_common())
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -257,14 +392,16 @@ def collate_skip_none(batch: list[dict | None]) -> dict | None:
 class MegaDepth_SIFT(Dataset):
     """Image pairs of MegaDepth (CAPS layout) with ground-truth epipolar geometry.
 
-    Item (a dict, or ``None`` when the pair cannot be loaded): ``im1, im2`` (3×H×W float32,
-    ImageNet-normalised; colour-jittered in train mode), ``F1, F2`` (3×3 float32),
-    ``intrinsic1/2`` (3×3 float32), ``pose1/2`` (4×4 float32, world→camera), ``name1/2``
-    (str, path relative to ``data_path``) and, when ``query_points`` is set, ``coord1/2``
-    (num_pts×2 float32 pixel ``x, y``).
+    Item: ``im1, im2`` (3×H×W float32, ImageNet-normalised; colour-jittered in train mode),
+    ``F1, F2`` (3×3 float32), ``intrinsic1/2`` (3×3 float32), ``pose1/2`` (4×4 float32,
+    world→camera), ``name1/2`` (str, path relative to ``data_path``) and, when
+    ``query_points`` is set, ``coord1/2`` (num_pts×2 float32 pixel ``x, y``). A pair that
+    cannot be loaded gives ``{"skipped": "<cause>: <detail>"}`` instead (see the module
+    docstring); ``skipped`` (a Counter, per process) and ``dropped_at_index`` (a Counter of
+    pairs per index-time cause) count the causes.
     """
 
-    collate_fn = staticmethod(collate_skip_none)  # drops unusable items (None)
+    collate_fn = staticmethod(collate_skip_none)  # drops unusable items, lists their causes
     default_conf = {
         "data_path": "data/megadepth/train",
         "mode": "train",
@@ -321,15 +458,39 @@ class MegaDepth_SIFT(Dataset):
     # ------------------------------------------------------------------ index
 
     def _build_index(self) -> list[PairRecord]:
+        folders = find_aligned_folders(self.data_path)
+        usable_folders, problems = [], []
+        for folder in folders:
+            problem = _missing_part(folder)
+            if problem is None:
+                usable_folders.append(folder)
+            else:
+                problems.append(problem)
+        if not usable_folders:
+            raise SCFeatError(problems[0] if len(problems) == 1 else
+                              f"{self.data_path}: none of the {len(problems)} aligned folders is "
+                              f"usable; first: {problems[0]}")
+        for problem in problems:
+            log.warning("%s; folder skipped", problem)
+        # cause → [pairs dropped, images rejected, example places]
+        self._drops: dict[str, list] = {}
         records: list[PairRecord] = []
         listed = 0
-        for folder in find_aligned_folders(self.data_path):
-            if not (folder / "images").is_dir():
-                raise SCFeatError(f"{folder / 'images'}: images folder not found")
-            cameras = read_img_cam(folder / "img_cam.txt")
-            pairs = read_pairs(folder / "pairs.txt", cameras)
+        for folder in usable_folders:
+            cameras, rejected = read_img_cam(folder / "img_cam.txt")
+            pairs = read_pairs(folder / "pairs.txt")
+            for name, (cause, where) in rejected.items():
+                self._note(cause, images=1, example=f"{where} ({name})")
+            if not pairs:
+                log.warning("%s: no pairs listed; the folder contributes nothing",
+                            folder / "pairs.txt")
             listed += len(pairs)
-            records.extend(self._usable_pairs(folder, cameras, pairs))
+            records.extend(self._usable_pairs(folder, cameras, rejected, pairs))
+        self._log_drops()
+        if listed == 0:
+            raise SCFeatError(f"{self.data_path}: no pairs listed in any of the {len(usable_folders)} "
+                              f"pairs.txt files (expected lines 'name1 name2' in "
+                              f"<scene>/<dense*>/aligned/pairs.txt)")
         if self.dropped_at_index:
             log.info("%s: %d of %d listed pairs dropped while indexing: %s", self.data_path,
                      listed - len(records), listed, dict(self.dropped_at_index))
@@ -338,76 +499,144 @@ class MegaDepth_SIFT(Dataset):
                               f"{dict(self.dropped_at_index) or 'none'})")
         return records
 
+    def _note(self, cause: str, pairs: int = 0, images: int = 0, example: str | None = None) -> None:
+        """Count an index-time drop of ``pairs`` pairs (and ``images`` images) for ``cause``."""
+        entry = self._drops.setdefault(cause, [0, 0, []])
+        entry[0] += pairs
+        entry[1] += images
+        if example is not None and len(entry[2]) < EXAMPLES_PER_CAUSE:
+            entry[2].append(example)
+        if pairs:
+            self.dropped_at_index[cause] += pairs
+
+    def _log_drops(self) -> None:
+        """One line per index-time cause: pairs dropped, images rejected, a few places."""
+        filters = (f"rotation > {self.conf['rot_thr']} deg",
+                   f"over max_pairs_per_scene={self.conf['max_pairs_per_scene']}")
+        for cause, (pairs, images, examples) in self._drops.items():
+            level = logging.INFO if cause in filters else logging.WARNING
+            what = f"{pairs} pair(s) dropped while indexing"
+            if images:
+                what += f" ({images} image(s) unusable)"
+            log.log(level, "%s: %s; e.g. %s", cause, what, "; ".join(examples) or "-")
+
     def _final_camera(self, camera: CameraRecord) -> CameraRecord:
         """The camera of the image as it will be returned (intrinsics scaled when resizing)."""
         if self.resize is None:
             return camera
         height, width = self.resize
         K = scale_intrinsics(camera.K, width / camera.width, height / camera.height)
-        return CameraRecord(width, height, K, camera.pose)
+        return CameraRecord(width, height, K, camera.pose, camera.source)
 
     def _usable_pairs(self, folder: Path, cameras: dict[str, CameraRecord],
-                      pairs: list[tuple[str, str]]) -> list[PairRecord]:
-        """Filter one folder's pairs (rotation in train mode, degenerate F) and cap their number."""
-        if not pairs:
+                      rejected: dict[str, tuple[str, str]], pairs: list[PairLine]) -> list[PairRecord]:
+        """Filter one folder's pairs (listing faults, rejected images, rotation in train mode,
+        degenerate F, epipolar lines missing the other image) and cap their number."""
+        pairs_file = folder / "pairs.txt"
+        seen: set[frozenset[str]] = set()
+        candidates: list[PairLine] = []
+        for pair in pairs:
+            where = f"{pairs_file}:{pair.line}"
+            for name in (pair.name1, pair.name2):
+                if name not in cameras and name not in rejected:
+                    raise SCFeatError(f"{where}: image {name!r} is not listed in "
+                                      f"{folder / 'img_cam.txt'}")
+            key = frozenset((pair.name1, pair.name2))
+            cause = None
+            if pair.name1 == pair.name2:
+                cause = SELF_PAIR
+            elif key in seen:
+                cause = DUPLICATE_PAIR
+            else:
+                seen.add(key)
+                cause = next((rejected[n][0] for n in (pair.name1, pair.name2) if n in rejected),
+                             None)
+            if cause is None:
+                candidates.append(pair)
+            else:
+                self._note(cause, pairs=1,
+                           example=where if cause in (SELF_PAIR, DUPLICATE_PAIR) else None)
+        if not candidates:
             return []
         final = {name: self._final_camera(cam) for name, cam in cameras.items()}
-        cams1 = [final[a] for a, _ in pairs]
-        cams2 = [final[b] for _, b in pairs]
+        cams1 = [final[p.name1] for p in candidates]
+        cams2 = [final[p.name2] for p in candidates]
         poses1 = np.stack([c.pose for c in cams1])
         poses2 = np.stack([c.pose for c in cams2])
-        keep = np.ones(len(pairs), dtype=bool)
+        keep = np.ones(len(candidates), dtype=bool)
+
+        def drop(mask: np.ndarray, cause: str) -> None:
+            newly = mask & keep
+            if not newly.any():
+                return
+            for i in np.flatnonzero(newly)[:EXAMPLES_PER_CAUSE]:
+                self._note(cause, example=f"{pairs_file}:{candidates[i].line}")
+            self._note(cause, pairs=int(newly.sum()))
+            keep[newly] = False
+
         if self.train:
             angles = rotation_angles_deg(poses2[:, :3, :3] @ poses1[:, :3, :3].transpose(0, 2, 1))
-            too_far = angles > self.conf["rot_thr"]
-            self.dropped_at_index[f"rotation > {self.conf['rot_thr']} deg"] += int(too_far.sum())
-            keep &= ~too_far
+            drop(angles > self.conf["rot_thr"], f"rotation > {self.conf['rot_thr']} deg")
         fmat1, fmat2 = pair_fundamentals(np.stack([c.K for c in cams1]), np.stack([c.K for c in cams2]),
                                          poses1, poses2)
         degenerate = ~(torch.isfinite(fmat1).all((1, 2)) & torch.isfinite(fmat2).all((1, 2))
                        & (fmat1.abs().amax((1, 2)) < MAX_FUNDAMENTAL_ENTRY)
                        & (fmat2.abs().amax((1, 2)) < MAX_FUNDAMENTAL_ENTRY)).numpy()
-        self.dropped_at_index["degenerate fundamental matrix (F[2,2] ~ 0 or no baseline)"] += \
-            int((degenerate & keep).sum())
-        keep &= ~degenerate
+        drop(degenerate, DEGENERATE_F)
+        sizes1 = np.array([[c.width, c.height] for c in cams1], dtype=np.float64)
+        sizes2 = np.array([[c.width, c.height] for c in cams2], dtype=np.float64)
+        with np.errstate(all="ignore"):
+            miss = epipolar_lines_miss(np.nan_to_num(fmat1.numpy()), np.nan_to_num(fmat2.numpy()),
+                                       sizes1, sizes2)
+        drop(miss, EPIPOLAR_MISS)
         indices = np.flatnonzero(keep)
         rel_folder = folder.relative_to(self.data_path).as_posix()
         cap = self.conf["max_pairs_per_scene"]
         if len(indices) > cap:
             # Seeded by the folder's name, so a folder's subsample does not depend on the others.
             rng = np.random.default_rng([self.conf["seed"], zlib.crc32(rel_folder.encode())])
-            self.dropped_at_index[f"over max_pairs_per_scene={cap}"] += len(indices) - cap
+            self._note(f"over max_pairs_per_scene={cap}", pairs=len(indices) - cap,
+                       example=f"{pairs_file} ({len(indices)} usable)")
             indices = np.sort(rng.choice(indices, size=cap, replace=False))
-        for key in [k for k, v in self.dropped_at_index.items() if v == 0]:
-            del self.dropped_at_index[key]
-        return [PairRecord(folder, rel_folder, pairs[i][0], pairs[i][1],
-                           cameras[pairs[i][0]], cameras[pairs[i][1]]) for i in indices]
+        return [PairRecord(folder, rel_folder, candidates[i].name1, candidates[i].name2,
+                           cameras[candidates[i].name1], cameras[candidates[i].name2])
+                for i in indices]
 
     # ------------------------------------------------------------------ items
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _skip(self, reason: str, detail: str) -> None:
-        """Count a pair that cannot be used, log the first occurrence of each reason → ``None``."""
-        self.skipped[reason] += 1
-        if reason not in self._logged_reasons:
-            self._logged_reasons.add(reason)
-            log.warning("pair skipped (%s): %s; further pairs skipped for this reason are only "
-                        "counted", reason, detail)
-        return None
+    def _skip(self, cause: str, detail: str) -> dict:
+        """Count a pair that cannot be used and log the first occurrence of each cause (per
+        process) → ``{"skipped": "<cause>: <detail>"}``."""
+        self.skipped[cause] += 1
+        if cause not in self._logged_reasons:
+            self._logged_reasons.add(cause)
+            log.warning("pair skipped (%s): %s; further pairs skipped for this cause are only "
+                        "counted", cause, detail)
+        return {"skipped": f"{cause}: {detail}"}
 
-    def _load(self, record: PairRecord, name: str, camera: CameraRecord) -> np.ndarray | str:
-        """The image (resized when asked) → ``H×W×3`` uint8, or a skip reason."""
+    def _load(self, record: PairRecord, name: str, camera: CameraRecord) -> np.ndarray | tuple[str, str]:
+        """The image (resized when asked) → ``H×W×3`` uint8 RGB, or ``(cause, detail)``."""
         path = record.folder / "images" / name
+        listed = f"listed in {record.folder / 'pairs.txt'}"
         if not path.is_file():
-            return "missing image"
+            return MISSING_IMAGE, f"{path} ({listed})"
         try:
-            image = load_image_rgb(path)
-        except SCFeatError:
-            return "undecodable image"
+            data = path.read_bytes()
+        except OSError as error:
+            return UNREADABLE_IMAGE, f"{path} ({error})"
+        if data[:2] == b"\xff\xd8" and not _jpeg_complete(data):
+            return TRUNCATED_IMAGE, f"{path} (JPEG data ends before its end-of-image marker; " \
+                                    f"{len(data)} bytes)"
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+        if image is None:
+            return UNDECODABLE_IMAGE, f"{path} ({len(data)} bytes that OpenCV cannot decode)"
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         if image.shape[:2] != (camera.height, camera.width):
-            return "image size differs from img_cam.txt"
+            return SIZE_MISMATCH, (f"{path} is {image.shape[1]}x{image.shape[0]} (w x h) on disk, "
+                                   f"{camera.source} says {camera.width}x{camera.height}")
         if self.resize is not None and image.shape[:2] != self.resize:
             height, width = self.resize
             shrink = height < image.shape[0] and width < image.shape[1]
@@ -421,14 +650,13 @@ class MegaDepth_SIFT(Dataset):
             image = np.array(self.jitter(Image.fromarray(image)))
         return normalize_imagenet(to_float_tensor(image))
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, index: int) -> dict:
         record = self.pairs[index]
         images = []
         for name, camera in ((record.name1, record.camera1), (record.name2, record.camera2)):
             image = self._load(record, name, camera)
-            if isinstance(image, str):
-                path = record.folder / "images" / name
-                return self._skip(image, f"{path} (listed in {record.folder / 'pairs.txt'})")
+            if isinstance(image, tuple):
+                return self._skip(*image)
             images.append(image)
         cam1, cam2 = self._final_camera(record.camera1), self._final_camera(record.camera2)
         fmat1, fmat2 = pair_fundamentals(cam1.K[None], cam2.K[None], cam1.pose[None], cam2.pose[None])

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataloader.megadepth import MegaDepth_SIFT, collate_skip_none, query_points, sift_points
+from dataloader.megadepth import (MegaDepth_SIFT, collate_skip_none, query_points, sift_points,
+                                  summarize_skips)
 from dataloader.transforms import load_image_rgb
 from tools.synthetic import make_megadepth
 from utils.errors import SCFeatError
@@ -79,7 +80,7 @@ def test_batches_agree_with_depth_ground_truth(data_dir: Path) -> None:
     for batch in loader:
         assert batch["im1"].shape[1:] == (3, HEIGHT, WIDTH) and batch["im1"].dtype == torch.float32
         assert batch["F1"].dtype == torch.float32 and batch["pose1"].shape[1:] == (4, 4)
-        assert batch["skipped"] == 0 and "coord1" not in batch
+        assert batch["skipped"] == [] and "coord1" not in batch
         for b, (name1, name2) in enumerate(zip(batch["name1"], batch["name2"])):
             assert (data_dir / name1).is_file() and (data_dir / name2).is_file()
             points1, points2 = _depth_correspondences(data_dir, name1, name2)
@@ -180,12 +181,17 @@ def test_eval_is_deterministic_and_train_is_jittered(data_dir: Path) -> None:
     assert torch.equal(train[0]["im1"], first)  # reproducible under torch's seed
 
 
-def test_collate_drops_none_and_counts() -> None:
+def test_collate_drops_skipped_items_and_lists_their_causes() -> None:
     item = {"im1": torch.zeros(3, 4, 4), "F1": torch.eye(3), "name1": "a"}
-    batch = collate_skip_none([item, None, item])
+    bad = {"skipped": "missing image: /x/images/b.jpg (listed in /x/pairs.txt)"}
+    batch = collate_skip_none([item, bad, item, None])
     assert batch["im1"].shape == (2, 3, 4, 4) and batch["name1"] == ["a", "a"]
-    assert batch["skipped"] == 1
-    assert collate_skip_none([None, None]) is None
+    assert batch["skipped"] == [bad["skipped"], "unusable item: the dataset returned None"]
+    assert collate_skip_none([item])["skipped"] == []
+    assert collate_skip_none([bad, bad]) == {"skipped": [bad["skipped"]] * 2}
+    assert summarize_skips(batch["skipped"] + [bad["skipped"]]) == {"missing image": 2,
+                                                                     "unusable item": 1}
+    assert summarize_skips([]) == {}
     other = {"im1": torch.zeros(3, 8, 4), "F1": torch.eye(3), "name1": "b"}
     with pytest.raises(SCFeatError, match="differ in size.*data.resize"):
         collate_skip_none([item, other])
@@ -201,14 +207,18 @@ def test_missing_and_undecodable_images_are_skipped(data_copy: Path, caplog) -> 
     bad = {"img_000.jpg", "img_001.jpg"}
     for record, item in zip(dataset.pairs, items):
         uses_bad = record.rel_folder.startswith("synth_0000") and {record.name1, record.name2} & bad
-        assert (item is None) == bool(uses_bad)
+        assert ("skipped" in item) == bool(uses_bad)
+        assert ("im1" in item) != bool(uses_bad)
+    causes = [item["skipped"] for item in items if "skipped" in item]
+    assert all(c.startswith(("missing image: ", "undecodable image: ")) for c in causes)
+    assert dataset.skipped == summarize_skips(causes)
     assert dataset.skipped["missing image"] >= 2 and dataset.skipped["undecodable image"] >= 1
-    assert caplog.text.count("pair skipped (missing image)") == 1  # logged once per reason
+    assert caplog.text.count("pair skipped (missing image)") == 1  # logged once per cause
     assert "img_000.jpg" in caplog.text
     loader = DataLoader(dataset, batch_size=len(dataset), collate_fn=collate_skip_none)
     batch = next(iter(loader))
-    assert batch["skipped"] == sum(item is None for item in items) > 0
-    assert len(batch["name1"]) == len(dataset) - batch["skipped"]
+    assert len(batch["skipped"]) == len(causes) > 0
+    assert len(batch["name1"]) == len(dataset) - len(causes)
     with pytest.raises(SCFeatError, match="img_001.jpg: cannot decode"):
         load_image_rgb(images / "img_001.jpg")
 
@@ -234,12 +244,6 @@ def test_malformed_img_cam_line(data_copy: Path, bad_line: str, message: str) ->
     lines[3] = bad_line  # line 4: the comments take lines 1-2
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(SCFeatError, match=f"img_cam.txt:4: {message}"):
-        _dataset(data_copy)
-
-
-def test_scene_without_img_cam(data_copy: Path) -> None:
-    (_aligned(data_copy) / "img_cam.txt").unlink()
-    with pytest.raises(SCFeatError, match="synth_0000/dense0/aligned/img_cam.txt: img_cam.txt not found"):
         _dataset(data_copy)
 
 

@@ -175,3 +175,38 @@ def test_two_process_ddp_with_gloo(megadepth, tmp_path):
     assert state["global_step"] == 2
     assert len(list((run_dir / "tb").iterdir())) == 1  # only rank 0 writes logs
     assert (run_dir / "001" / "backbone.pth").is_file()
+
+
+def save_random_checkpoint(folder: Path, seed: int = 0) -> None:
+    """A random SCFeat checkpoint folder (as stage 1 would write it), with config.yaml above."""
+    from registry import build_model
+    from utils.checkpoint import atomic_save
+    from utils.config import save_config
+
+    torch.manual_seed(seed)
+    model_config = {"backbone_config": {"pretrained": False}}
+    model = build_model("SCFeatModel", model_config)
+    atomic_save(model.backbone.state_dict(), folder / "backbone.pth")
+    atomic_save(model.localheader.state_dict(), folder / "localheader.pth")
+    save_config({"model": "SCFeatModel", "model_config": model_config}, folder.parent / "config.yaml")
+
+
+def test_stage2_trains_only_the_detector(megadepth, tmp_path):
+    stage1 = tmp_path / "stage1" / "001"
+    save_random_checkpoint(stage1)
+    args = ["--config", str(REPO / "config" / "train_det.yaml"), f"load_path={stage1}",
+            f"output_root={tmp_path}", f"data_config_train.data_path={megadepth}",
+            "data_config_train.resize=null", "data_config_train.workers=0",
+            "data_config_train.batch_size=1", "epoch_step=2", "log_freq=1"]
+    assert train.main(args) == 0
+    run_dir = tmp_path / "keypoint-1k"
+    before = load_state_dict_file(stage1 / "backbone.pth")
+    after = load_state_dict_file(run_dir / "001" / "backbone.pth")
+    assert before.keys() == after.keys()
+    for key in before:  # byte-identical, BatchNorm statistics included
+        assert torch.equal(before[key], after[key]), key
+    header_before = load_state_dict_file(stage1 / "localheader.pth")
+    header_after = load_state_dict_file(run_dir / "001" / "localheader.pth")
+    assert any(not torch.equal(header_before[k], header_after[k]) for k in header_before)
+    log = (run_dir / "train.log").read_text()
+    assert "reinforce=" in log and "kp_penalty=" in log and "n_good=" in log

@@ -72,7 +72,12 @@ def _read_yaml_with_lines(path: str | Path) -> tuple[dict, dict[str, int]]:
     path = Path(path)
     if not path.is_file():
         raise SCFeatError(f"config file '{path}' does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise SCFeatError(f"{path}:{line}: not UTF-8 text (expected a YAML file)") from None
+    node = None
     try:
         node = yaml.compose(text, Loader=_LineLoader)
         conf = yaml.safe_load(text)
@@ -80,11 +85,47 @@ def _read_yaml_with_lines(path: str | Path) -> tuple[dict, dict[str, int]]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise SCFeatError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except _YAML_VALUE_ERRORS as exc:
+        line = _failing_scalar_line(node)
+        where = f"{path}:{line}" if line else str(path)
+        raise SCFeatError(f"{where}: not valid YAML ({_yaml_value_problem(exc)})") from None
     if conf is None:
         conf = {}
     if not isinstance(conf, dict):
         raise SCFeatError(f"{path}: expected a mapping of config keys, got {type(conf).__name__}")
     return conf, _key_lines(node) if node is not None else {}
+
+
+# PyYAML lets these escape: a value its resolver accepts but Python rejects (a date such as
+# 2001-02-30 → ValueError) and nesting deeper than the recursion limit (RecursionError).
+_YAML_VALUE_ERRORS = (ValueError, OverflowError, RecursionError)
+
+
+def _yaml_value_problem(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return f"a value cannot be converted: {exc}"
+
+
+def _failing_scalar_line(node: yaml.Node | None) -> int | None:
+    """1-based line of the first scalar of ``node`` that SafeLoader cannot construct."""
+    stack = [node] if node is not None else []
+    seen = set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, yaml.ScalarNode):
+            try:
+                yaml.SafeLoader("").construct_object(current)
+            except _YAML_VALUE_ERRORS + (yaml.YAMLError,):
+                return current.start_mark.line + 1
+        elif isinstance(current, yaml.MappingNode):
+            stack.extend(n for pair in reversed(current.value) for n in reversed(pair))
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend(reversed(current.value))
+    return None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -99,6 +140,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as exc:
         raise SCFeatError(f"override '{item}': value is not valid YAML "
                           f"({getattr(exc, 'problem', exc)})") from None
+    except _YAML_VALUE_ERRORS as exc:
+        raise SCFeatError(f"override '{item}': value is not valid YAML "
+                          f"({_yaml_value_problem(exc)})") from None
     return key.split("."), value
 
 
