@@ -513,11 +513,13 @@ class Trainer:
                     if steps_this_run == conf["max_steps_this_run"]:
                         self.stop_requested = True
                     if self.global_step % log_freq == 0 or self.stop_requested:
-                        self.save_state()
+                        # Log before saving: a kill in between repeats the step's line on
+                        # resume rather than losing it.
                         if result is not None and self.is_main:
                             log.info("epoch %d step %d loss %.5f %s", self.epoch + 1,
                                      self.step_in_epoch, result[0],
                                      " ".join(f"{k}={v:.4g}" for k, v in result[1].items()))
+                        self.save_state()
                     if self.stop_requested:
                         bar.close()
                         return

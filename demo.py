@@ -1,0 +1,540 @@
+"""The whole SCFeat pipeline on synthetic data, in minutes on a CPU:
+``python demo.py [--steps N] [--out DIR] [--device auto|cpu|cuda]``.
+
+1. synthetic MegaDepth-style training pairs and HPatches-style sequences under ``<out>/data/``
+   (``tools.synthetic``);
+2. stage 1 (``config/demo/train_desc.yaml``: the backbone learns descriptors from camera poses),
+   then stage 2 (``config/demo/train_det.yaml``: the detector, frozen backbone), checkpoints
+   under ``<out>/ckpts/``;
+3. features on the synthetic HPatches (``config/demo/extract.yaml``) for the untrained network
+   (the random initialisation stage 1 starts from, saved as ``<out>/ckpts/demo-untrained/000``)
+   and for the trained one (the last stage-2 epoch);
+4. the HPatches evaluation (``config/demo/eval.yaml``: mean matching accuracy of SIFT, the
+   untrained and the trained network), printed as a table and plotted to ``<out>/mma.png``.
+
+``--steps N`` (default 80) sets the training length: stage 1 runs N optimiser steps (split over
+the config's epochs, rounded up to a multiple of them), stage 2 runs N // 2 (at least 1). The
+defaults take about 8 minutes on 2 idle CPU cores (most of it stage 1, about 3 s a step) and
+write about 0.7 GB, mostly the training states.
+
+Re-running the same command continues: finished stages are reused (data, checkpoints, features
+and evaluation caches), an interrupted training run resumes from its last saved state. Ctrl-C
+is safe at any time. The options that shape the results (``--steps``, ``--size``,
+``--hpatches-size``, ``--sequences``) are recorded in ``<out>/demo.json``; re-running with
+other values asks for another ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+DESC_CONFIG = REPO / "config" / "demo" / "train_desc.yaml"
+DET_CONFIG = REPO / "config" / "demo" / "train_det.yaml"
+EXTRACT_CONFIG = REPO / "config" / "demo" / "extract.yaml"
+EVAL_CONFIG = REPO / "config" / "demo" / "eval.yaml"
+
+DEFAULT_STEPS = 80
+DEFAULT_SIZE = "128x160"           # synthetic MegaDepth images (the stage-1/2 input size)
+DEFAULT_HPATCHES_SIZE = "160x224"  # synthetic HPatches images
+DEFAULT_SEQUENCES = 6              # half illumination, half viewpoint
+DATA_SEED = 0
+
+SETTINGS_FILE = "demo.json"
+STAMP_FILE = "demo_stamp.json"     # what a reused output was made from
+UNTRAINED_RUN = "demo-untrained"
+TRAINED_FEATURES = "demo-hpatches"  # config/demo/extract.yaml's output_root
+UNTRAINED_FEATURES = "demo-hpatches-untrained"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class DemoExit(Exception):
+    """Stop the demo with ``code``; the message (if any) was already printed."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+@dataclass
+class StageRecord:
+    name: str
+    seconds: float
+    reused: bool
+    detail: str = ""
+
+
+@dataclass
+class DemoResult:
+    stages: list[StageRecord] = field(default_factory=list)
+    results: dict = field(default_factory=dict)   # method → evaluation summary
+    paths: dict = field(default_factory=dict)     # what → path, for the final summary
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+# ---------------------------------------------------------------------------------------------
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="The whole SCFeat pipeline on synthetic data, in minutes on a CPU.",
+        epilog="\n".join(__doc__.split("\n")[2:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
+                        help=f"stage-1 training steps; stage 2 runs steps // 2 (default "
+                             f"{DEFAULT_STEPS})")
+    parser.add_argument("--out", default="demo_output",
+                        help="output folder: data/, ckpts/, eval/, mma.png, demo.json "
+                             "(default demo_output)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA when available (default auto)")
+    parser.add_argument("--size", default=DEFAULT_SIZE, metavar="HxW",
+                        help=f"synthetic training image size, multiples of 16 (default "
+                             f"{DEFAULT_SIZE})")
+    parser.add_argument("--hpatches-size", default=DEFAULT_HPATCHES_SIZE, metavar="HxW",
+                        help=f"synthetic HPatches image size (default {DEFAULT_HPATCHES_SIZE})")
+    parser.add_argument("--sequences", type=positive_int, default=DEFAULT_SEQUENCES,
+                        help=f"synthetic HPatches sequences, half illumination and half "
+                             f"viewpoint (default {DEFAULT_SEQUENCES})")
+    return parser.parse_args(argv)
+
+
+def parse_sizes(args: argparse.Namespace) -> tuple[tuple[int, int], tuple[int, int]]:
+    from tools.synthetic import parse_size
+    from utils.errors import SCFeatError
+
+    sizes = []
+    for option, text, example in (("--size", args.size, DEFAULT_SIZE),
+                                  ("--hpatches-size", args.hpatches_size, DEFAULT_HPATCHES_SIZE)):
+        try:
+            sizes.append(parse_size(text))
+        except SCFeatError:
+            raise SCFeatError(f"{option} {text!r}: expected HEIGHTxWIDTH with both between 32 "
+                              f"and 4096, e.g. {example}") from None
+    if sizes[0][0] % 16 or sizes[0][1] % 16:
+        raise SCFeatError(f"--size {args.size!r}: the training images go through the network "
+                          f"uncropped, so height and width must be multiples of 16 "
+                          f"(e.g. {DEFAULT_SIZE})")
+    return sizes[0], sizes[1]
+
+
+def settings_of(args: argparse.Namespace, size: tuple[int, int],
+                hpatches_size: tuple[int, int]) -> dict:
+    """The options that shape the outputs (recorded in ``<out>/demo.json``)."""
+    return {"steps": args.steps, "size": "x".join(map(str, size)),
+            "hpatches_size": "x".join(map(str, hpatches_size)), "sequences": args.sequences}
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Record ``settings`` in ``<out>/demo.json``, or refuse when an earlier run used others."""
+    from utils.errors import SCFeatError
+
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SCFeatError(f"{path}: cannot read the settings of the earlier demo run ({exc}); "
+                              f"delete {out} or use another --out") from None
+        changed = [f"--{key.replace('_', '-')} {previous.get(key)} (now {value})"
+                   for key, value in settings.items() if previous.get(key) != value]
+        if changed:
+            raise SCFeatError(
+                f"{out} holds a demo run made with {', '.join(changed)}; re-running continues "
+                f"it only with the same options. Use --out <new folder> for a new demo, or "
+                f"delete {out}")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def write_json(path: Path, value: dict) -> None:
+    """Write ``value`` as JSON atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(value, handle, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def files_signature(paths: list[Path], extra: str = "") -> str:
+    """sha1 over the files' resolved paths, sizes and modification times."""
+    digest = hashlib.sha1(extra.encode())
+    for path in sorted(paths):
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def stamp_matches(folder: Path, signature: str) -> bool:
+    path = folder / STAMP_FILE
+    try:
+        return json.loads(path.read_text()).get("signature") == signature
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_stamp(folder: Path, signature: str, sources: list[Path]) -> None:
+    write_json(folder / STAMP_FILE, {"signature": signature,
+                                     "sources": sorted(str(p) for p in sources)})
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    return [folder / "backbone.pth", folder / "localheader.pth"]
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return all(p.is_file() for p in checkpoint_files(folder))
+
+
+def non_empty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def yaml_str(value: object) -> str:
+    """A value for a ``KEY=VALUE`` override that YAML reads back as this exact string."""
+    return json.dumps(str(value))
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {rest:02d} s"
+
+
+def setup_logging() -> None:
+    """INFO to stderr (and nothing else: this also closes the trainer's train.log handler)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True,
+                        handlers=[logging.StreamHandler(sys.stderr)])
+
+
+def banner(index: int, total: int, title: str) -> None:
+    print(f"\n=== [{index}/{total}] {title} ===", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+# ---------------------------------------------------------------------------------------------
+
+def make_data(out: Path, size: tuple[int, int], hpatches_size: tuple[int, int], sequences: int,
+              result: DemoResult) -> tuple[Path, Path]:
+    """Synthetic MegaDepth and HPatches under ``<out>/data`` (each written atomically, so an
+    existing folder is complete)."""
+    from tools.synthetic import make_hpatches, make_megadepth
+
+    start = time.perf_counter()
+    megadepth, hpatches = out / "data" / "megadepth", out / "data" / "hpatches"
+    made = []
+    if non_empty_dir(megadepth):
+        print(f"reusing {megadepth}")
+    else:
+        counts = make_megadepth(megadepth, size=size, seed=DATA_SEED)
+        made.append(f"{counts['pairs']} training pairs")
+        print(f"wrote {megadepth}: {counts['scenes']} scenes, {counts['images']} images, "
+              f"{counts['pairs']} pairs at {size[0]}×{size[1]}")
+    if non_empty_dir(hpatches):
+        print(f"reusing {hpatches}")
+    else:
+        counts = make_hpatches(hpatches, sequences=sequences, size=hpatches_size, seed=DATA_SEED)
+        made.append(f"{counts['sequences']} HPatches sequences")
+        print(f"wrote {hpatches}: {counts['sequences']} sequences, {counts['images']} images at "
+              f"{hpatches_size[0]}×{hpatches_size[1]}")
+    result.stages.append(StageRecord("synthetic data", time.perf_counter() - start, not made,
+                                     ", ".join(made) if made else str(out / "data")))
+    result.paths["data"] = out / "data"
+    return megadepth, hpatches
+
+
+def load_train_config(config: Path, overrides: list[str]) -> dict:
+    import train
+    from utils.config import load_config
+
+    conf = load_config(config, overrides, train.TRAIN_SCHEMA, train.loss_sections)
+    train.check_config(conf, str(config))
+    return conf
+
+
+def train_stage(name: str, config: Path, overrides: list[str], source: Path | None,
+                result: DemoResult) -> Path:
+    """Run (or continue, or reuse) one training stage; returns its last epoch folder.
+
+    ``source``: the checkpoint the stage starts from (stage 2); a finished run that the demo
+    made from other weights (its ``demo_stamp.json`` says so) is trained again.
+    """
+    import train
+
+    conf = load_train_config(config, overrides)
+    run_dir = Path(conf["output_root"]) / conf["checkpoint_name"]
+    final = run_dir / f"{conf['epoch']:03d}"
+    steps = conf["epoch"] * conf["epoch_step"]
+    signature = files_signature(checkpoint_files(source)) if source is not None else ""
+    start = time.perf_counter()
+    stale = source is not None and (run_dir / STAMP_FILE).is_file() \
+        and not stamp_matches(run_dir, signature)
+    if is_checkpoint(final) and not stale:
+        print(f"reusing {final} (finished earlier)")
+        result.stages.append(StageRecord(name, time.perf_counter() - start, True,
+                                         f"{plural(steps, 'step')}, {final}"))
+        return final
+    state = run_dir / train.STATE_FILE
+    argv = ["--config", str(config), *overrides]
+    if is_checkpoint(final):
+        print(f"{run_dir} was trained from other weights than {source}: training it again")
+        shutil.rmtree(run_dir)
+    elif state.is_file():
+        print(f"continuing the unfinished run in {run_dir}")
+        argv.append("--resume")
+    elif run_dir.exists():
+        # Stopped before its first saved state: nothing in it is worth keeping.
+        print(f"removing {run_dir}: an earlier run stopped before saving a training state")
+        shutil.rmtree(run_dir)
+    print(f"training {plural(steps, 'step')} ({plural(conf['epoch'], 'epoch')} of "
+          f"{conf['epoch_step']}) on "
+          f"{conf['data_config_train']['data_path']} → {run_dir}", flush=True)
+    code = train.main(argv)
+    setup_logging()
+    if code != 0:
+        raise DemoExit(code)  # train.main printed the error
+    if not is_checkpoint(final):  # Ctrl-C: the trainer saved its state and returned
+        raise KeyboardInterrupt
+    if source is not None:
+        write_stamp(run_dir, signature, checkpoint_files(source))
+    result.stages.append(StageRecord(name, time.perf_counter() - start, False,
+                                     f"{plural(steps, 'step')}, {final}"))
+    return final
+
+
+def make_untrained(out: Path, desc_conf: dict, result: DemoResult) -> Path:
+    """The random initialisation of stage 1 (same model settings and seed) as a checkpoint
+    folder ``<out>/ckpts/demo-untrained/000`` with ``config.yaml`` beside it."""
+    import torch
+
+    from registry import build_model
+    from utils.checkpoint import atomic_save
+    from utils.config import save_config
+
+    run_dir = out / "ckpts" / UNTRAINED_RUN
+    folder = run_dir / "000"
+    if is_checkpoint(folder) and (run_dir / "config.yaml").is_file():
+        print(f"reusing {folder}")
+        result.stages.append(StageRecord("untrained checkpoint", 0.0, True, str(folder)))
+        return folder
+    start = time.perf_counter()
+    model_config = {**desc_conf["model_config"], "backbone_config": {
+        **desc_conf["model_config"].get("backbone_config", {}), "pretrained": False}}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(desc_conf["seed"])  # as the trainer does before building the model
+        model = build_model(desc_conf["model"], model_config)
+    atomic_save(model.backbone.state_dict(), folder / "backbone.pth")
+    atomic_save(model.localheader.state_dict(), folder / "localheader.pth")
+    # config.yaml last: with it, the folder is complete (every file is written atomically).
+    save_config({"model": desc_conf["model"], "model_config": model_config,
+                 "seed": desc_conf["seed"]}, run_dir / "config.yaml")
+    print(f"wrote the untrained network (seed {desc_conf['seed']}: stage 1's starting point) to "
+          f"{folder}")
+    result.stages.append(StageRecord("untrained checkpoint", time.perf_counter() - start, False,
+                                     str(folder)))
+    return folder
+
+
+def extract(name: str, checkpoint: Path, output_root: str, out: Path, hpatches: Path,
+            device: str, result: DemoResult) -> Path:
+    """Features of every synthetic HPatches image with ``checkpoint`` (reused when the
+    checkpoint and the images are unchanged); returns the ``desc`` folder."""
+    from extraction import EXTRACT_SCHEMA, check_config, feature_file, output_dir, run_extraction
+    from utils.config import load_config
+
+    overrides = [f"ckpts_root={yaml_str(out / 'ckpts')}", f"output_root={yaml_str(output_root)}",
+                 f"load_path={yaml_str(checkpoint)}",
+                 f"data_config_extract.data_path={yaml_str(hpatches)}", f"device={device}"]
+    conf = load_config(EXTRACT_CONFIG, overrides, EXTRACT_SCHEMA)
+    check_config(conf, str(EXTRACT_CONFIG))
+    out_dir = output_dir(conf)
+    desc = out_dir / "desc"
+    images = sorted(hpatches.glob("*/*.ppm"))
+    sources = checkpoint_files(checkpoint) + images
+    signature = files_signature(sources, json.dumps(conf, sort_keys=True, default=str))
+    expected = [feature_file(out_dir, p.parent.name, p.name, conf["postfix"]) for p in images]
+    start = time.perf_counter()
+    if stamp_matches(out_dir, signature) and all(p.is_file() for p in expected):
+        print(f"reusing {desc}")
+        result.stages.append(StageRecord(name, time.perf_counter() - start, True, str(desc)))
+        return desc
+    (out_dir / STAMP_FILE).unlink(missing_ok=True)
+    print(f"extracting {len(images)} images with {checkpoint} → {desc}", flush=True)
+    # One line per image is too much here; the demo prints a summary per extraction.
+    extract_log = logging.getLogger("scfeat.extract")
+    level = extract_log.level
+    extract_log.setLevel(logging.WARNING)
+    try:
+        summary = run_extraction(conf)
+    finally:
+        extract_log.setLevel(level)
+    if summary["skipped"]:
+        print(f"warning: {len(summary['skipped'])} image(s) could not be read", file=sys.stderr)
+    write_stamp(out_dir, signature, sources)
+    result.stages.append(StageRecord(
+        name, time.perf_counter() - start, False,
+        f"{summary['images']} images, {summary['mean_ms']:.0f} ms/image, {desc}"))
+    return desc
+
+
+def evaluate(out: Path, hpatches: Path, untrained: Path, trained: Path,
+             result: DemoResult) -> dict:
+    """SIFT, the untrained and the trained network on the synthetic HPatches."""
+    from evaluate_hpatches import EVAL_SCHEMA
+    from evaluation.hpatches import run_evaluation
+    from utils.config import load_config
+
+    conf = load_config(EVAL_CONFIG, [], EVAL_SCHEMA)
+    postfix = "scfeat"
+    conf.update(
+        data_path=str(hpatches),
+        methods=["sift",
+                 {"name": "untrained", "features": str(untrained), "postfix": postfix},
+                 {"name": "trained", "features": str(trained), "postfix": postfix}],
+        compare_caches=[], cache_dir=str(out / "eval" / "cache"),
+        output_plot=str(out / "mma.png"))
+    start = time.perf_counter()
+    results = run_evaluation(conf)
+    result.stages.append(StageRecord("evaluation", time.perf_counter() - start, False,
+                                     f"{len(results)} methods, {conf['output_plot']}"))
+    result.paths["caches"] = Path(conf["cache_dir"])
+    result.paths["plot"] = Path(conf["output_plot"])
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo
+# ---------------------------------------------------------------------------------------------
+
+def run_demo(args: argparse.Namespace) -> DemoResult:
+    """All stages; raises ``SCFeatError``, ``DemoExit`` or ``KeyboardInterrupt``."""
+    import torch
+
+    from utils.errors import SCFeatError
+
+    size, hpatches_size = parse_sizes(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SCFeatError("--device cuda: CUDA is not available (use --device cpu or auto)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SCFeatError(f"--out {out}: exists and is not a folder")
+    check_settings(out, settings_of(args, size, hpatches_size))
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = DemoResult()
+    total = 6
+    ckpts = out / "ckpts"
+
+    banner(1, total, "synthetic data")
+    megadepth, hpatches = make_data(out, size, hpatches_size, args.sequences, result)
+
+    banner(2, total, f"stage 1: descriptors ({DESC_CONFIG.relative_to(REPO)}) on {device}")
+    common = [f"output_root={yaml_str(ckpts)}",
+              f"data_config_train.data_path={yaml_str(megadepth)}", f"device={device}"]
+    epochs = load_train_config(DESC_CONFIG, common)["epoch"]
+    desc_overrides = common + [f"epoch_step={math.ceil(args.steps / epochs)}"]
+    desc_conf = load_train_config(DESC_CONFIG, desc_overrides)
+    stage1 = train_stage("stage 1: descriptors", DESC_CONFIG, desc_overrides, None, result)
+
+    banner(3, total, f"stage 2: detector ({DET_CONFIG.relative_to(REPO)}) on {device}")
+    det_epochs = load_train_config(DET_CONFIG, common + [f"load_path={yaml_str(stage1)}"])["epoch"]
+    det_overrides = common + [f"load_path={yaml_str(stage1)}",
+                              f"epoch_step={math.ceil(max(1, args.steps // 2) / det_epochs)}"]
+    stage2 = train_stage("stage 2: detector", DET_CONFIG, det_overrides, stage1, result)
+
+    banner(4, total, "features of the untrained network")
+    untrained_ckpt = make_untrained(out, desc_conf, result)
+    untrained = extract("extraction, untrained", untrained_ckpt, UNTRAINED_FEATURES, out,
+                        hpatches, device, result)
+
+    banner(5, total, "features of the trained network")
+    trained = extract("extraction, trained", stage2, TRAINED_FEATURES, out, hpatches, device,
+                      result)
+    result.paths["features"] = [untrained, trained]
+
+    banner(6, total, "HPatches evaluation (synthetic sequences)")
+    result.results = evaluate(out, hpatches, untrained, trained, result)
+    result.paths["checkpoint_folders"] = [untrained_ckpt, stage1, stage2]
+    return result
+
+
+def print_summary(result: DemoResult, total_seconds: float) -> None:
+    print(f"\n=== summary: {format_seconds(total_seconds)} in all ===")
+    width = max(len(stage.name) for stage in result.stages)
+    for stage in result.stages:
+        when = "reused" if stage.reused else format_seconds(stage.seconds)
+        print(f"  {stage.name:<{width}}  {when:>14}  {stage.detail}")
+    mma3 = ", ".join(f"{name} {summary['mma'][2]:.3f}" for name, summary in result.results.items()
+                     if len(summary["mma"]) >= 3)
+    if mma3:
+        print(f"MMA@3px, all pairs: {mma3}")
+    untrained, stage1, stage2 = result.paths["checkpoint_folders"]
+    print(f"data:        {result.paths['data']}")
+    print(f"checkpoints: {stage1} (stage 1), {stage2} (stage 2), {untrained} (untrained)")
+    print(f"features:    {result.paths['features'][1]} (trained), "
+          f"{result.paths['features'][0]} (untrained)")
+    print(f"caches:      {result.paths['caches']}")
+    print(f"plot:        {result.paths['plot']}")
+    print("(a few dozen steps from random weights on synthetic data: this checks that the whole "
+          "pipeline runs; it is not a benchmark)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    from utils.errors import SCFeatError
+
+    start = time.perf_counter()
+    try:
+        result = run_demo(args)
+    except SCFeatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DemoExit as exc:
+        return exc.code
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished stages and the training state are kept; run the same "
+              "command again to continue", file=sys.stderr)
+        return 130
+    print_summary(result, time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
