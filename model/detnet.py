@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.blocks import cpu_inference_path, instance_norm_
+
 
 def peakiness(x: torch.Tensor) -> torch.Tensor:
     """Peakiness score ``B×1×H×W`` of a ``B×C×H×W`` map.
@@ -47,6 +49,8 @@ class DetNet(nn.Module):
             self.convimg = nn.Conv2d(3, 64, 3, padding=1)
 
     def forward(self, features: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        if cpu_inference_path(features) and self.relu.weight.numel() == 1:
+            return self.forward_inference(features, image)
         size = image.shape[-2:] if image is not None else tuple(4 * s for s in features.shape[-2:])
         p_f = peakiness(features)
         f = self.relu(F.instance_norm(self.conv1(p_f * features)))
@@ -60,3 +64,36 @@ class DetNet(nn.Module):
         s = F.softplus(F.instance_norm(self.conv3(h)))
         score = p_f * s
         return score * p_i if self.with_image else score
+
+    def forward_inference(self, features: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` without autograd, with fewer full-resolution passes and allocations:
+        instance norms and PReLUs (a single slope: ``leaky_relu``) in place, ``up(f)`` and
+        ``IN(g)`` written straight into ``conv2``'s input, and ``conv3`` (1×1 to one channel) as
+        a matrix product. Equal to :meth:`forward` up to float32 rounding."""
+        slope = float(self.relu.weight)
+        size = image.shape[-2:] if self.with_image else tuple(4 * s for s in features.shape[-2:])
+        p_f = peakiness(features)
+        f = F.leaky_relu_(instance_norm_(self.conv1(p_f * features).contiguous()), slope)
+        p_f = F.interpolate(p_f, size=size, mode="bilinear", align_corners=False)
+        if self.with_image:
+            p_i = peakiness(image)
+            g = self.convimg(p_i * image).contiguous()
+            channels = f.shape[1]
+            stacked = f.new_empty(f.shape[0], channels + g.shape[1], *size)
+            for b in range(f.shape[0]):  # one sample's channel slices are contiguous
+                torch._C._nn.upsample_bilinear2d(f[b:b + 1], list(size), False, None, None,
+                                                 out=stacked[b:b + 1, :channels])
+                instance_norm_(g[b:b + 1], out=stacked[b:b + 1, channels:])
+            F.leaky_relu_(stacked[:, channels:], slope)
+            del g
+        else:
+            stacked = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        del f
+        h = self.conv2(stacked).contiguous()
+        del stacked
+        h = F.leaky_relu_(instance_norm_(h), slope)
+        s = torch.matmul(self.conv3.weight.view(1, -1), h.flatten(2))  # B×1×HW
+        del h
+        s = s.view(-1, 1, *size).add_(self.conv3.bias.view(1, -1, 1, 1))
+        score = p_f.mul_(F.softplus(instance_norm_(s)))
+        return score.mul_(p_i) if self.with_image else score

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from model.blocks import ConvBlock, PositionwiseNorm, ResizeBlock, UpBlock, channelwise_norm, join_skip
+from model.blocks import (ConvBlock, PositionwiseNorm, ResizeBlock, UpBlock, bottleneck_inference,
+                          channelwise_norm, cpu_inference_path, fused_conv_bn, join_skip)
 from utils.errors import SCFeatError
 
 # Bottleneck ResNets only: the decoder expects 256/512/1024 channels from layer1/2/3.
@@ -100,13 +101,31 @@ class ResUNet_F2R(nn.Module):
         total = w1 + w2
         return self.fusion_pn(desc_map) * (w1 / total) + channelwise_norm(desc_map) * (w2 / total)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.shape[-2] % 16 or x.shape[-1] % 16:
-            raise SCFeatError(f"image size {tuple(x.shape[-2:])} must be a multiple of 16 in H and W")
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Encoder maps: stem after max-pool, layer1, layer2, layer3.
+
+        In eval mode without autograd on the CPU, BatchNorm is folded into the convolutions and
+        ReLU and the residual additions run inside them (:func:`model.blocks.cpu_inference_path`).
+        """
+        if not self.training and cpu_inference_path(x):
+            x_first = self.firstmaxpool(fused_conv_bn(x, self.firstconv, self.firstbn, relu=True))
+            maps = [x_first]
+            for layer in (self.layer1, self.layer2, self.layer3):
+                y = maps[-1]
+                for block in layer:
+                    y = bottleneck_inference(block, y)
+                maps.append(y)
+            return tuple(maps)
         x_first = self.firstmaxpool(self.firstrelu(self.firstbn(self.firstconv(x))))
         x1 = self.layer1(x_first)
         x2 = self.layer2(x1)
         x3 = self.layer3(x2)
+        return x_first, x1, x2, x3
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.shape[-2] % 16 or x.shape[-1] % 16:
+            raise SCFeatError(f"image size {tuple(x.shape[-2:])} must be a multiple of 16 in H and W")
+        x_first, x1, x2, x3 = self.encode(x)
 
         x2d = self.iconv3(join_skip(self.upconv3(x3), x2))
         x1d = self.iconv2(join_skip(self.upconv2(x2d), x1))

@@ -1,0 +1,144 @@
+"""The benchmark's measuring helpers (tools/benchmark.py) give the right numbers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.detnet import DetNet
+from tools.benchmark import (PeakMemory, count_flops, efficiency, format_table, gemm_summary,
+                             parse_size, row, summarize, variant_difference)
+from utils.errors import SCFeatError
+from utils.keypoints import sample_descriptors
+
+
+def test_flop_count_of_convolutions_and_matmul_is_the_hand_count():
+    x = torch.randn(2, 3, 10, 12)
+    weight = torch.randn(8, 3, 3, 3)
+    flops, out = count_flops(F.conv2d, x, weight, None, 1, 1)
+    assert out.shape == (2, 8, 10, 12)
+    assert flops == 2 * (3 * 3 * 3) * 8 * (2 * 10 * 12)  # a multiply-add counts 2
+    flops, out = count_flops(F.conv2d, x, weight, None, 2, 1)  # stride 2: 5×6 outputs
+    assert flops == 2 * 27 * 8 * (2 * 5 * 6)
+    flops, _ = count_flops(torch.matmul, torch.randn(7, 5), torch.randn(5, 4))
+    assert flops == 2 * 7 * 5 * 4
+
+
+def test_detector_flops_are_its_convolutions():
+    """The detector's inference path (conv3 as a matrix product) counts as its four convs."""
+    h, w = 16, 24  # feature map; the image is 4× larger
+    header = DetNet({"in_channels": 192}).eval()
+    with torch.inference_mode():
+        flops, score = count_flops(header, torch.rand(1, 192, h, w), torch.randn(1, 3, 4 * h, 4 * w))
+    full = 16 * h * w
+    expected = 2 * (192 * 9 * 192 * h * w + 3 * 9 * 64 * full + 256 * 9 * 128 * full + 128 * full)
+    assert score.shape == (1, 1, 4 * h, 4 * w)
+    assert flops == expected
+
+
+def test_efficiency_and_summaries():
+    assert efficiency(gflop=10.0, seconds=0.5, gemm_gflops=40.0) == pytest.approx(0.5)
+    stats = summarize([0.004, 0.001, 0.003, 0.002])
+    assert stats == {"median_ms": pytest.approx(2.5), "min_ms": pytest.approx(1.0),
+                     "max_ms": pytest.approx(4.0), "n": 4}
+    with pytest.raises(ValueError):
+        summarize([])
+    # 1024³: 2.147 GFLOP; 2048³: 17.18 GFLOP. The reference is the size with the best median.
+    gemm = gemm_summary({1024: [2 * 1024 ** 3 / 20e9] * 3,
+                         2048: [2 * 2048 ** 3 / 30e9, 2 * 2048 ** 3 / 25e9, 2 * 2048 ** 3 / 40e9]})
+    assert gemm["reference_size"] == 2048
+    assert gemm["median_gflops"] == pytest.approx(30.0)
+    assert gemm["best_gflops"] == pytest.approx(40.0)
+    assert gemm["sizes"]["1024"]["median_gflops"] == pytest.approx(20.0)
+
+
+def test_parse_size_needs_multiples_of_16():
+    assert parse_size("480x640") == (480, 640)
+    for bad in ("100x100", "480", "0x640", "axb"):
+        with pytest.raises(SCFeatError):
+            parse_size(bad)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_peak_memory_is_reset_per_block():
+    with PeakMemory(torch.device("cpu")) as big:
+        block = torch.ones(256 * 1024 * 1024 // 4)  # 256 MiB, every page touched
+        del block
+    if big.kind != "peak RSS":
+        pytest.skip("the kernel does not let this process reset its peak RSS")
+    with PeakMemory(torch.device("cpu")) as small:
+        torch.ones(1024)
+    assert big.mib - small.mib > 200
+    assert big.increase_mib > 200 and small.increase_mib < 50
+
+
+def test_variant_difference_flags_changes():
+    torch.manual_seed(0)
+    outputs = {"local_point": torch.rand(1, 1, 32, 48) + 0.5, "desc_map": torch.randn(1, 8, 8, 12)}
+    keypoints = torch.tensor([[5.0, 7.0], [20.0, 11.0]])
+    descriptors = sample_descriptors(outputs["desc_map"], keypoints, (32, 48))
+    reference = {"outputs": outputs, "keypoints": keypoints, "descriptors": descriptors}
+    same = variant_difference(reference, {k: v.clone() for k, v in outputs.items()}, (32, 48), 1e-3)
+    assert same["score_max_abs"] == 0 and same["descriptor_max_abs"] == 0 and same["within_tolerance"]
+    changed = {"local_point": outputs["local_point"] * 1.01, "desc_map": outputs["desc_map"]}
+    diff = variant_difference(reference, changed, (32, 48), 1e-3)
+    assert diff["score_max_rel"] == pytest.approx(0.01, rel=1e-3)
+    assert not diff["within_tolerance"]
+
+
+def test_table_rows_are_aligned():
+    rows = [row("extraction", "forward", {"median_ms": 1234.5, "min_ms": 1200.0}, rate="0.81 img/s",
+                share=0.97, memory={"peak_mib": 812.0, "increase_mib": 300.0}, note="x"),
+            row("data", "MegaDepth_SIFT, 4 workers", None, rate="12.5 pairs/s")]
+    lines = format_table(rows).splitlines()
+    assert len(lines) == 4
+    # the "median ms" column ends at the same place on every line
+    end = lines[0].index("median ms") + len("median ms")
+    assert lines[2][:end].endswith("1234.5")
+    assert lines[3][end - 1] == " "
+
+
+def test_fused_encoder_counts_the_same_flops(monkeypatch):
+    """BatchNorm folding and the fused convolutions change no FLOP: the counter (which learns
+    the oneDNN fused op from model/blocks.py) gives the reference ops' count."""
+    from model import blocks
+    from model.f2r import ResUNet_F2R
+
+    backbone = ResUNet_F2R({"pretrained": False}).eval()
+    image = torch.randn(1, 3, 64, 64)
+    counts = []
+    for fused in (False, True):
+        monkeypatch.setattr(blocks, "FUSED_CPU_INFERENCE", fused)
+        with torch.inference_mode():
+            counts.append(count_flops(backbone, image)[0])
+    assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_fused_cpu_inference_path_equals_reference_ops(monkeypatch, with_image):
+    """The path the benchmark times (eval, no autograd, CPU) gives the reference ops' outputs
+    on a batch of two, with and without the detector's image branch."""
+    from model import blocks
+    from registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model("SCFeatModel", {"backbone_config": {"pretrained": False},
+                                        "local_with_img": with_image}).eval()
+    for module in model.modules():  # BatchNorm statistics that folding must get right
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    images = torch.randn(2, 3, 64, 96)
+    outputs = []
+    for fused in (False, True):
+        monkeypatch.setattr(blocks, "FUSED_CPU_INFERENCE", fused)
+        with torch.no_grad():
+            outputs.append(model.extract(images))
+    reference, fused = outputs
+    for name, value in reference.items():
+        scale = float(value.abs().max())
+        torch.testing.assert_close(fused[name], value, rtol=0, atol=1e-5 * scale, msg=name)

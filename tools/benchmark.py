@@ -1,0 +1,774 @@
+"""Benchmark suite: feature extraction, the two training steps, data loading and peak memory.
+
+``python -m tools.benchmark [--device cpu|cuda] [--size 480x640] [--train-size 240x320]
+[--repeat 3] [--train-repeat 2] [--data-pairs 16] [--threads N] [--only extraction,train,data]
+[--json out.json] [--amp] [--compile] [--reference-ops] [--thp]``
+
+prints one table and writes the same figures as JSON (``--json``):
+
+* **extraction** (``--size``, one image, ``--repeat`` timed runs after a warm-up): the network
+  forward (``model.extract`` under ``inference_mode``), keypoint selection
+  (``generate_kpts_single`` with the settings of ``config/extract_hpatches.yaml``), descriptor
+  sampling (``sample_descriptors`` on ``desc_map``), the copy to numpy and the whole path (their
+  sum), in ms per image (median, and the minimum), images/s; GFLOP per image counted by ``torch.utils.flop_counter`` during
+  the warm-up; the fp32 GEMM throughput measured between the timed runs (``torch.matmul`` of
+  square matrices, several sizes, the best size's median) and the fraction of it the forward
+  reaches (GFLOP ÷ forward time ÷ GEMM GFLOP/s);
+* **stage-1 / stage-2 training steps** (``--train-size``, batch of 2 pairs from the synthetic
+  set): forward of both images as separate batches, ``Preprocess_Line2Window`` +
+  ``EpipolarLoss_Line2Window`` (stage 1) or ``KeypointLoss`` with its reward timed on its own
+  (stage 2), backward and the Adam step, with the settings of ``config/train_desc.yaml`` /
+  ``config/train_det.yaml``;
+* **data loading**: ``MegaDepth_SIFT`` (mode train, batch 2) with 0, 2 and 4 workers on a
+  synthetic set (``tools.synthetic.make_megadepth``) written to a temporary folder at
+  ``--size``: pairs/s after the first batch, and the time to the first batch;
+* **peak memory** of each part and its increase over the part's start: resident set size of
+  this process (the kernel's high-water mark ``VmHWM``, reset before each part; data loading
+  also gives the memory private to the workers), or ``torch.cuda.max_memory_allocated`` on
+  CUDA.
+
+The networks have random weights (no download); the timings do not depend on the weights,
+only the number of keypoints does. ``--amp`` (bf16 autocast) and ``--compile``
+(``torch.compile``) add extraction variants and report the largest difference of their score
+map and descriptors from float32 eager on the same image, against a stated tolerance
+(:data:`TOLERANCE`: the score map's largest difference relative to its largest value, and the
+largest difference of a unit descriptor's component). Both are
+meant for CUDA; on the CPU they run (slowly: AVX2 has no bf16 arithmetic, and compilation takes
+minutes on two cores) and the table says so. ``--thp`` restarts the benchmark with
+``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator then asks for transparent huge pages,
+which saves most page faults of the large full-resolution tensors); ``--reference-ops`` turns
+off the networks' fused CPU inference path (``model.blocks.FUSED_CPU_INFERENCE``) for
+before/after comparisons.
+
+The default settings take about four minutes on two CPU cores shared with other work (load
+average 4); a busier machine takes longer. On a shared machine, two threads stall at every
+parallel op whenever one of them is descheduled: ``--threads 1`` then gives steadier numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from utils.errors import SCFeatError  # noqa: E402
+
+EXTRACT_CONFIG = "extract_hpatches.yaml"  # keypoint selection: its detector_config
+EXTRACTION_STAGES = ("forward", "keypoints", "descriptors", "to numpy")
+TRAIN_BATCH = 2  # pairs per step, as the training configs
+DATA_WORKERS = (0, 2, 4)
+# Stated tolerances of the variants against float32 eager: largest |Δ| of the score map relative
+# to its largest value, and largest |Δ| of a unit descriptor component.
+TOLERANCE = {"compile": 1e-3, "amp": 5e-2}
+MIB = 1024 * 1024
+GEMM_SAMPLES = 2  # matrix products per size between two timed extractions
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"HxW"`` → ``(H, W)``, both positive multiples of 16 (the network's stride)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise SCFeatError(f"size {text!r}: expected HEIGHTxWIDTH, e.g. 480x640")
+    height, width = (int(p) for p in parts)
+    if height < 32 or width < 32 or height % 16 or width % 16:
+        raise SCFeatError(f"size {text!r}: height and width must be multiples of 16, at least 32")
+    return height, width
+
+
+def summarize(seconds: Sequence[float]) -> dict:
+    """Timings in seconds → ``{median_ms, min_ms, max_ms, n}``."""
+    if not seconds:
+        raise ValueError("summarize: no timings")
+    ms = [1000.0 * s for s in seconds]
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "n": len(ms)}
+
+
+def count_flops(fn: Callable, *args, **kwargs) -> tuple[int, object]:
+    """FLOPs of ``fn(*args, **kwargs)`` as counted by ``torch.utils.flop_counter`` (a
+    multiply-add counts 2; convolutions and matrix products only) and the call's result."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        result = fn(*args, **kwargs)
+    return counter.get_total_flops(), result
+
+
+def gemm_flops(n: int) -> int:
+    """FLOPs of an ``n×n`` by ``n×n`` matrix product."""
+    return 2 * n ** 3
+
+
+def efficiency(gflop: float, seconds: float, gemm_gflops: float) -> float:
+    """Fraction of the GEMM throughput reached: ``gflop / seconds / gemm_gflops``."""
+    return gflop / seconds / gemm_gflops
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+# ----------------------------------------------------------------------------- timing, memory
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Per-label lists of elapsed seconds; ``lap(label)`` synchronises the device first."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: dict[str, list[float]] = {}
+        self._last = 0.0
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self._last = time.perf_counter()
+
+    def lap(self, label: str) -> float:
+        synchronize(self.device)
+        now = time.perf_counter()
+        elapsed = now - self._last
+        self.times.setdefault(label, []).append(elapsed)
+        self._last = now
+        return elapsed
+
+    def add(self, label: str, seconds: float) -> None:
+        self.times.setdefault(label, []).append(seconds)
+
+
+def _proc_status_bytes(field: str, pid: int | str = "self") -> int | None:
+    """A ``kB`` field of ``/proc/<pid>/status`` (``VmHWM``, ``VmRSS``) in bytes, or ``None``."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def private_bytes(pid: int) -> int | None:
+    """Memory private to process ``pid`` (``Private_Clean + Private_Dirty`` of
+    ``/proc/<pid>/smaps_rollup``): what a forked worker adds, its shared pages left out."""
+    try:
+        total = 0
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1]) * 1024
+        return total
+    except (OSError, ValueError):
+        return None
+
+
+def _ru_maxrss_bytes(who: int = resource.RUSAGE_SELF) -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(who).ru_maxrss * scale
+
+
+class PeakMemory:
+    """Peak memory of the block and the level it started from (``start_bytes``).
+
+    CUDA: ``max_memory_allocated`` (reset on entry) and ``memory_allocated`` at entry. CPU: the
+    process's resident-set high-water mark ``VmHWM``, reset on entry through
+    ``/proc/self/clear_refs`` where the kernel allows it, and ``VmRSS`` at entry; elsewhere the
+    process-lifetime ``ru_maxrss`` (``kind`` says which).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bytes: int | None = None
+        self.start_bytes: int | None = None
+        self.kind = ""
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
+            self.kind = "cuda max_memory_allocated"
+            return self
+        self.kind = "peak RSS (ru_maxrss, process lifetime)"
+        if _proc_status_bytes("VmHWM") is not None:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self.kind = "peak RSS"
+            except OSError:
+                pass
+        self.start_bytes = _proc_status_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self.kind == "peak RSS":
+            self.bytes = _proc_status_bytes("VmHWM")
+        else:
+            self.bytes = _ru_maxrss_bytes()
+
+    @property
+    def mib(self) -> float | None:
+        return None if self.bytes is None else self.bytes / MIB
+
+    @property
+    def increase_mib(self) -> float | None:
+        """Peak minus the level at entry."""
+        if self.bytes is None or self.start_bytes is None:
+            return None
+        return (self.bytes - self.start_bytes) / MIB
+
+    def as_dict(self) -> dict:
+        return {"peak_mib": self.mib, "increase_mib": self.increase_mib, "kind": self.kind}
+
+
+def measure_gemm(device: torch.device, n: int) -> float:
+    """Seconds of one fp32 ``n×n`` matrix product (operands cached per size)."""
+    a, b = _gemm_operands(device, n)
+    synchronize(device)
+    start = time.perf_counter()
+    torch.matmul(a, b)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_operands(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(n)
+    a = torch.randn(n, n, generator=generator).to(device)
+    b = torch.randn(n, n, generator=generator).to(device)
+    return a, b
+
+
+def gemm_sizes(device: torch.device) -> tuple[int, ...]:
+    return (2048, 4096, 8192) if device.type == "cuda" else (1024, 2048)
+
+
+def gemm_summary(times: dict[int, list[float]]) -> dict:
+    """Per-size GFLOP/s (median and best) and the reference: the best size's median."""
+    per_size = {}
+    for n, seconds in times.items():
+        rates = [gemm_flops(n) / s / 1e9 for s in seconds]
+        per_size[str(n)] = {"median_gflops": statistics.median(rates), "best_gflops": max(rates),
+                            "n": len(rates)}
+    best = max(per_size, key=lambda k: per_size[k]["median_gflops"])
+    return {"sizes": per_size, "reference_size": int(best),
+            "median_gflops": per_size[best]["median_gflops"],
+            "best_gflops": max(v["best_gflops"] for v in per_size.values())}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def test_image(height: int, width: int) -> np.ndarray:
+    """An ``H×W×3`` uint8 photograph (scikit-image's astronaut, resized), or seeded noise when
+    scikit-image is absent."""
+    import cv2
+    try:
+        from tools.synthetic import load_photo
+        photo = load_photo("astronaut")
+        return cv2.resize(photo, (width, height), interpolation=cv2.INTER_AREA)
+    except SCFeatError:
+        return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def build_network(device: torch.device, model_config: dict | None = None) -> torch.nn.Module:
+    from registry import build_model
+    config = dict(model_config or {})
+    config["backbone_config"] = {**config.get("backbone_config", {}), "pretrained": False}
+    torch.manual_seed(0)
+    return build_model("SCFeatModel", config).to(device)
+
+
+def load_config_file(name: str) -> dict:
+    from utils.config import read_yaml
+    return read_yaml(REPO_ROOT / "config" / name)
+
+
+# ----------------------------------------------------------------------------- extraction
+
+def extraction_variants(args, device: torch.device, model: torch.nn.Module
+                        ) -> list[tuple[str, Callable, str]]:
+    """``(name, extract function, note)``: float32 eager, then ``--amp`` / ``--compile``."""
+    variants = [("fp32 eager", model.extract, "")]
+    cpu_note = " (on CPU: for checking only, not a meaningful timing)" if device.type == "cpu" else ""
+    if args.amp:
+        def extract_amp(images, _model=model):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return _model.extract(images)
+        variants.append(("bf16 autocast", extract_amp, "amp" + cpu_note))
+    if args.compile:
+        variants.append(("torch.compile", torch.compile(model.extract), "compile" + cpu_note))
+    return variants
+
+
+def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
+    from dataloader.transforms import to_tensor_normalized
+    from utils.keypoints import generate_kpts_single, sample_descriptors
+
+    height, width = args.size
+    model = build_network(device).eval()
+    image = to_tensor_normalized(test_image(height, width))[None].to(device)
+    detector_config = load_config_file(EXTRACT_CONFIG)["detector_config"]
+    detect = functools.partial(generate_kpts_single, **detector_config)
+    rows, report = [], {"size": [height, width], "detector": detector_config, "variants": {}}
+    gemm_times: dict[int, list[float]] = {n: [] for n in gemm_sizes(device)}
+    reference = None
+    for name, extract, note in extraction_variants(args, device, model):
+        watch = Stopwatch(device)
+        with PeakMemory(device) as memory, torch.inference_mode():
+            watch.start()
+            if name == "fp32 eager":
+                flops, outputs = count_flops(extract, image)  # the warm-up run
+            else:
+                flops, outputs = None, extract(image)  # warm-up (compilation)
+            warmup = watch.lap("warm-up")
+            for _ in range(args.repeat):
+                for n in gemm_times:  # GEMM between the runs: the same machine load
+                    gemm_times[n] += [measure_gemm(device, n) for _ in range(GEMM_SAMPLES)]
+                watch.start()
+                outputs = extract(image)
+                watch.lap("forward")
+                keypoints, scores = detect(outputs["local_point"])
+                watch.lap("keypoints")
+                descriptors = sample_descriptors(outputs["desc_map"], keypoints, (height, width))
+                watch.lap("descriptors")
+                features = [t.float().cpu().numpy() for t in (keypoints, scores, descriptors)]
+                watch.lap("to numpy")
+                watch.add("whole path", sum(watch.times[k][-1] for k in EXTRACTION_STAGES))
+            del features
+        timings = {k: summarize(v) for k, v in watch.times.items() if k != "warm-up"}
+        entry = {"timings": timings, "warmup_ms": 1000 * warmup, "keypoints": int(len(keypoints)),
+                 "memory": memory.as_dict(), "note": note}
+        if flops is not None:
+            entry["gflop"] = flops / 1e9
+        if reference is None:
+            reference = {"outputs": outputs, "keypoints": keypoints, "descriptors": descriptors,
+                         "gflop": flops / 1e9}
+        else:
+            entry["difference"] = variant_difference(reference, outputs, (height, width),
+                                                     TOLERANCE[note.split()[0]])
+        report["variants"][name] = entry
+    gemm = gemm_summary(gemm_times)
+    report["gemm"] = gemm
+    gflop = reference["gflop"]
+    for name, entry in report["variants"].items():
+        forward = entry["timings"]["forward"]
+        entry["efficiency"] = efficiency(gflop, forward["median_ms"] / 1000, gemm["median_gflops"])
+        entry["efficiency_best"] = efficiency(gflop, forward["min_ms"] / 1000, gemm["best_gflops"])
+        rows.extend(extraction_rows(name, entry, gflop, gemm))
+    rows.append(row("extraction", f"fp32 GEMM {gemm['reference_size']}³ (between runs)", None,
+                    rate=f"{gemm['median_gflops']:.1f} GFLOP/s",
+                    note="sizes " + ", ".join(f"{n}: {v['median_gflops']:.1f} med / "
+                                              f"{v['best_gflops']:.1f} best"
+                                              for n, v in gemm["sizes"].items())))
+    return rows, report
+
+
+def variant_difference(reference: dict, outputs: dict, image_hw: tuple[int, int],
+                       tolerance: float) -> dict:
+    """Largest differences from the float32 eager run: score map (relative to its largest
+    value) and descriptors at the reference keypoints."""
+    from utils.keypoints import sample_descriptors
+    score_ref = reference["outputs"]["local_point"].float()
+    score = outputs["local_point"].float()
+    descriptors = sample_descriptors(outputs["desc_map"].float(), reference["keypoints"], image_hw)
+    score_diff = max_abs_diff(score, score_ref)
+    relative = score_diff / max(float(score_ref.abs().max()), 1e-12)
+    desc_diff = max_abs_diff(descriptors, reference["descriptors"])
+    return {"score_max_abs": score_diff, "score_max_rel": relative, "descriptor_max_abs": desc_diff,
+            "tolerance": tolerance, "within_tolerance": relative <= tolerance and desc_diff <= tolerance}
+
+
+def extraction_rows(name: str, entry: dict, gflop: float, gemm: dict) -> list[dict]:
+    t = entry["timings"]
+    whole = t["whole path"]["median_ms"]
+    out = [row("extraction", f"{name}: forward", t["forward"],
+               rate=f"{1000 / t['forward']['median_ms']:.2f} img/s",
+               share=t["forward"]["median_ms"] / whole, memory=entry["memory"],
+               note=f"{gflop:.1f} GFLOP/img, {gflop / (t['forward']['median_ms'] / 1000):.1f} GFLOP/s, "
+                    f"{100 * entry['efficiency']:.0f}% of GEMM (best runs: "
+                    f"{100 * entry['efficiency_best']:.0f}%)"),
+           row("extraction", f"{name}: keypoints", t["keypoints"],
+               share=t["keypoints"]["median_ms"] / whole, note=f"{entry['keypoints']} keypoints"),
+           row("extraction", f"{name}: descriptors", t["descriptors"],
+               share=t["descriptors"]["median_ms"] / whole),
+           row("extraction", f"{name}: to numpy", t["to numpy"],
+               share=t["to numpy"]["median_ms"] / whole),
+           row("extraction", f"{name}: whole path", t["whole path"], rate=f"{1000 / whole:.2f} img/s",
+               note=f"warm-up {entry['warmup_ms']:.0f} ms")]
+    if "difference" in entry:
+        d = entry["difference"]
+        verdict = "equal" if d["within_tolerance"] else "DIFFERENT"
+        note = (f"{verdict} within {d['tolerance']:g}: score max|Δ| {d['score_max_abs']:.2e} "
+                f"({d['score_max_rel']:.2e} of max), descriptors max|Δ| {d['descriptor_max_abs']:.2e}")
+        if entry["note"]:
+            note += f"; {entry['note']}"
+        out.append(row("extraction", f"{name}: vs fp32 eager", None, note=note))
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+@contextmanager
+def synthetic_megadepth(size: tuple[int, int], pairs: int) -> Iterator[Path]:
+    """A synthetic MegaDepth set (one scene) at ``size`` in a temporary folder."""
+    from tools.synthetic import make_megadepth
+    with tempfile.TemporaryDirectory(prefix="scfeat-bench-") as tmp:
+        out = Path(tmp) / "megadepth"
+        start = time.perf_counter()
+        counts = make_megadepth(out, scenes=1, images=6, pairs=pairs, size=size, seed=0)
+        if counts["pairs"] == 0:
+            counts = make_megadepth(out, scenes=2, images=6, pairs=pairs, size=size, seed=1,
+                                    overwrite=True)
+        counts["seconds"] = time.perf_counter() - start
+        synthetic_megadepth.last_counts = counts
+        yield out
+
+
+def megadepth_dataset(path: Path, resize: tuple[int, int] | None = None):
+    from dataloader.megadepth import MegaDepth_SIFT
+    conf = {"data_path": str(path), "mode": "train", "batch_size": TRAIN_BATCH, "seed": 0}
+    if resize is not None:
+        conf["resize"] = list(resize)
+    return MegaDepth_SIFT(conf)
+
+
+def training_batch(dataset, device: torch.device) -> dict:
+    from dataloader.megadepth import collate_skip_none
+    items = [item for item in (dataset[i] for i in range(len(dataset))) if item is not None]
+    if len(items) < TRAIN_BATCH:
+        raise SCFeatError("benchmark: the synthetic set has fewer than two usable pairs")
+    batch = collate_skip_none(items[:TRAIN_BATCH])
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def bench_stage1(args, device: torch.device, batch: dict) -> tuple[list[dict], dict]:
+    from registry import LOSSES, PREPROCESSORS
+    conf = load_config_file("train_desc.yaml")
+    model = build_network(device, conf["model_config"])
+    model.localheader.requires_grad_(False)
+    model.train()
+    optimizer = torch.optim.Adam(model.backbone.parameters(), lr=conf["optimal_lrs"][0])
+    preprocess = PREPROCESSORS[conf["preprocess_train"]](conf["preprocess_train_config"])
+    loss_name = conf["losses"][0]
+    loss_fn = LOSSES[loss_name](conf[f"{loss_name}_config"]).to(device)
+    torch.manual_seed(0)
+
+    def step(watch: Stopwatch) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        watch.start()
+        out1 = model(batch["im1"], with_detector=False)
+        out2 = model(batch["im2"], with_detector=False)
+        watch.lap("forward (2 batches)")
+        processed = preprocess(batch, out1, out2, 0)
+        loss, _ = loss_fn(batch, out1, out2, processed, 0)
+        watch.lap("loss (preprocess + loss)")
+        loss.backward()
+        watch.lap("backward")
+        optimizer.step()
+        watch.lap("Adam step")
+
+    return run_steps("stage 1", args, device, step)
+
+
+def bench_stage2(args, device: torch.device, batch: dict) -> tuple[list[dict], dict]:
+    from registry import LOSSES
+    conf = load_config_file("train_det.yaml")
+    model = build_network(device, load_config_file("train_desc.yaml")["model_config"])
+    model.backbone.requires_grad_(False).eval()  # frozen, BatchNorm statistics kept
+    model.localheader.train()
+    optimizer = torch.optim.Adam(model.localheader.parameters(), lr=conf["optimal_lrs"][0])
+    loss_name = conf["losses"][0]
+    loss_fn = LOSSES[loss_name](conf[f"{loss_name}_config"]).to(device)
+    torch.manual_seed(0)
+    holder: dict[str, Stopwatch] = {}
+    reward_terms = loss_fn.reward_terms
+
+    def timed_reward(*a, **k):  # the reward, timed inside the loss's forward
+        synchronize(device)
+        start = time.perf_counter()
+        result = reward_terms(*a, **k)
+        synchronize(device)
+        holder["watch"].add("reward (in loss)", time.perf_counter() - start)
+        return result
+
+    loss_fn.reward_terms = timed_reward
+
+    def step(watch: Stopwatch) -> None:
+        holder["watch"] = watch
+        optimizer.zero_grad(set_to_none=True)
+        watch.start()
+        out1 = model(batch["im1"], with_detector=True)
+        out2 = model(batch["im2"], with_detector=True)
+        watch.lap("forward (2 batches)")
+        loss, _ = loss_fn(batch, out1, out2, {}, 0)
+        watch.lap("loss (KeypointLoss)")
+        loss.backward()
+        watch.lap("backward")
+        optimizer.step()
+        watch.lap("Adam step")
+
+    return run_steps("stage 2", args, device, step)
+
+
+def run_steps(section: str, args, device: torch.device, step: Callable[[Stopwatch], None]
+              ) -> tuple[list[dict], dict]:
+    with PeakMemory(device) as memory:
+        warm = Stopwatch(device)
+        start = time.perf_counter()
+        step(warm)  # warm-up
+        warmup = time.perf_counter() - start
+        watch = Stopwatch(device)
+        for _ in range(args.train_repeat):
+            step(watch)
+    parts = [k for k in watch.times if k != "reward (in loss)"]
+    totals = [sum(watch.times[k][i] for k in parts) for i in range(args.train_repeat)]
+    timings = {k: summarize(v) for k, v in watch.times.items()}
+    timings["step"] = summarize(totals)
+    step_ms = timings["step"]["median_ms"]
+    rows = [row(section, "step", timings["step"], rate=f"{TRAIN_BATCH * 1000 / step_ms:.2f} pairs/s",
+                memory=memory.as_dict(), note=f"batch {TRAIN_BATCH} pairs at {args.train_size[0]}x"
+                                        f"{args.train_size[1]}, warm-up {1000 * warmup:.0f} ms")]
+    for name in [k for k in watch.times]:
+        rows.append(row(section, name, timings[name], share=timings[name]["median_ms"] / step_ms))
+    report = {"timings": timings, "pairs_per_s": TRAIN_BATCH * 1000 / step_ms,
+              "loss_share": sum(timings[k]["median_ms"] for k in timings if k.startswith("loss")) / step_ms,
+              "memory": memory.as_dict(),
+              "size": list(args.train_size), "batch_pairs": TRAIN_BATCH}
+    return rows, report
+
+
+# ----------------------------------------------------------------------------- data loading
+
+def bench_data(args, path: Path) -> tuple[list[dict], dict]:
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from dataloader.megadepth import collate_skip_none
+    dataset = megadepth_dataset(path)
+    # 4 workers on a 2-core machine are measured on purpose: silence DataLoader's advice.
+    warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+    rows, report = [], {"size": list(args.size), "pairs_listed": len(dataset), "workers": {}}
+    for workers in DATA_WORKERS:
+        sampler = RandomSampler(dataset, replacement=True, num_samples=args.data_pairs,
+                                generator=torch.Generator().manual_seed(0))
+        loader = DataLoader(dataset, batch_size=TRAIN_BATCH, sampler=sampler, num_workers=workers,
+                            collate_fn=collate_skip_none, persistent_workers=False,
+                            prefetch_factor=2 if workers else None)
+        with PeakMemory(torch.device("cpu")) as memory:
+            start = time.perf_counter()
+            iterator = iter(loader)
+            first = next(iterator)
+            first_at = time.perf_counter()
+            pids = [w.pid for w in getattr(iterator, "_workers", [])]  # private attribute
+            pairs, workers_private = 0, 0
+            for batch in iterator:
+                pairs += 0 if batch is None else batch["im1"].shape[0]
+                sizes = [private_bytes(pid) for pid in pids]
+                if sizes and None not in sizes:
+                    workers_private = max(workers_private, sum(sizes))
+            end = time.perf_counter()
+            del iterator
+        total_pairs = pairs + (0 if first is None else first["im1"].shape[0])
+        rate = pairs / (end - first_at) if pairs else None
+        entry = {"pairs_per_s": rate, "first_batch_ms": 1000 * (first_at - start),
+                 "pairs": total_pairs, "seconds": end - start, "memory": memory.as_dict(),
+                 "workers_private_mib": workers_private / MIB if workers_private else None}
+        report["workers"][str(workers)] = entry
+        rows.append(row("data", f"MegaDepth_SIFT, {workers} workers", None,
+                        rate="" if rate is None else f"{rate:.1f} pairs/s", memory=memory.as_dict(),
+                        note=f"first batch {entry['first_batch_ms']:.0f} ms; {total_pairs} pairs at "
+                             f"{args.size[0]}x{args.size[1]}"
+                             + (f"; workers' private memory {entry['workers_private_mib']:.0f} MiB"
+                                if entry["workers_private_mib"] else "")))
+    return rows, report
+
+
+# ----------------------------------------------------------------------------- table
+
+def row(section: str, name: str, timing: dict | None, rate: str = "", share: float | None = None,
+        memory: dict | None = None, note: str = "") -> dict:
+    """One table row; ``memory`` is a :meth:`PeakMemory.as_dict`."""
+    memory = memory or {}
+    return {"section": section, "name": name,
+            "median_ms": None if timing is None else timing["median_ms"],
+            "min_ms": None if timing is None else timing["min_ms"],
+            "rate": rate, "share": share, "peak_mib": memory.get("peak_mib"),
+            "increase_mib": memory.get("increase_mib"), "note": note}
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows → an aligned text table."""
+    header = ["section", "measurement", "median ms", "min ms", "rate", "share", "peak MiB",
+              "+MiB", "notes"]
+    cells = [[r["section"], r["name"],
+              "" if r["median_ms"] is None else f"{r['median_ms']:.1f}",
+              "" if r["min_ms"] is None else f"{r['min_ms']:.1f}",
+              r["rate"], "" if r["share"] is None else f"{100 * r['share']:.0f}%",
+              "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
+              "" if r.get("increase_mib") is None else f"{r['increase_mib']:+.0f}", r["note"]]
+             for r in rows]
+    widths = [max(len(str(c[i])) for c in cells + [header]) for i in range(len(header) - 1)]
+    right = {2, 3, 5, 6, 7}
+    lines = []
+    for line in [header] + cells:
+        parts = [str(c).rjust(w) if i in right else str(c).ljust(w)
+                 for i, (c, w) in enumerate(zip(line, widths))]
+        lines.append("  ".join(parts + [line[-1]]).rstrip())
+    lines.insert(1, "-" * max(len(x) for x in lines))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
+
+
+def environment(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device), "threads": torch.get_num_threads(),
+            "cpu": cpu_name(),
+            "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+            "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    try:
+        from model import blocks
+        info["fused_cpu_inference"] = bool(getattr(blocks, "FUSED_CPU_INFERENCE", False))
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        # cuDNN convolutions use TF32 by default: "fp32" forwards can beat the fp32 GEMM.
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        info["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    return info
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available")
+    parser.add_argument("--size", type=parse_size, default=(480, 640), metavar="HxW",
+                        help="extraction and data-loading image size (default 480x640)")
+    parser.add_argument("--train-size", type=parse_size, default=None, metavar="HxW",
+                        help="training-step image size (default 240x320 on CPU, --size on CUDA)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed extraction runs (default 3)")
+    parser.add_argument("--train-repeat", type=int, default=None,
+                        help="timed training steps (default 2 on CPU, 10 on CUDA)")
+    parser.add_argument("--data-pairs", type=int, default=16,
+                        help="pairs loaded per worker setting (default 16)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--only", default="extraction,train,data",
+                        help="comma-separated parts: extraction, train, data")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    parser.add_argument("--amp", action="store_true", help="add a bf16-autocast extraction run")
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile extraction run")
+    parser.add_argument("--reference-ops", action="store_true",
+                        help="disable the fused CPU inference path of the networks "
+                             "(model.blocks.FUSED_CPU_INFERENCE), for before/after comparisons")
+    parser.add_argument("--thp", action="store_true",
+                        help="restart with THP_MEM_ALLOC_ENABLE=1 (transparent huge pages)")
+    args = parser.parse_args(argv)
+    args.only = {p.strip() for p in args.only.split(",") if p.strip()}
+    unknown = args.only - {"extraction", "train", "data"}
+    if unknown:
+        parser.error(f"--only: unknown part(s) {sorted(unknown)}")
+    if min(args.repeat, args.data_pairs) < 1 or (args.train_repeat is not None and args.train_repeat < 1):
+        parser.error("--repeat, --train-repeat and --data-pairs must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.thp and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
+        # Read once by PyTorch's CPU allocator, when torch is imported: restart with it set.
+        env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1"}
+        argv = list(sys.argv[1:] if argv is None else argv)
+        os.execve(sys.executable, [sys.executable, "-m", "tools.benchmark", *argv], env)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.reference_ops:
+        from model import blocks
+        blocks.FUSED_CPU_INFERENCE = False
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SCFeatError("--device cuda: CUDA is not available")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.train_size is None:
+        args.train_size = (240, 320) if device.type == "cpu" else args.size
+    if args.train_repeat is None:
+        args.train_repeat = 2 if device.type == "cpu" else 10
+
+    started = time.perf_counter()
+    report: dict = {"environment": environment(device)}
+    rows: list[dict] = []
+    if "extraction" in args.only:
+        part_rows, report["extraction"] = bench_extraction(args, device)
+        rows += part_rows
+    if args.only & {"train", "data"}:
+        with synthetic_megadepth(args.size, pairs=15) as path:
+            report["synthetic_data"] = dict(synthetic_megadepth.last_counts)
+            if "train" in args.only:
+                batch = training_batch(megadepth_dataset(path, resize=args.train_size), device)
+                for name, bench in (("stage1", bench_stage1), ("stage2", bench_stage2)):
+                    part_rows, report[name] = bench(args, device, batch)
+                    rows += part_rows
+            if "data" in args.only:
+                part_rows, report["data"] = bench_data(args, path)
+                rows += part_rows
+    env = report["environment"]
+    env["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    env["seconds"] = time.perf_counter() - started
+    load = env["load_average_start"]
+    print(f"SCFeat benchmark: {env['device']} ({env['gpu'] if 'gpu' in env else env['cpu']}), "
+          f"torch {env['torch']}, {env['threads']} threads, THP alloc "
+          f"{'on' if env['thp_mem_alloc'] == '1' else 'off'}"
+          + (f", load average {load[0]:.2f} at start / {env['load_average_end'][0]:.2f} at end"
+             if load else "") + f", {env['seconds']:.0f} s")
+    print(format_table(rows))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": rows, **report}, indent=2, default=_json_default))
+        print(f"figures written to {args.json}")
+    return 0
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SCFeatError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
