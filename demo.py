@@ -30,13 +30,13 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from utils.atomic import atomic_open
 
 REPO = Path(__file__).resolve().parent
 DESC_CONFIG = REPO / "config" / "demo" / "train_desc.yaml"
@@ -174,15 +174,8 @@ def check_settings(out: Path, settings: dict) -> None:
 
 def write_json(path: Path, value: dict) -> None:
     """Write ``value`` as JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(value, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as handle:
+        json.dump(value, handle, indent=2)
 
 
 def files_signature(paths: list[Path], extra: str = "") -> str:

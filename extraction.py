@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from dataloader.hpatches import HPatch_SIFT
 from dataloader.transforms import to_tensor_normalized
 from registry import DATASETS, DETECTORS, MODELS, class_section, lookup, model_schema
+from utils.atomic import atomic_open, atomic_target
 from utils.config import Dynamic, Spec, validate
 from utils.errors import SCFeatError
 from utils.keypoints import THRESHOLD_MODES, sample_descriptors
@@ -280,20 +279,6 @@ def load_model(conf: dict, device: torch.device) -> torch.nn.Module:
 # writers (every file: temp file + rename)
 # ---------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def atomic_path(path: Path, mode: str = "wb") -> Iterator:
-    """A file handle on a temp file beside ``path``, renamed to ``path`` on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def feature_file(out_dir: Path, seq: str, name: str, postfix: str) -> Path:
     """``<out_dir>/desc/<seq>/<name>.<postfix>`` (what evaluation/hpatches.py reads)."""
     return out_dir / "desc" / seq / f"{name}.{postfix}"
@@ -301,7 +286,7 @@ def feature_file(out_dir: Path, seq: str, name: str, postfix: str) -> Path:
 
 def write_npz(path: Path, features: dict[str, np.ndarray]) -> None:
     """``keypoints``, ``scores``, ``descriptors`` to ``path`` exactly (no ``.npz`` appended)."""
-    with atomic_path(path) as handle:
+    with atomic_open(path) as handle:
         np.savez(handle, keypoints=features["keypoints"], scores=features["scores"],
                  descriptors=features["descriptors"])
 
@@ -311,16 +296,8 @@ def atomic_h5(path: Path) -> Iterator:
     """An open ``h5py.File`` on a temp file, renamed to ``path`` when the block succeeds."""
     import h5py
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as handle:
-            yield handle
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp, h5py.File(tmp, "w") as handle:
+        yield handle
 
 
 def add_h5_features(handle, name: str, features: dict[str, np.ndarray],
@@ -338,7 +315,7 @@ def write_png(path: Path, image_bgr: np.ndarray) -> None:
     ok, data = cv2.imencode(".png", image_bgr)
     if not ok:
         raise SCFeatError(f"cannot encode {path} as PNG")
-    with atomic_path(path) as handle:
+    with atomic_open(path) as handle:
         handle.write(data.tobytes())
 
 

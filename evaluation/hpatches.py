@@ -21,7 +21,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,6 +29,7 @@ import cv2
 import numpy as np
 import torch
 
+from utils.atomic import atomic_open, atomic_target
 from utils.errors import SCFeatError
 
 logger = logging.getLogger(__name__)
@@ -261,15 +261,8 @@ def save_cache(path: Path, cache: Cache) -> None:
     """Write a cache atomically (temp file + rename), D2-Net's object-array layout."""
     array = np.empty(3, dtype=object)
     array[0], array[1], array[2] = cache[0], cache[1], list(cache[2])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array, allow_pickle=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as handle:
+        np.save(handle, array, allow_pickle=True)
 
 
 def load_cache(path: str | Path) -> Cache:
@@ -435,15 +428,9 @@ def plot_mma(results: dict[str, dict], path: str | Path, max_threshold: int = 10
     axes[0].set_ylabel("MMA")
     axes[0].legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        figure.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_target(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(figure)
 

@@ -1,13 +1,12 @@
 """Checkpoint files: atomic writes and loads with clear errors."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from utils.atomic import atomic_open
 from utils.errors import SCFeatError
 
 
@@ -17,24 +16,12 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     A crash or a full disk leaves the previous file intact, never a half-written one.
     """
     path = Path(path)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(path) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as exc:  # disk full, read-only or missing folder
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         previous = " (the previous file is intact)" if path.exists() else ""
         raise SCFeatError(f"cannot write '{path}': {exc.strerror or exc}{previous}") from None
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_state_dict_file(path: str | Path, map_location: str = "cpu") -> dict:

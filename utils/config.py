@@ -288,15 +288,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple = (), schema: dic
 
 def save_config(conf: dict, path: str | Path) -> None:
     """Write ``conf`` as YAML atomically (temp file + rename)."""
-    import os
-    import tempfile
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(conf, f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from utils.atomic import atomic_open
+
+    with atomic_open(path, "w") as f:
+        yaml.safe_dump(conf, f, sort_keys=False)

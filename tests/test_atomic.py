@@ -1,0 +1,29 @@
+"""Atomic writes leave either the new file or the previous one, never a partial file."""
+from __future__ import annotations
+
+import pytest
+
+from utils.atomic import atomic_open, atomic_target
+
+
+def test_atomic_open_replaces_on_success(tmp_path):
+    path = tmp_path / "a" / "file.txt"
+    with atomic_open(path, "w") as handle:
+        handle.write("new")
+        assert not path.exists()  # nothing visible before the block ends
+    assert path.read_text() == "new" and [p.name for p in path.parent.iterdir()] == ["file.txt"]
+
+
+def test_failure_keeps_previous_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "file.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(path, "w") as handle:
+            handle.write("half")
+            raise RuntimeError("interrupted")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_target(path) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["file.txt"]

@@ -1,0 +1,38 @@
+"""Atomic file writes: write to a temporary file beside the target, then rename.
+
+A crash, a full disk or an interrupt leaves the previous file (or none) in place, never a
+half-written one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_target(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to (for writers that want a file name, such as
+    h5py or matplotlib); renamed to ``path`` when the block succeeds, removed otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """A handle on a temporary file beside ``path``, flushed to disk and renamed to ``path``
+    when the block succeeds."""
+    with atomic_target(path) as tmp, open(tmp, mode) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
