@@ -136,3 +136,16 @@ def test_bad_inputs_raise():
         generate_kpts_single(torch.rand(2, 8))
     with pytest.raises(SCFeatError, match="descriptor map"):
         sample_descriptors(torch.rand(8, 8, 8), torch.zeros(1, 2), (32, 32))
+
+
+def test_descriptors_of_a_bf16_map_are_sampled_at_float32_positions():
+    import torch
+    from utils.keypoints import sample_descriptors
+
+    torch.manual_seed(0)
+    desc_map = torch.randn(1, 8, 120, 160)
+    keypoints = torch.tensor([[301.0, 257.0], [601.5, 333.25]])  # bf16 would round these
+    expected = sample_descriptors(desc_map, keypoints, (480, 640))
+    got = sample_descriptors(desc_map.bfloat16(), keypoints, (480, 640))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)

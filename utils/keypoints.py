@@ -112,5 +112,6 @@ def sample_descriptors(desc_map: torch.Tensor, keypoints_px: torch.Tensor,
         raise SCFeatError(f"sample_descriptors: expected a 1×C×h×w descriptor map, "
                           f"got shape {tuple(desc_map.shape)}")
     height, width = image_hw
-    coords_n = normalize_coords(keypoints_px.to(desc_map.dtype), height, width)
-    return sample_features(desc_map, coords_n[None], normalize=True)[0]
+    # Sample in float32: a bf16 map (autocast) must not round pixel coordinates to bf16.
+    coords_n = normalize_coords(keypoints_px.float(), height, width)
+    return sample_features(desc_map.float(), coords_n[None], normalize=True)[0]
