@@ -211,6 +211,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
 
         self.model = self.build_model().to(self.device)
+        if self.is_main and not resume:
+            # After build_model: with load_path, the model settings are the loaded run's, and
+            # extraction reads them from this file.
+            save_config(self.conf, self.run_dir / "config.yaml")
         self.trainable = list(conf["optimal_modules"])
         for name in TRAINABLE_MODULES:
             getattr(self.model, name).requires_grad_(name in self.trainable)
@@ -267,7 +271,6 @@ class Trainer:
                 f"checkpoint_name=<new name> (or delete the folder)")
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.conf, self.run_dir / "config.yaml")
         if dist.is_initialized():
             dist.barrier()
 

@@ -208,5 +208,8 @@ def test_stage2_trains_only_the_detector(megadepth, tmp_path):
     header_before = load_state_dict_file(stage1 / "localheader.pth")
     header_after = load_state_dict_file(run_dir / "001" / "localheader.pth")
     assert any(not torch.equal(header_before[k], header_after[k]) for k in header_before)
+    from utils.config import read_yaml
+    # The stage-2 run records the loaded run's model settings (extraction reads them).
+    assert read_yaml(run_dir / "config.yaml")["model_config"] == read_yaml(stage1.parent / "config.yaml")["model_config"]
     log = (run_dir / "train.log").read_text()
     assert "reinforce=" in log and "kp_penalty=" in log and "n_good=" in log
