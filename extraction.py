@@ -85,18 +85,31 @@ def sample_scores(score_map: torch.Tensor, keypoints: torch.Tensor) -> torch.Ten
     return F.grid_sample(score_map, grid, mode="bilinear", align_corners=True)[0, 0, 0]
 
 
+def is_textureless(image: torch.Tensor) -> bool:
+    """True when every channel of a ``C×H×W`` (or ``1×C×H×W``) image is constant.
+
+    Such an image has nothing to detect: the score map's only structure comes from the
+    convolutions' zero padding at the image border, and keypoints there would be noise.
+    """
+    flat = image.reshape(image.shape[-3], -1)
+    return bool((flat.amax(1) == flat.amin(1)).all())
+
+
 def select_features(outputs: dict[str, torch.Tensor], valid_hw: tuple[int, int], detector: Detector,
-                    descriptor_map: str = "desc_map",
-                    keypoints: torch.Tensor | None = None) -> Features:
+                    descriptor_map: str = "desc_map", keypoints: torch.Tensor | None = None,
+                    textureless: bool = False) -> Features:
     """Keypoints, scores and descriptors of one image from the network ``outputs`` (batch 1).
 
     ``valid_hw``: the image's size inside the (possibly padded) network input; the score map is
     cropped to it first, so the padding yields no keypoint. ``keypoints`` (``N×2`` pixels) replace
-    the detector's (their scores are sampled from the score map). Returns ``keypoints`` ``N×2``,
-    ``scores`` ``N``, ``descriptors`` ``N×D`` (unit norm), float32 on the outputs' device.
+    the detector's (their scores are sampled from the score map). ``textureless`` (see
+    :func:`is_textureless`): no keypoints at all. Returns ``keypoints`` ``N×2``, ``scores``
+    ``N``, ``descriptors`` ``N×D`` (unit norm), float32 on the outputs' device.
     """
     height, width = valid_hw
     score_map = outputs["local_point"][:, :, :height, :width]
+    if textureless:
+        keypoints = score_map.new_zeros(0, 2)
     if keypoints is None:
         keypoints, scores = detector(score_map)
     else:
@@ -187,7 +200,8 @@ def detect_and_describe(model: torch.nn.Module, image: np.ndarray,
     try:
         with torch.inference_mode():
             outputs = model.extract(tensor)
-            features = select_features(outputs, image.shape[:2], select, descriptor_map)
+            features = select_features(outputs, image.shape[:2], select, descriptor_map,
+                                       textureless=bool((image == image[:1, :1]).all()))
             return to_numpy(features)
     finally:
         model.train(was_training)
@@ -379,7 +393,7 @@ def extract_item(model: torch.nn.Module, item: dict, detector: Detector, conf: d
     outputs = model.extract(image)
     sift = item["sift_kpts"] if conf["use_sift"] else None
     features = select_features(outputs, tuple(image.shape[-2:]), detector, conf["descriptor_map"],
-                               sift)
+                               sift, textureless=is_textureless(item["image"]))
     score_map = outputs["local_point"][0, 0].float().cpu().numpy() if conf["output_img"] else None
     return to_numpy(features), score_map
 

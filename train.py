@@ -33,6 +33,7 @@ from dataloader.sampler import ResumableSampler
 from model.scfeat import load_strict
 from registry import (DATASETS, LOSSES, MODELS, PREPROCESSORS, build_model, class_section, lookup,
                       model_schema)
+from utils.atomic import remove_stale_temporaries
 from utils.checkpoint import atomic_save, load_state_dict_file
 from utils.config import Dynamic, Spec, load_config, read_yaml, save_config
 from utils.errors import SCFeatError
@@ -171,6 +172,12 @@ class PairModel(nn.Module):
 # The trainer
 # ----------------------------------------------------------------------------------------------
 
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C (sent to the whole process group) to the main process,
+    which finishes its step and saves; a worker dying of it would abort the run instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -198,6 +205,10 @@ class Trainer:
         self.run_dir = Path(conf["output_root"]) / conf["checkpoint_name"]
         self.state_path = self.run_dir / STATE_FILE
         self.check_run_dir(resume, config_path)
+        setup_logging(self.run_dir, self.is_main)  # from here on, train.log has every line
+        if resume and self.is_main:
+            for stale in remove_stale_temporaries(self.run_dir):
+                log.info("removed %s, left by a write that was interrupted", stale)
 
         # Data first: a wrong data path fails before the (slow) model is built.
         self.dataset = DATASETS[conf["data"]](conf["data_config_train"])
@@ -211,7 +222,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
 
         self.model = self.build_model().to(self.device)
-        if self.is_main and not resume:
+        if self.is_main and not self.state_path.is_file():
             # After build_model: with load_path, the model settings are the loaded run's, and
             # extraction reads them from this file.
             save_config(self.conf, self.run_dir / "config.yaml")
@@ -245,7 +256,7 @@ class Trainer:
         self.pairs_drawn = 0                       # in this epoch
         self.skip_causes: Counter[str] = Counter()  # unusable pairs in this epoch, by cause
         self.stop_requested = False
-        if resume:
+        if resume and self.state_path.is_file():
             self.load_state()
 
         self.writer = None
@@ -257,9 +268,15 @@ class Trainer:
 
     def check_run_dir(self, resume: bool, config_path: str) -> None:
         if resume:
-            if not self.state_path.is_file():
-                raise SCFeatError(f"--resume: no training state at '{self.state_path}'; start a new "
-                                  f"run without --resume")
+            if self.state_path.is_file():
+                return
+            if not self.run_dir.is_dir():
+                raise SCFeatError(f"--resume: there is no run folder '{self.run_dir}' (check "
+                                  f"checkpoint_name and output_root); start a new run without "
+                                  f"--resume")
+            # Stopped before its first saved state: nothing to resume, nothing worth keeping.
+            log.warning("--resume: '%s' has no training state yet (the run stopped before its "
+                        "first save); starting from the beginning", self.run_dir)
             return
         exists = self.run_dir.exists() and any(self.run_dir.iterdir())
         if dist.is_initialized():
@@ -308,7 +325,8 @@ class Trainer:
             # Its own generator: creating the iterator must not draw from the global RNG, or a
             # resumed run would diverge from an uninterrupted one.
             generator=torch.Generator().manual_seed(self.conf["seed"] + self.epoch),
-            persistent_workers=False, prefetch_factor=2 if self.workers else None)
+            worker_init_fn=ignore_sigint, persistent_workers=False,
+            prefetch_factor=2 if self.workers else None)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -481,8 +499,13 @@ class Trainer:
         return ", ".join(f"{n} × {cause}" for cause, n in self.skip_causes.most_common()) or "none"
 
     def request_stop(self, signum, frame) -> None:
-        """SIGINT: finish the current step, save the state, exit cleanly."""
-        log.warning("interrupt received: saving the training state after this step")
+        """SIGINT: finish the current step, save the state, exit cleanly. A second SIGINT
+        stops at once (the last saved state stays valid: every write is atomic)."""
+        if self.stop_requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        log.warning("interrupt received: saving the training state after this step "
+                    "(press Ctrl-C again to stop at once)")
         self.stop_requested = True
 
     def fit(self) -> None:
@@ -561,7 +584,6 @@ def main(argv: list[str] | None = None) -> int:
         conf = load_config(args.config, args.overrides, TRAIN_SCHEMA, loss_sections)
         check_config(conf, args.config)
         trainer = Trainer(conf, args.config, args.resume)
-        setup_logging(trainer.run_dir, trainer.is_main)
         trainer.fit()
         if trainer.stop_requested:
             print(f"stopped at step {trainer.global_step}: training state saved in "
@@ -569,6 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     except SCFeatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before training started)
+        print("interrupted: the last saved training state (if any) is intact; continue with "
+              "--resume", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

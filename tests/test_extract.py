@@ -140,6 +140,38 @@ def test_api_on_a_16_multiple_image_equals_the_extraction(npz_run, hpatches, mod
         np.testing.assert_allclose(features[key], value, atol=1e-5, err_msg=key)
 
 
+def test_zero_texture_image_gives_an_empty_valid_feature_file(model_and_checkpoint, photo,
+                                                              tmp_path):
+    """A constant image has nothing to detect: its npz holds 0 keypoints (0×2, 0, 0×128
+    float32), the textured image beside it is extracted as usual, and the evaluator reads both."""
+    data = tmp_path / "hpatches"
+    (data / "i_blank").mkdir(parents=True)
+    cv2.imwrite(str(data / "i_blank" / "1.ppm"), np.full((64, 96, 3), 127, np.uint8))
+    cv2.imwrite(str(data / "i_blank" / "2.ppm"), photo[100:164, 100:196, ::-1])
+    conf = load_config(CONFIG, overrides(data, model_and_checkpoint[1], tmp_path / "out"),
+                       EXTRACT_SCHEMA)
+    summary = run_extraction(conf)
+    assert summary["images"] == 2 and summary["skipped"] == []
+    desc = tmp_path / "out" / "hpatches-scfeat" / "desc" / "i_blank"
+    blank, textured = read_npz(desc / "1.ppm.scfeat"), read_npz(desc / "2.ppm.scfeat")
+    assert blank["keypoints"].shape == (0, 2) and blank["scores"].shape == (0,)
+    assert blank["descriptors"].shape == (0, 128)
+    assert all(v.dtype == np.float32 for v in blank.values())
+    assert len(textured["keypoints"]) > 0
+    from evaluation.hpatches import read_feature_file
+    keypoints, descriptors = read_feature_file(desc / "1.ppm.scfeat")
+    assert keypoints.shape == (0, 2) and descriptors.shape == (0, 128)
+
+    # The Python API agrees, for any constant colour; one textured pixel is enough to detect.
+    model, _ = model_and_checkpoint
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[...] = (10, 200, 30)
+    features = model.detect_and_describe(image)
+    assert features["keypoints"].shape == (0, 2) and features["descriptors"].shape == (0, 128)
+    image[20, 30] = 0
+    assert len(model.detect_and_describe(image)["keypoints"]) > 0
+
+
 def test_api_pads_an_odd_image_and_keeps_keypoints_inside(model_and_checkpoint, photo):
     model, _ = model_and_checkpoint
     image = np.ascontiguousarray(photo[200:245, 150:211])  # 45×61 → padded to 48×64

@@ -70,9 +70,10 @@ def test_existing_run_is_refused_without_resume(megadepth, tmp_path, capsys):
     assert "already exists" in err and "--resume" in err and "checkpoint_name=" in err
 
 
-def test_resume_without_state_is_refused(megadepth, tmp_path, capsys):
+def test_resume_of_a_missing_run_is_refused(megadepth, tmp_path, capsys):
     assert train.main(stage1_args(megadepth, tmp_path) + ["--resume"]) == 2
-    assert "no training state" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "there is no run folder" in err and "checkpoint_name" in err
 
 
 @pytest.mark.parametrize("override, message", [

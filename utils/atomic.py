@@ -36,3 +36,14 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         yield handle
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes left in ``folder`` and its
+    sub-folders (a SIGKILL or power loss skips the clean-up); returns their paths."""
+    removed = []
+    for tmp in sorted(Path(folder).rglob(".*.tmp")):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
