@@ -309,8 +309,9 @@ class KeypointLoss(nn.Module):
     ``outputs{1,2}['local_point']`` (``B×1×H×W`` logits), ``outputs{1,2}['local_map']``
     (``B×C×H/4×W/4``), ``batch['F1'], batch['F2']`` (``B×3×3``). ``loss = reinforce +
     kp_penalty``; components (scalars, detached): ``reinforce``, ``kp_penalty``, ``n_kps``
-    (accepted keypoints, both images), ``n_good`` (good accepted pairs), ``fmat_error`` (``f``,
-    0 when no pair has an F-error), ``n_fmat_pairs`` (image pairs with an F-error).
+    (accepted keypoints, both images), ``n_good`` (good accepted pairs), ``good_fraction``
+    (``n_good`` ÷ accepted pairs), ``fmat_error`` (``f``, 0 when no pair has an F-error),
+    ``n_fmat_pairs`` (image pairs with an F-error).
 
     The F-error trials draw from a CPU ``torch.Generator`` seeded once with ``fmat_seed``;
     ``generator_state()`` / ``load_generator_state()`` let a trainer checkpoint it.
@@ -476,6 +477,8 @@ class KeypointLoss(nn.Module):
             "kp_penalty": kp_penalty.detach(),
             "n_kps": (accepted1.sum() + accepted2.sum()).float(),
             "n_good": torch.tensor(float(b.numel()), device=loss.device),
+            # what the detector learns to raise: good pairs among the accepted pairs
+            "good_fraction": b.numel() / (accepted1.sum(1) * accepted2.sum(1)).sum().clamp(min=1).float(),
             "fmat_error": zero if fmat_error is None else fmat_error.detach().float(),
             "n_fmat_pairs": terms["n_fmat_pairs"].float(),
         }
