@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from model.detnet import DetNet
 from tools.benchmark import (PeakMemory, count_flops, efficiency, format_table, gemm_summary,
                              parse_size, row, summarize, variant_difference)
+from tools import benchmark
 from utils.errors import SCFeatError
 from utils.keypoints import sample_descriptors
 
@@ -142,3 +143,17 @@ def test_fused_cpu_inference_path_equals_reference_ops(monkeypatch, with_image):
     for name, value in reference.items():
         scale = float(value.abs().max())
         torch.testing.assert_close(fused[name], value, rtol=0, atol=1e-5 * scale, msg=name)
+
+
+def test_profile_lists_the_costliest_operators_first():
+    model = benchmark.build_network(torch.device("cpu")).eval()
+    ops = benchmark.profile_forward(model, torch.randn(1, 3, 32, 48), top=5)
+    assert len(ops) == 5
+    shares = [o["share"] for o in ops]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert any("conv" in o["op"] or "mkldnn" in o["op"] for o in ops)
+    assert all(o["calls"] >= 1 and o["self_ms"] > 0 for o in ops)
+    table = benchmark.format_profile(ops).splitlines()
+    assert len(table) == 6 and table[1].startswith(ops[0]["op"][:20])
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--profile", "-1"])

@@ -2,7 +2,7 @@
 
 ``python -m tools.benchmark [--device cpu|cuda] [--size 480x640] [--train-size 240x320]
 [--repeat 3] [--train-repeat 2] [--data-pairs 16] [--threads N] [--only extraction,train,data]
-[--json out.json] [--amp] [--compile] [--reference-ops] [--thp]``
+[--json out.json] [--amp] [--compile] [--reference-ops] [--thp] [--profile N]``
 
 prints one table and writes the same figures as JSON (``--json``):
 
@@ -22,6 +22,8 @@ prints one table and writes the same figures as JSON (``--json``):
 * **data loading**: ``MegaDepth_SIFT`` (mode train, batch 2) with 0, 2 and 4 workers on a
   synthetic set (``tools.synthetic.make_megadepth``) written to a temporary folder at
   ``--size``: pairs/s after the first batch, and the time to the first batch;
+* **profile** (``--profile N``): the N operators with the most self time in one extraction
+  forward, with their share and call count;
 * **peak memory** of each part and its increase over the part's start: resident set size of
   this process (the kernel's high-water mark ``VmHWM``, reset before each part; data loading
   also gives the memory private to the workers), or ``torch.cuda.max_memory_allocated`` on
@@ -368,6 +370,8 @@ def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
             entry["difference"] = variant_difference(reference, outputs, (height, width),
                                                      TOLERANCE[note.split()[0]])
         report["variants"][name] = entry
+    if args.profile:
+        report["profile"] = profile_forward(model, image, args.profile)
     gemm = gemm_summary(gemm_times)
     report["gemm"] = gemm
     gflop = reference["gflop"]
@@ -382,6 +386,30 @@ def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
                                               f"{v['best_gflops']:.1f} best"
                                               for n, v in gemm["sizes"].items())))
     return rows, report
+
+
+def profile_forward(model: torch.nn.Module, image: torch.Tensor, top: int) -> list[dict]:
+    """Where one extraction forward spends its time: the ``top`` operators by self time
+    (``torch.profiler``; CUDA time on CUDA), each with its share of the total and call count."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = image.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.inference_mode(), profile(activities=activities) as prof:
+        model.extract(image)
+        synchronize(image.device)
+    attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attribute) > 0]
+    total = sum(getattr(e, attribute) for e in events)
+    events.sort(key=lambda e: getattr(e, attribute), reverse=True)
+    return [{"op": e.key, "self_ms": getattr(e, attribute) / 1000, "share": getattr(e, attribute) / total,
+             "calls": e.count} for e in events[:top]]
+
+
+def format_profile(ops: list[dict]) -> str:
+    lines = [f"{'operator':<44} {'self ms':>9} {'share':>7} {'calls':>6}"]
+    lines += [f"{o['op'][:44]:<44} {o['self_ms']:>9.1f} {100 * o['share']:>6.1f}% {o['calls']:>6}"
+              for o in ops]
+    return "\n".join(lines)
 
 
 def variant_difference(reference: dict, outputs: dict, image_hw: tuple[int, int],
@@ -692,6 +720,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference-ops", action="store_true",
                         help="disable the fused CPU inference path of the networks "
                              "(model.blocks.FUSED_CPU_INFERENCE), for before/after comparisons")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N operators that take most of one extraction "
+                             "forward (torch.profiler)")
     parser.add_argument("--thp", action="store_true",
                         help="restart with THP_MEM_ALLOC_ENABLE=1 (transparent huge pages)")
     args = parser.parse_args(argv)
@@ -699,6 +730,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = args.only - {"extraction", "train", "data"}
     if unknown:
         parser.error(f"--only: unknown part(s) {sorted(unknown)}")
+    if args.profile < 0:
+        parser.error("--profile must be 0 (off) or a positive number of operators")
     if min(args.repeat, args.data_pairs) < 1 or (args.train_repeat is not None and args.train_repeat < 1):
         parser.error("--repeat, --train-repeat and --data-pairs must be at least 1")
     return args
@@ -751,6 +784,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f", load average {load[0]:.2f} at start / {env['load_average_end'][0]:.2f} at end"
              if load else "") + f", {env['seconds']:.0f} s")
     print(format_table(rows))
+    if report.get("extraction", {}).get("profile"):
+        print(f"\nwhere one extraction forward spends its time ({args.size[0]}x{args.size[1]}, "
+              f"fp32 eager):")
+        print(format_profile(report["extraction"]["profile"]))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": rows, **report}, indent=2, default=_json_default))
