@@ -1,7 +1,7 @@
 """Benchmark suite: feature extraction, the two training steps, data loading and peak memory.
 
 ``python -m tools.benchmark [--device cpu|cuda] [--size 480x640] [--train-size 240x320]
-[--repeat 3] [--train-repeat 2] [--data-pairs 16] [--threads N] [--only extraction,train,data]
+[--repeat 3] [--train-repeat 2] [--data-pairs 48] [--threads N] [--only extraction,train,data]
 [--json out.json] [--amp] [--compile] [--reference-ops] [--thp] [--profile N]``
 
 prints one table and writes the same figures as JSON (``--json``):
@@ -709,8 +709,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="timed extraction runs (default 3)")
     parser.add_argument("--train-repeat", type=int, default=None,
                         help="timed training steps (default 2 on CPU, 10 on CUDA)")
-    parser.add_argument("--data-pairs", type=int, default=16,
-                        help="pairs loaded per worker setting (default 16)")
+    parser.add_argument("--data-pairs", type=int, default=48,
+                        help="pairs loaded per worker setting (default 48)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--only", default="extraction,train,data",
                         help="comma-separated parts: extraction, train, data")
