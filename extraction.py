@@ -187,7 +187,8 @@ def detect_and_describe(model: torch.nn.Module, image: np.ndarray,
     selected by ``detector`` with ``detector_config`` (its ``default_conf`` otherwise, e.g.
     ``num_pts=8192, thr=None`` for ``generate_kpts_single``) on the score map cropped to the
     image. Returns numpy float32 ``keypoints`` ``N×2`` (``x, y`` in the input's pixels),
-    ``scores`` ``N`` and ``descriptors`` ``N×D`` (unit norm), best score first.
+    ``scores`` ``N`` and ``descriptors`` ``N×D`` (unit norm), best score first; ``N = 0`` for
+    an image without texture (:func:`is_textureless`).
     """
     check_image(image)
     if descriptor_map not in DESCRIPTOR_MAPS:
