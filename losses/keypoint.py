@@ -472,13 +472,14 @@ class KeypointLoss(nn.Module):
         loss = reinforce + kp_penalty
 
         zero = torch.zeros((), device=loss.device)
+        accepted_pairs = (accepted1.sum(1) * accepted2.sum(1)).sum().clamp(min=1).float()
         components = {
             "reinforce": reinforce.detach(),
             "kp_penalty": kp_penalty.detach(),
             "n_kps": (accepted1.sum() + accepted2.sum()).float(),
             "n_good": torch.tensor(float(b.numel()), device=loss.device),
             # what the detector learns to raise: good pairs among the accepted pairs
-            "good_fraction": b.numel() / (accepted1.sum(1) * accepted2.sum(1)).sum().clamp(min=1).float(),
+            "good_fraction": b.numel() / accepted_pairs,
             "fmat_error": zero if fmat_error is None else fmat_error.detach().float(),
             "n_fmat_pairs": terms["n_fmat_pairs"].float(),
         }

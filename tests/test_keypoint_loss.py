@@ -288,6 +288,13 @@ def test_loss_matches_naive_formula_with_fmat_error():
     for grad, expected_grad in zip(grads, expected_grads):
         assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-6)
         assert grad.abs().sum() > 0
+    # good_fraction: the good pairs among all accepted pairs (the same draws again)
+    torch.manual_seed(11)
+    _, _, accepted1 = sample_keypoints(score1, 4)
+    _, _, accepted2 = sample_keypoints(score2, 4)
+    accepted_pairs = (accepted1.sum(1) * accepted2.sum(1)).sum().item()
+    assert 0 < comp["n_good"].item() < accepted_pairs
+    assert comp["good_fraction"].item() == pytest.approx(comp["n_good"].item() / accepted_pairs)
 
 
 @pytest.mark.parametrize("match_grad", [False, True])
