@@ -41,3 +41,13 @@ def f2r_reference() -> dict:
 def line2window_reference() -> dict:
     """Arrays of ``line2window_reference.npz`` (the stage-1 loss, with gradients)."""
     return _load_reference("line2window_reference.npz")
+
+
+@pytest.fixture(scope="session")
+def megadepth(tmp_path_factory) -> Path:
+    """A tiny synthetic MegaDepth set for training runs (1 scene, 4 images, 6 pairs, 64×96);
+    read-only: tests that plant faults make their own."""
+    from tools.synthetic import make_megadepth
+    out = tmp_path_factory.mktemp("data") / "megadepth"
+    make_megadepth(out, scenes=1, images=4, pairs=6, size=(64, 96), seed=0)
+    return out

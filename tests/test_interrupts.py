@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import train
-from tools.synthetic import make_megadepth
 from utils.checkpoint import load_state_dict_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,13 +24,6 @@ STEPS = 4
 RUN = "demo-descriptor"
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-
-
-@pytest.fixture(scope="module")
-def megadepth(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "megadepth"
-    make_megadepth(out, scenes=1, images=4, pairs=6, size=(64, 96), seed=0)
-    return out
 
 
 def run_args(data: Path, out: Path, *extra: str) -> list[str]:

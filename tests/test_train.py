@@ -14,18 +14,10 @@ import pytest
 import torch
 
 import train
-from tools.synthetic import make_megadepth
 from utils.checkpoint import load_state_dict_file
 
 REPO = Path(__file__).resolve().parents[1]
 DESC_CONFIG = str(REPO / "config" / "demo" / "train_desc.yaml")
-
-
-@pytest.fixture(scope="module")
-def megadepth(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "megadepth"
-    make_megadepth(out, scenes=1, images=4, pairs=6, size=(64, 96), seed=0)
-    return out
 
 
 def stage1_args(data: Path, out: Path, *extra: str) -> list[str]:
