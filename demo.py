@@ -7,8 +7,9 @@
    then stage 2 (``config/demo/train_det.yaml``: the detector, frozen backbone), checkpoints
    under ``<out>/ckpts/``;
 3. features on the synthetic HPatches (``config/demo/extract.yaml``) for the untrained network
-   (the random initialisation stage 1 starts from, saved as ``<out>/ckpts/demo-untrained/000``)
-   and for the trained one (the last stage-2 epoch);
+   (the random initialisation stage 1 starts from, with BatchNorm statistics estimated on the
+   training data, saved as ``<out>/ckpts/demo-untrained/000``) and for the trained one (the
+   last stage-2 epoch);
 4. the HPatches evaluation (``config/demo/eval.yaml``: mean matching accuracy of SIFT, the
    untrained and the trained network), printed as a table and plotted to ``<out>/mma.png``.
 
@@ -35,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from utils.atomic import atomic_open
 
@@ -53,6 +55,7 @@ DATA_SEED = 0
 SETTINGS_FILE = "demo.json"
 STAMP_FILE = "demo_stamp.json"     # what a reused output was made from
 UNTRAINED_RUN = "demo-untrained"
+BATCHNORM_BATCHES = 20              # pair batches that estimate the untrained network's statistics
 TRAINED_FEATURES = "demo-hpatches"  # config/demo/extract.yaml's output_root
 UNTRAINED_FEATURES = "demo-hpatches-untrained"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -330,18 +333,51 @@ def train_stage(name: str, config: Path, overrides: list[str], source: Path | No
     return final
 
 
+def training_images(desc_conf: dict, batches: int) -> Iterator:
+    """Image batches ``B×3×H×W`` of stage 1's training data, image 1 and image 2 of each pair
+    batch separately (as the trainer runs them), ``batches`` pair batches in a seeded order."""
+    import torch
+
+    from registry import DATASETS
+
+    data = desc_conf["data_config_train"]
+    dataset = DATASETS[desc_conf["data"]](data)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=data["batch_size"], shuffle=True, collate_fn=dataset.collate_fn,
+        generator=torch.Generator().manual_seed(desc_conf["seed"]))
+    drawn = 0
+    while drawn < batches:
+        for batch in loader:
+            if "im1" not in batch:
+                continue
+            yield batch["im1"]
+            yield batch["im2"]
+            drawn += 1
+            if drawn == batches:
+                return
+
+
 def make_untrained(out: Path, desc_conf: dict, result: DemoResult) -> Path:
     """The random initialisation of stage 1 (same model settings and seed) as a checkpoint
-    folder ``<out>/ckpts/demo-untrained/000`` with ``config.yaml`` beside it."""
+    folder ``<out>/ckpts/demo-untrained/000`` with ``config.yaml`` beside it.
+
+    Its BatchNorm statistics are estimated on the training data (``BATCHNORM_BATCHES`` pair
+    batches, weights unchanged): a fresh network holds mean 0 and variance 1 there, so in eval
+    mode its BatchNorm layers would not normalise at all, and the comparison with the trained
+    network would mostly measure that, not what training learnt.
+    """
     import torch
+    from torch.optim.swa_utils import update_bn
 
     from registry import build_model
     from utils.checkpoint import atomic_save
-    from utils.config import save_config
+    from utils.config import read_yaml, save_config
 
     run_dir = out / "ckpts" / UNTRAINED_RUN
     folder = run_dir / "000"
-    if is_checkpoint(folder) and (run_dir / "config.yaml").is_file():
+    statistics = f"{BATCHNORM_BATCHES} batches of {desc_conf['data_config_train']['data_path']}"
+    if is_checkpoint(folder) and (run_dir / "config.yaml").is_file() \
+            and read_yaml(run_dir / "config.yaml").get("batchnorm_statistics") == statistics:
         print(f"reusing {folder}")
         result.stages.append(StageRecord("untrained checkpoint", 0.0, True, str(folder)))
         return folder
@@ -351,13 +387,16 @@ def make_untrained(out: Path, desc_conf: dict, result: DemoResult) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(desc_conf["seed"])  # as the trainer does before building the model
         model = build_model(desc_conf["model"], model_config)
+    # Cumulative averages over the batches, then eval mode; no gradient, no weight change.
+    update_bn(training_images(desc_conf, BATCHNORM_BATCHES), model.backbone)
     atomic_save(model.backbone.state_dict(), folder / "backbone.pth")
     atomic_save(model.localheader.state_dict(), folder / "localheader.pth")
     # config.yaml last: with it, the folder is complete (every file is written atomically).
     save_config({"model": desc_conf["model"], "model_config": model_config,
-                 "seed": desc_conf["seed"]}, run_dir / "config.yaml")
-    print(f"wrote the untrained network (seed {desc_conf['seed']}: stage 1's starting point) to "
-          f"{folder}")
+                 "seed": desc_conf["seed"], "batchnorm_statistics": statistics},
+                run_dir / "config.yaml")
+    print(f"wrote the untrained network (seed {desc_conf['seed']}: stage 1's starting point, "
+          f"BatchNorm statistics of {statistics}) to {folder}")
     result.stages.append(StageRecord("untrained checkpoint", time.perf_counter() - start, False,
                                      str(folder)))
     return folder

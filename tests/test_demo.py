@@ -72,6 +72,18 @@ def test_first_run_trains_extracts_and_evaluates(demo_run):
     for folder in ("demo-descriptor/002", "demo-keypoint/001", "demo-untrained/000"):
         assert demo.is_checkpoint(ckpts / folder), folder
     assert (ckpts / "demo-untrained" / "config.yaml").is_file()
+    # The untrained network: stage 1's random initialisation (same seed), with BatchNorm
+    # statistics estimated on the training data instead of the initial mean 0 / variance 1.
+    import torch
+    from registry import build_model
+    from utils.checkpoint import load_state_dict_file
+    untrained = load_state_dict_file(ckpts / "demo-untrained" / "000" / "backbone.pth")
+    torch.manual_seed(0)
+    fresh = build_model("SCFeatModel", {"backbone_config": {"pretrained": False}}).backbone.state_dict()
+    assert torch.equal(untrained["firstconv.weight"], fresh["firstconv.weight"])
+    assert torch.equal(untrained["layer1.0.conv1.weight"], fresh["layer1.0.conv1.weight"])
+    assert not torch.allclose(untrained["firstbn.running_var"], fresh["firstbn.running_var"])
+    assert not torch.allclose(untrained["layer3.0.bn1.running_mean"], fresh["layer3.0.bn1.running_mean"])
     images = sorted((out / "data" / "hpatches").glob("*/*.ppm"))
     assert len(images) == 12
     for features in ("demo-hpatches", "demo-hpatches-untrained"):
