@@ -15,7 +15,7 @@
 
 ``--steps N`` (default 80) sets the training length: stage 1 runs N optimiser steps (split over
 the config's epochs, rounded up to a multiple of them), stage 2 runs N // 2 (at least 1). The
-defaults take about 7 minutes on 2 idle CPU cores (most of it stage 1, about 3 s a step) and
+defaults take about 6 minutes on 2 idle CPU cores (most of it stage 1, about 2.5 s a step) and
 write about 0.7 GB, mostly the training states.
 
 Re-running the same command continues: finished stages are reused (data, checkpoints, features

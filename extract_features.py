@@ -1,5 +1,5 @@
 """Extract SCFeat features on HPatches-sequences:
-``python extract_features.py --config FILE [--format npz|h5] [KEY=VALUE ...]``.
+``python extract_features.py --config FILE [--format npz|h5] [--amp] [--compile] [KEY=VALUE ...]``.
 
 Writes ``<ckpts_root>/<output_root>/desc/<seq>/<k>.ppm.<postfix>`` npz files (``keypoints``
 N×2 x, y in the uncropped image's pixels, ``scores`` N, ``descriptors`` N×D unit norm; what
@@ -28,6 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                         "config/extract_hpatches.yaml")
     parser.add_argument("--format", choices=FEATURE_FORMATS, default=None,
                         help="feature file format (overrides the config's 'format')")
+    parser.add_argument("--amp", action="store_true",
+                        help="bf16 autocast, for CUDA (the same as amp=true)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network, for CUDA (the same as compile=true)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, values parsed as YAML")
     return parser.parse_args(argv)
@@ -50,7 +54,8 @@ def log_to_file(conf: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    overrides = list(args.overrides) + ([f"format={args.format}"] if args.format else [])
+    overrides = list(args.overrides) + ([f"format={args.format}"] if args.format else []) \
+        + (["amp=true"] if args.amp else []) + (["compile=true"] if args.compile else [])
     try:
         conf = load_config(args.config, overrides, EXTRACT_SCHEMA)
         check_config(conf, args.config)

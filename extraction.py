@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from dataloader.hpatches import HPatch_SIFT
 from dataloader.transforms import to_tensor_normalized
 from registry import DATASETS, DETECTORS, MODELS, class_section, lookup, model_schema
+from utils.acceleration import accelerated
 from utils.atomic import atomic_open, atomic_target
 from utils.config import Dynamic, Spec, validate
 from utils.errors import SCFeatError
@@ -231,6 +232,8 @@ EXTRACT_SCHEMA = {
     "format": Spec("npz", choices=FEATURE_FORMATS),
     "device": Spec("auto", choices=("auto", "cpu", "cuda")),
     "ckpts_root": "ckpts",
+    "amp": Spec(False, doc="bf16 autocast (CUDA; see utils/acceleration.py)"),
+    "compile": Spec(False, doc="torch.compile the network (CUDA; see utils/acceleration.py)"),
 }
 
 
@@ -387,11 +390,12 @@ def make_loader(dataset: Dataset, conf: dict, device: torch.device) -> DataLoade
                       pin_memory=device.type == "cuda")
 
 
-def extract_item(model: torch.nn.Module, item: dict, detector: Detector, conf: dict,
+def extract_item(extract: Callable, item: dict, detector: Detector, conf: dict,
                  device: torch.device) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Features of one loader item (numpy) and its score map ``H×W`` (numpy)."""
+    """Features of one loader item (numpy) and its score map ``H×W`` (numpy); ``extract`` is
+    ``model.extract``, possibly under bf16 autocast or compiled (:func:`accelerated`)."""
     image = item["image"][None].to(device, non_blocking=True)
-    outputs = model.extract(image)
+    outputs = extract(image)
     sift = item["sift_kpts"] if conf["use_sift"] else None
     features = select_features(outputs, tuple(image.shape[-2:]), detector, conf["descriptor_map"],
                                sift, textureless=is_textureless(item["image"]))
@@ -421,6 +425,7 @@ def run_extraction(conf: dict) -> dict:
     device = resolve_device(conf["device"])
     dataset = make_dataset(conf)
     model = load_model(conf, device)
+    extract = accelerated(model.extract, device, conf["amp"], conf["compile"])
     detector = make_detector(conf["detector"], conf["detector_config"])
     out_dir = output_dir(conf)
     log.info("extracting %d images of %s on %s into %s", len(dataset),
@@ -440,18 +445,18 @@ def run_extraction(conf: dict) -> dict:
                     skipped.append(dataset.paths[index])
                     remove_stale(out_dir, dataset.paths[index], conf)
                     continue
-                times.append(save_item(model, item, detector, conf, device, out_dir, h5))
+                times.append(save_item(extract, item, detector, conf, device, out_dir, h5))
         if not times:
             raise SCFeatError(f"none of the {len(dataset)} images under "
                               f"{conf['data_config_extract']['data_path']} could be read")
     return summarize(conf, out_dir, times, skipped)
 
 
-def save_item(model: torch.nn.Module, item: dict, detector: Detector, conf: dict,
+def save_item(extract: Callable, item: dict, detector: Detector, conf: dict,
               device: torch.device, out_dir: Path, h5) -> float:
     """Extract one image and write its outputs; returns the extraction time in ms."""
     start = time.perf_counter()
-    features, score_map = extract_item(model, item, detector, conf, device)
+    features, score_map = extract_item(extract, item, detector, conf, device)
     elapsed_ms = (time.perf_counter() - start) * 1000.0  # network + selection; to_numpy synced
     seq, name = item["seq"], item["name"]
     height, width = (int(v) for v in item["orig_size"])

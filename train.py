@@ -1,4 +1,4 @@
-"""Train SCFeat: ``python train.py --config FILE [--resume] [KEY=VALUE ...]``.
+"""Train SCFeat: ``python train.py --config FILE [--resume] [--amp] [--compile] [KEY=VALUE ...]``.
 
 Stage 1 (``config/train_desc.yaml``) trains the backbone with the line-to-window epipolar loss;
 stage 2 (``config/train_det.yaml``) trains the detector by REINFORCE with a frozen backbone.
@@ -33,6 +33,7 @@ from dataloader.sampler import ResumableSampler
 from model.scfeat import load_strict
 from registry import (DATASETS, LOSSES, MODELS, PREPROCESSORS, build_model, class_section, lookup,
                       model_schema)
+from utils.acceleration import accelerated
 from utils.atomic import remove_stale_temporaries
 from utils.checkpoint import atomic_save, load_state_dict_file
 from utils.config import Dynamic, Spec, load_config, read_yaml, save_config
@@ -76,6 +77,8 @@ TRAIN_SCHEMA = {
     "max_nonfinite_steps": 10,
     "max_steps_this_run": Spec(None, types=(int, type(None))),
     "max_unusable_fraction": 0.5,
+    "amp": Spec(False, doc="bf16 autocast for the network (CUDA; see utils/acceleration.py)"),
+    "compile": Spec(False, doc="torch.compile the network (CUDA; see utils/acceleration.py)"),
 }
 
 
@@ -120,6 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML training config")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in ckpts/<checkpoint_name> from its training state")
+    parser.add_argument("--amp", action="store_true",
+                        help="bf16 autocast for the network, for CUDA (the same as amp=true)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network, for CUDA (the same as compile=true)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, values parsed as YAML")
     return parser.parse_args(argv)
@@ -239,6 +246,9 @@ class Trainer:
         if self.world_size > 1:
             self.pair_model = nn.parallel.DistributedDataParallel(
                 self.pair_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # The network's forward as training runs it: bf16 autocast and/or compiled on request,
+        # outputs in float32 so the losses compute as in float32 eager.
+        self.forward = accelerated(self.pair_model, self.device, conf["amp"], conf["compile"])
 
         self.preprocess = None
         if conf["preprocess_train"] is not None:
@@ -412,8 +422,8 @@ class Trainer:
 
     def compute_loss(self, batch: dict, pair_model: nn.Module | None = None
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        pair_model = pair_model or self.pair_model
-        outputs1, outputs2 = pair_model(batch["im1"], batch["im2"], self.with_detector)
+        forward = pair_model or self.forward
+        outputs1, outputs2 = forward(batch["im1"], batch["im2"], self.with_detector)
         processed = {}
         if self.preprocess is not None:
             processed = self.preprocess(batch, outputs1, outputs2, self.epoch)
@@ -581,7 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(None, int(os.environ.get("RANK", 0)) == 0)
     try:
-        conf = load_config(args.config, args.overrides, TRAIN_SCHEMA, loss_sections)
+        overrides = list(args.overrides) + (["amp=true"] if args.amp else []) \
+            + (["compile=true"] if args.compile else [])
+        conf = load_config(args.config, overrides, TRAIN_SCHEMA, loss_sections)
         check_config(conf, args.config)
         trainer = Trainer(conf, args.config, args.resume)
         trainer.fit()

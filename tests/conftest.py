@@ -51,3 +51,19 @@ def megadepth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "megadepth"
     make_megadepth(out, scenes=1, images=4, pairs=6, size=(64, 96), seed=0)
     return out
+
+
+def save_random_checkpoint(folder: Path, seed: int = 0) -> None:
+    """A random SCFeat checkpoint folder (as stage 1 would write it), with config.yaml above."""
+    import torch
+
+    from registry import build_model
+    from utils.checkpoint import atomic_save
+    from utils.config import save_config
+
+    torch.manual_seed(seed)
+    model_config = {"backbone_config": {"pretrained": False}}
+    model = build_model("SCFeatModel", model_config)
+    atomic_save(model.backbone.state_dict(), folder / "backbone.pth")
+    atomic_save(model.localheader.state_dict(), folder / "localheader.pth")
+    save_config({"model": "SCFeatModel", "model_config": model_config}, folder.parent / "config.yaml")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train
+from conftest import save_random_checkpoint
 from utils.checkpoint import load_state_dict_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,20 +169,6 @@ def test_two_process_ddp_with_gloo(megadepth, tmp_path):
     assert state["global_step"] == 2
     assert len(list((run_dir / "tb").iterdir())) == 1  # only rank 0 writes logs
     assert (run_dir / "001" / "backbone.pth").is_file()
-
-
-def save_random_checkpoint(folder: Path, seed: int = 0) -> None:
-    """A random SCFeat checkpoint folder (as stage 1 would write it), with config.yaml above."""
-    from registry import build_model
-    from utils.checkpoint import atomic_save
-    from utils.config import save_config
-
-    torch.manual_seed(seed)
-    model_config = {"backbone_config": {"pretrained": False}}
-    model = build_model("SCFeatModel", model_config)
-    atomic_save(model.backbone.state_dict(), folder / "backbone.pth")
-    atomic_save(model.localheader.state_dict(), folder / "localheader.pth")
-    save_config({"model": "SCFeatModel", "model_config": model_config}, folder.parent / "config.yaml")
 
 
 def test_stage2_trains_only_the_detector(megadepth, tmp_path):

@@ -33,9 +33,9 @@ The networks have random weights (no download); the timings do not depend on the
 only the number of keypoints does. ``--amp`` (bf16 autocast) and ``--compile``
 (``torch.compile``) add extraction variants and report the largest difference of their score
 map and descriptors from float32 eager on the same image, against a stated tolerance
-(:data:`TOLERANCE`: the score map's largest difference relative to its largest value, and the
-largest difference of a unit descriptor's component). Both are
-meant for CUDA; on the CPU they run (slowly: AVX2 has no bf16 arithmetic, and compilation takes
+(:data:`utils.acceleration.TOLERANCE`: the score map's largest difference relative to its
+largest value, and the largest difference of a unit descriptor's component); they are the
+``amp`` / ``compile`` options of extraction and training. Both are meant for CUDA; on the CPU they run (slowly: AVX2 has no bf16 arithmetic, and compilation takes
 minutes on two cores) and the table says so. ``--thp`` restarts the benchmark with
 ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator then asks for transparent huge pages,
 which saves most page faults of the large full-resolution tensors); ``--reference-ops`` turns
@@ -71,15 +71,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from utils.acceleration import TOLERANCE, accelerated  # noqa: E402
 from utils.errors import SCFeatError  # noqa: E402
 
 EXTRACT_CONFIG = "extract_hpatches.yaml"  # keypoint selection: its detector_config
 EXTRACTION_STAGES = ("forward", "keypoints", "descriptors", "to numpy")
 TRAIN_BATCH = 2  # pairs per step, as the training configs
 DATA_WORKERS = (0, 2, 4)
-# Stated tolerances of the variants against float32 eager: largest |Δ| of the score map relative
-# to its largest value, and largest |Δ| of a unit descriptor component.
-TOLERANCE = {"compile": 1e-3, "amp": 5e-2}
 MIB = 1024 * 1024
 GEMM_SAMPLES = 2  # matrix products per size between two timed extractions
 
@@ -314,12 +312,11 @@ def extraction_variants(args, device: torch.device, model: torch.nn.Module
     variants = [("fp32 eager", model.extract, "")]
     cpu_note = " (on CPU: for checking only, not a meaningful timing)" if device.type == "cpu" else ""
     if args.amp:
-        def extract_amp(images, _model=model):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                return _model.extract(images)
-        variants.append(("bf16 autocast", extract_amp, "amp" + cpu_note))
+        variants.append(("bf16 autocast", accelerated(model.extract, device, amp=True),
+                         "amp" + cpu_note))
     if args.compile:
-        variants.append(("torch.compile", torch.compile(model.extract), "compile" + cpu_note))
+        variants.append(("torch.compile", accelerated(model.extract, device, compile=True),
+                         "compile" + cpu_note))
     return variants
 
 
