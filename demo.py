@@ -339,6 +339,7 @@ def training_images(desc_conf: dict, batches: int) -> Iterator:
     import torch
 
     from registry import DATASETS
+    from utils.errors import SCFeatError
 
     data = desc_conf["data_config_train"]
     dataset = DATASETS[desc_conf["data"]](data)
@@ -347,6 +348,7 @@ def training_images(desc_conf: dict, batches: int) -> Iterator:
         generator=torch.Generator().manual_seed(desc_conf["seed"]))
     drawn = 0
     while drawn < batches:
+        drawn_before = drawn
         for batch in loader:
             if "im1" not in batch:
                 continue
@@ -355,6 +357,9 @@ def training_images(desc_conf: dict, batches: int) -> Iterator:
             drawn += 1
             if drawn == batches:
                 return
+        if drawn == drawn_before:
+            raise SCFeatError(f"{data['data_path']}: no usable training pair to estimate the "
+                              f"untrained network's BatchNorm statistics")
 
 
 def make_untrained(out: Path, desc_conf: dict, result: DemoResult) -> Path:
