@@ -35,8 +35,13 @@ def load_image_rgb(path: str | Path) -> np.ndarray:
 
 
 def to_float_tensor(image: np.ndarray) -> torch.Tensor:
-    """``H×W×3`` uint8 RGB → ``3×H×W`` float32 in ``[0, 1]``."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    """``H×W×3`` uint8 RGB → ``3×H×W`` float32 in ``[0, 1]``, contiguous.
+
+    Contiguous rather than the permuted view's channels-last strides: convolutions keep their
+    input's memory format, so a channels-last image would make every layer of the network
+    convert layouts back and forth (about 3% of an extraction on the CPU).
+    """
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous().float().div_(255.0)
 
 
 def normalize_imagenet(image: torch.Tensor) -> torch.Tensor:
