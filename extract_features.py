@@ -15,6 +15,7 @@ import logging
 import sys
 
 from extraction import EXTRACT_SCHEMA, FEATURE_FORMATS, check_config, output_dir, run_extraction
+from utils import acceleration
 from utils.config import load_config
 from utils.errors import SCFeatError
 
@@ -28,10 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                         "config/extract_hpatches.yaml")
     parser.add_argument("--format", choices=FEATURE_FORMATS, default=None,
                         help="feature file format (overrides the config's 'format')")
-    parser.add_argument("--amp", action="store_true",
-                        help="bf16 autocast, for CUDA (the same as amp=true)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the network, for CUDA (the same as compile=true)")
+    acceleration.add_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, values parsed as YAML")
     return parser.parse_args(argv)
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     overrides = list(args.overrides) + ([f"format={args.format}"] if args.format else []) \
-        + (["amp=true"] if args.amp else []) + (["compile=true"] if args.compile else [])
+        + acceleration.flag_overrides(args)
     try:
         conf = load_config(args.config, overrides, EXTRACT_SCHEMA)
         check_config(conf, args.config)

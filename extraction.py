@@ -203,7 +203,7 @@ def detect_and_describe(model: torch.nn.Module, image: np.ndarray,
         with torch.inference_mode():
             outputs = model.extract(tensor)
             features = select_features(outputs, image.shape[:2], select, descriptor_map,
-                                       textureless=bool((image == image[:1, :1]).all()))
+                                       textureless=is_textureless(tensor))
             return to_numpy(features)
     finally:
         model.train(was_training)

@@ -33,6 +33,7 @@ from dataloader.sampler import ResumableSampler
 from model.scfeat import load_strict
 from registry import (DATASETS, LOSSES, MODELS, PREPROCESSORS, build_model, class_section, lookup,
                       model_schema)
+from utils import acceleration
 from utils.acceleration import accelerated
 from utils.atomic import remove_stale_temporaries
 from utils.checkpoint import atomic_save, load_state_dict_file
@@ -123,10 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML training config")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in ckpts/<checkpoint_name> from its training state")
-    parser.add_argument("--amp", action="store_true",
-                        help="bf16 autocast for the network, for CUDA (the same as amp=true)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the network, for CUDA (the same as compile=true)")
+    acceleration.add_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, values parsed as YAML")
     return parser.parse_args(argv)
@@ -591,8 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(None, int(os.environ.get("RANK", 0)) == 0)
     try:
-        overrides = list(args.overrides) + (["amp=true"] if args.amp else []) \
-            + (["compile=true"] if args.compile else [])
+        overrides = list(args.overrides) + acceleration.flag_overrides(args)
         conf = load_config(args.config, overrides, TRAIN_SCHEMA, loss_sections)
         check_config(conf, args.config)
         trainer = Trainer(conf, args.config, args.resume)

@@ -681,11 +681,8 @@ def environment(device: torch.device) -> dict:
             "cpu": cpu_name(),
             "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
             "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-    try:
-        from model import blocks
-        info["fused_cpu_inference"] = bool(getattr(blocks, "FUSED_CPU_INFERENCE", False))
-    except ImportError:
-        pass
+    from model import blocks
+    info["fused_cpu_inference"] = blocks.FUSED_CPU_INFERENCE
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         # cuDNN convolutions use TF32 by default: "fp32" forwards can beat the fp32 GEMM.

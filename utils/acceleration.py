@@ -8,6 +8,7 @@ to its largest value, and the largest difference of a unit descriptor's componen
 """
 from __future__ import annotations
 
+import argparse
 import logging
 from typing import Any, Callable
 
@@ -16,6 +17,20 @@ import torch
 log = logging.getLogger("scfeat")
 
 TOLERANCE = {"amp": 5e-2, "compile": 1e-3}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--amp`` and ``--compile``: shorthands for the config keys ``amp=true`` and
+    ``compile=true`` of ``train.py`` and ``extract_features.py``."""
+    parser.add_argument("--amp", action="store_true",
+                        help="bf16 autocast for the network, for CUDA (the same as amp=true)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network, for CUDA (the same as compile=true)")
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The config overrides that ``--amp`` / ``--compile`` stand for."""
+    return [f"{key}=true" for key in ("amp", "compile") if getattr(args, key)]
 
 
 def to_float32(outputs: Any) -> Any:
