@@ -29,6 +29,9 @@ import cv2
 import numpy as np
 import torch
 
+# Shared with the downstream evaluations; re-exported here for existing callers.
+from evaluation.matching import mnn_matches, read_feature_file, sift_features  # noqa: F401
+from evaluation.matching import require_files as _require_files
 from utils.atomic import atomic_open, atomic_target
 from utils.errors import SCFeatError
 
@@ -101,15 +104,6 @@ def feature_path(features_root: Path, seq: str, k: int, postfix: str) -> Path:
     return features_root / seq / f"{k}.ppm.{postfix}"
 
 
-def _require_files(paths: list[Path], what: str) -> None:
-    """Raise naming the missing files (all checked before any work is done)."""
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        shown = ", ".join(str(p) for p in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise SCFeatError(f"missing {what} file{'s' if len(missing) > 1 else ''}: {shown}{more}")
-
-
 def read_homography(path: Path) -> np.ndarray:
     """A ``3×3`` homography from a whitespace-separated text file."""
     try:
@@ -122,66 +116,9 @@ def read_homography(path: Path) -> np.ndarray:
     return homography
 
 
-def read_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``keypoints`` (``N×2`` x, y; extra columns ignored) and ``descriptors`` (``N×D``)."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"keypoints", "descriptors"} - set(data.files)
-            if missing:
-                raise SCFeatError(f"feature file {path} lacks {sorted(missing)} (expected an npz "
-                                  f"with keypoints N×2, scores N, descriptors N×D)")
-            keypoints, descriptors = data["keypoints"], data["descriptors"]
-    except SCFeatError:
-        raise
-    except Exception as error:  # np.load raises several types for a corrupt file
-        raise SCFeatError(f"cannot read feature file {path} as npz: {error}") from error
-    if keypoints.size == 0:  # no features: valid, the pairs of this image score 0
-        width = descriptors.shape[-1] if descriptors.ndim == 2 else 0
-        return np.zeros((0, 2)), np.zeros((0, width), np.float32)
-    if keypoints.ndim != 2 or keypoints.shape[1] < 2 or descriptors.ndim != 2 \
-            or len(keypoints) != len(descriptors):
-        raise SCFeatError(f"feature file {path}: expected keypoints N×2 and descriptors N×D with "
-                          f"the same N, got {keypoints.shape} and {descriptors.shape}")
-    return keypoints[:, :2].astype(np.float64), descriptors.astype(np.float32)
-
-
-def sift_features(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """OpenCV SIFT on an image: keypoints ``N×2`` and L2-normalised descriptors ``N×128``."""
-    gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if gray is None:
-        raise SCFeatError(f"cannot read image {path}")
-    keypoints, descriptors = cv2.SIFT_create().detectAndCompute(gray, None)
-    if descriptors is None:
-        return np.zeros((0, 2)), np.zeros((0, 128), np.float32)
-    descriptors = descriptors / np.linalg.norm(descriptors, axis=1, keepdims=True).clip(1e-12)
-    return np.array([kp.pt for kp in keypoints], np.float64), descriptors.astype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------
 # matching and accuracy
 # ---------------------------------------------------------------------------------------------
-
-def mnn_matches(desc1: torch.Tensor, desc2: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Mutual nearest neighbours (max dot product) of ``N×D`` and ``M×D`` → ``K×2`` indices.
-
-    The similarity matrix is built ``chunk`` rows at a time so 20k×20k features fit in memory.
-    """
-    if len(desc1) == 0 or len(desc2) == 0:
-        return torch.zeros(0, 2, dtype=torch.long, device=desc1.device)
-    nn12 = torch.empty(len(desc1), dtype=torch.long, device=desc1.device)
-    best21 = torch.full((len(desc2),), -torch.inf, device=desc1.device)
-    nn21 = torch.zeros(len(desc2), dtype=torch.long, device=desc1.device)
-    for start in range(0, len(desc1), chunk):
-        sim = desc1[start:start + chunk] @ desc2.T
-        nn12[start:start + chunk] = sim.argmax(dim=1)
-        col_best, col_arg = sim.max(dim=0)
-        better = col_best > best21  # strict: ties keep the earliest row, as one big max would
-        best21 = torch.where(better, col_best, best21)
-        nn21 = torch.where(better, col_arg + start, nn21)
-    ids1 = torch.arange(len(desc1), device=desc1.device)
-    mutual = nn21[nn12] == ids1
-    return torch.stack([ids1[mutual], nn12[mutual]], dim=1)
-
 
 def projection_errors(keypoints1: np.ndarray, keypoints2: np.ndarray, matches: np.ndarray,
                       homography: np.ndarray) -> np.ndarray:
