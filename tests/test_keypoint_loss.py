@@ -72,7 +72,8 @@ def make_outputs(score: torch.Tensor, channels: int = 8, gen: torch.Generator | 
 
 @pytest.mark.parametrize("conf, key", [
     ({"loss_distance": "l2"}, "loss_distance"),
-    ({"reward_config": {"rescale_thr": True}}, "rescale_thr"),
+    ({"reward": "disk"}, "reward"),
+    ({"reward_config": {"rescale_thr": "yes"}}, "rescale_thr"),
     ({"reward_config": {"reward_threshold": 2.0}}, "reward_config"),
     ({"grid_size": 0}, "grid_size"),
     ({"fmat_trials": 0}, "fmat_trials"),
@@ -85,6 +86,7 @@ def test_rejects_unsupported_config(conf, key):
 def test_partial_reward_config_keeps_defaults():
     loss = KeypointLoss({"reward_config": {"reward_thr": 3.0}})
     assert loss.conf["reward_config"] == {"reward_thr": 3.0, "rescale_thr": False}
+    assert loss.conf["reward"] == "fmat"
     assert KeypointLoss.needs_detector is True
 
 
@@ -180,28 +182,24 @@ def test_trial_errors_exact_small_degenerate_inf():
 def test_reward_exact_matches_uses_fmat_error():
     scene = exact_matches(24, seed=2)
     loss = KeypointLoss()
-    accepted = torch.ones(1, 24, dtype=torch.bool)
-    reward, good, fmat_error, n_pairs = loss.reward(scene["x1"], scene["x2"], accepted,
-                                                    accepted, scene["F1"], scene["F2"])
+    reward, good, fmat_error, n_pairs = loss.reward(scene["x1"], scene["x2"], scene["F1"],
+                                                    scene["F2"])
     assert good[0].diagonal().all() and int(n_pairs) == 1
     assert fmat_error is not None and 0 <= fmat_error.item() < 1e-3
     assert torch.equal(reward[good], torch.full_like(reward[good], 1 - fmat_error.item()))
     assert torch.equal(reward[~good], torch.full_like(reward[~good], -fmat_error.item()))
-    # rejected keypoints are never good
-    some = accepted.clone()
-    some[0, :20] = False
-    _, good_some, fmat_some, _ = loss.reward(scene["x1"], scene["x2"], some, some,
-                                             scene["F1"], scene["F2"])
-    assert not good_some[0, :20].any() and not good_some[0, :, :20].any()
-    assert fmat_some is None  # at most 4×4 candidates, fewer than 8 of them good
+    # posfeat: never an F-error, good_reward / bad_reward
+    posfeat, good_posfeat, fmat_posfeat, n_posfeat = KeypointLoss({"reward": "posfeat"}).reward(
+        scene["x1"], scene["x2"], scene["F1"], scene["F2"])
+    assert fmat_posfeat is None and int(n_posfeat) == 0 and torch.equal(good_posfeat, good)
+    assert (posfeat[good] == 1.0).all() and (posfeat[~good] == -0.25).all()
 
 
 def test_reward_fallback_with_fewer_than_eight_good_pairs():
     scene = exact_matches(6, seed=3)
     loss = KeypointLoss()
-    accepted = torch.ones(1, 6, dtype=torch.bool)
-    reward, good, fmat_error, n_pairs = loss.reward(scene["x1"], scene["x2"], accepted,
-                                                    accepted, scene["F1"], scene["F2"])
+    reward, good, fmat_error, n_pairs = loss.reward(scene["x1"], scene["x2"], scene["F1"],
+                                                    scene["F2"])
     assert fmat_error is None and int(n_pairs) == 0 and good[0].diagonal().all()
     assert (reward[good] == 1.0).all() and (reward[~good] == -0.25).all()
     assert (~good).any()
@@ -220,9 +218,8 @@ def test_fmat_error_ignores_all_degenerate_pair():
 def test_reward_zero_corner_fundamental_matrix_no_nan():
     scene = exact_matches(24, seed=4, identity_motion=True)
     assert scene["F1"][0, 2, 2].abs() < 1e-12
-    accepted = torch.ones(1, 24, dtype=torch.bool)
-    reward, good, fmat_error, _ = KeypointLoss().reward(scene["x1"], scene["x2"], accepted,
-                                                        accepted, scene["F1"], scene["F2"])
+    reward, good, fmat_error, _ = KeypointLoss().reward(scene["x1"], scene["x2"], scene["F1"],
+                                                        scene["F2"])
     assert good[0].diagonal().all() and torch.isfinite(reward).all()
     assert fmat_error is None or 0 <= fmat_error.item() <= 1
 
@@ -245,9 +242,12 @@ def test_one_cell_loss_by_hand(shift, reward):
     expected = -reward * 2 * logp - kp_penalty_term
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert comp["n_kps"].item() == 2 and comp["n_good"].item() == (1 if reward > 0 else 0)
-    assert comp["kp_penalty"].item() == pytest.approx(0.002 * logp, rel=1e-6)
+    # the original's signs: reinforce = Σ reward·P·(…), kp_penalty positive, loss = −both
+    assert comp["reinforce"].item() == pytest.approx(reward * 2 * logp, rel=1e-6)
+    assert comp["kp_penalty"].item() == pytest.approx(-0.002 * logp, rel=1e-6)
+    assert comp["kp_penalty"].item() > 0
     assert comp["fmat_error"].item() == 0.0
-    assert loss.item() == pytest.approx(comp["reinforce"].item() + comp["kp_penalty"].item())
+    assert loss.item() == pytest.approx(-comp["reinforce"].item() - comp["kp_penalty"].item())
 
 
 def naive_loss(loss_module, batch, out1, out2, epoch) -> torch.Tensor:
@@ -260,7 +260,7 @@ def naive_loss(loss_module, batch, out1, out2, epoch) -> torch.Tensor:
     d2 = sample_features(out2["local_map"], normalize_coords(kp2, height, width))
     temperature = min(conf["temperature_base"] + epoch, conf["temperature_max"])
     log_p = match_log_probabilities(d1, d2, temperature).detach()
-    reward, _, fmat_error, _ = loss_module.reward(kp1, kp2, acc1, acc2, batch["F1"], batch["F2"])
+    reward, _, fmat_error, _ = loss_module.reward(kp1, kp2, batch["F1"], batch["F2"])
     both = (acc1[:, :, None] & acc2[:, None, :]).float()
     terms = reward * log_p.exp() * (log_p + lp1[:, :, None] + lp2[:, None, :]) * both
     scale = 1.0 if fmat_error is None else fmat_error
@@ -435,3 +435,40 @@ def test_generator_state_travels_with_state_dict():
     restored = KeypointLoss()
     restored.load_state_dict(state)
     assert torch.equal(draw_index_sets(torch.tensor([20]), 5, 8, restored.generator), expected)
+
+
+# --------------------------------------------------------------------------- rescale_thr
+
+@pytest.mark.parametrize("rescale, scale1, scale2, offset, good", [
+    (False, 0.5, 0.5, 1.5, True),   # rescale_thr false: the scales are ignored
+    (True, 1.0, 1.0, 1.5, True),
+    (True, 0.5, 1.0, 1.5, False),   # threshold in image 1 becomes 2 × 0.5 = 1 px
+    (True, 1.0, 0.5, 1.5, False),   # threshold in image 2 becomes 1 px
+    (True, 2.0, 2.0, 3.0, True),    # 4 px both ways
+    (True, 2.0, 2.0, 4.5, False),
+])
+def test_rescale_thr_multiplies_the_threshold_by_each_image_scale(rescale, scale1, scale2,
+                                                                    offset, good):
+    fmat1, fmat2 = shifted_stereo(0.0)  # lines y = y1 in image 2, y = y2 in image 1
+    keypoints1 = torch.tensor([[[10.0, 10.0]]])
+    keypoints2 = torch.tensor([[[30.0, 10.0 + offset]]])  # offset px from both lines
+    loss = KeypointLoss({"reward_config": {"reward_thr": 2.0, "rescale_thr": rescale}})
+    scales = (torch.tensor([scale1]), torch.tensor([scale2]))
+    _, mask, _, _ = loss.reward(keypoints1, keypoints2, fmat1, fmat2, scales=scales)
+    assert bool(mask[0, 0, 0]) == good
+
+
+def test_scales_come_from_the_batch_or_default_to_one():
+    batch, out1, out2 = one_cell_batch(0.0)
+    conf = {"grid_size": 4, "reward_config": {"reward_thr": 5.0, "rescale_thr": True}}
+    _, comp = KeypointLoss(conf)(batch, out1, out2, {}, epoch=1)
+    assert comp["scale1"].item() == comp["scale2"].item() == 1.0 and comp["n_good"].item() == 1
+    # scale 0.1: 0.5 px, which proposals one row apart miss (pinned: rows 0 and 1)
+    draws = {"proposals1": torch.tensor([[0]]), "proposals2": torch.tensor([[4]]),
+             "accept1": torch.tensor([[True]]), "accept2": torch.tensor([[True]])}
+    scaled = {**batch, "scale1": torch.tensor([0.1]), "scale2": 0.1}
+    for data, n_good, scale in ((batch, 1, 1.0), (scaled, 0, 0.1)):
+        result = KeypointLoss(conf).evaluate(data, out1, out2, epoch=1, draws=draws)
+        assert result["components"]["n_good"].item() == n_good
+        assert result["components"]["scale1"].item() == pytest.approx(scale)
+        assert result["components"]["scale2"].item() == pytest.approx(scale)
