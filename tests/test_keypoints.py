@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from utils.errors import SCFeatError
-from utils.keypoints import MIN_KEYPOINTS, generate_kpts_single, sample_descriptors
+from utils.keypoints import (MIN_KEYPOINTS, generate_kpts_single, sample_descriptors,
+                             select_keypoints)
 
 
 def _peak_grid(size: int = 64, spacing: int = 3) -> tuple[torch.Tensor, np.ndarray]:
@@ -34,13 +35,16 @@ def test_matches_reference_selection(f2r_reference, prefix, options):
     descriptors = sample_descriptors(desc_map, keypoints, image_hw)
 
     ref_scores = f2r_reference[f"{prefix}/scores"].ravel()
-    order = np.argsort(-ref_scores, kind="stable")
     assert keypoints.shape == (len(ref_scores), 2) and keypoints.dtype == torch.float32
-    np.testing.assert_allclose(scores.numpy(), ref_scores[order], atol=1e-4)
-    np.testing.assert_allclose(keypoints.numpy(), f2r_reference[f"{prefix}/keypoints"][order],
-                               atol=1e-3)
-    np.testing.assert_allclose(descriptors.numpy(), f2r_reference[f"{prefix}/descriptors"][order],
-                               atol=1e-4)
+    # the reference is sorted by score, ours by the pixel's own value: compare as sets
+    ours = np.concatenate([keypoints.numpy(), scores.numpy()[:, None], descriptors.numpy()], 1)
+    theirs = np.concatenate([f2r_reference[f"{prefix}/keypoints"], ref_scores[:, None],
+                             f2r_reference[f"{prefix}/descriptors"]], 1)
+    ours = ours[np.lexsort(np.round(ours[:, :2], 2).T)]
+    theirs = theirs[np.lexsort(np.round(theirs[:, :2], 2).T)]
+    np.testing.assert_allclose(ours[:, 2], theirs[:, 2], atol=1e-4)
+    np.testing.assert_allclose(ours[:, :2], theirs[:, :2], atol=1e-3)
+    np.testing.assert_allclose(ours[:, 3:], theirs[:, 3:], atol=1e-4)
 
 
 def test_single_peak_subpixel_location_and_score():
@@ -48,9 +52,10 @@ def test_single_peak_subpixel_location_and_score():
     score[0, 0, 5, 7] = 3.0
     score[0, 0, 5, 8] = 1.0  # pulls x right by 1/4 of a pixel
     score[0, 0, 4, 7] = 2.0  # pulls y up by 2/6 of a pixel
-    keypoints, scores = generate_kpts_single(score, num_pts=1)
-    assert scores.tolist() == [3.0]
-    torch.testing.assert_close(keypoints, torch.tensor([[7 + 1 / 6, 5 - 2 / 6]]))
+    result = select_keypoints(score, num_pts=1)
+    assert result["n_valid"].tolist() == [1]
+    assert result["scores"][0, 0].item() == 3.0
+    torch.testing.assert_close(result["keypoints_px"][0, :1], torch.tensor([[7 + 1 / 6, 5 - 2 / 6]]))
 
 
 @pytest.mark.parametrize("distance, radius, expected", [
@@ -60,37 +65,55 @@ def test_single_peak_subpixel_location_and_score():
     (3, 2, [1.0, 0.9]),
 ])
 def test_nms_two_peaks(distance, radius, expected):
-    score = torch.zeros(20, 20)
-    score[10, 6] = 1.0
-    score[10, 6 + distance] = 0.9
-    _, scores = generate_kpts_single(score, num_pts=1000, nms_radius=radius)
-    # background plateau pixels survive too, with score 0 (their 3×3 holds no peak)
-    np.testing.assert_allclose(scores[scores > 0].numpy(), expected)
+    score = 0.01 * torch.rand(1, 1, 20, 20, generator=torch.Generator().manual_seed(0))
+    score[0, 0, 10, 6] = 1.0
+    score[0, 0, 10, 6 + distance] = 0.9
+    result = select_keypoints(score, num_pts=None, nms_radius=radius)
+    ranked = result["masked"].flatten().sort(descending=True).values
+    np.testing.assert_allclose(ranked[:len(expected)].numpy(), expected)
+    assert ranked[len(expected)] < 0.01  # the rest: background maxima
 
 
 def test_without_nms_every_interior_pixel_is_a_candidate():
-    score = torch.rand(10, 12)
+    score = torch.rand(14, 16) + 0.1
     keypoints, _ = generate_kpts_single(score, num_pts=10_000, use_nms=False)
-    assert keypoints.shape[0] == 8 * 10
+    assert keypoints.shape[0] == 12 * 14
+    small = torch.rand(10, 12) + 0.1  # 80 interior pixels, fewer than the 128 minimum
+    keypoints, _ = generate_kpts_single(small, num_pts=10_000, use_nms=False)
+    assert keypoints.shape[0] == 8 * 10  # capped at the interior (the original fails)
 
 
-def test_border_pixels_are_dropped_and_ties_keep_raster_order():
-    score = torch.ones(6, 9)  # a plateau: every interior pixel is its window's max
-    keypoints, scores = generate_kpts_single(score, num_pts=10_000, stable=True)
-    assert keypoints.shape[0] == 4 * 7  # (H-2)×(W-2), the one-pixel border never selected
-    assert keypoints[:, 0].min() == 1 and keypoints[:, 0].max() == 7
-    assert keypoints[:, 1].min() == 1 and keypoints[:, 1].max() == 4
-    torch.testing.assert_close(keypoints[:3], torch.tensor([[1.0, 1.0], [2.0, 1.0], [3.0, 1.0]]))
+def test_plateau_keeps_its_raster_first_pixel_and_nothing_at_the_top_left_edge():
+    score = torch.full((1, 1, 12, 12), 0.1)
+    score[0, 0, 5:7, 5:8] = 2.0   # a 2×3 plateau inside: only (5, 5) survives
+    score[0, 0, 1:3, 9] = 3.0     # straddles the first two interior rows: nothing survives
+    score[0, 0, 10, 9:11] = 1.5   # on the bottom edge: the raster-first pixel survives
+    result = select_keypoints(score, num_pts=None, thr=0.5)
+    survivors = torch.nonzero(result["masked"][0] > 0) + 1  # full-map (row, col)
+    assert sorted(map(tuple, survivors.tolist())) == [(5, 5), (10, 9)]
+    assert result["n_valid"].tolist() == [2]
+
+
+def test_ranking_uses_the_pixel_value_and_the_score_is_the_3x3_maximum():
+    score = torch.full((1, 1, 10, 10), 0.1)
+    score[0, 0, 4, 8] = 4.2       # an interior peak ...
+    score[0, 0, 4, 9] = 5.5       # ... next to a larger value in the outer ring
+    score[0, 0, 6, 3] = 5.0       # a larger interior peak
+    result = select_keypoints(score, num_pts=None, thr=1.0)
+    assert result["n_valid"].tolist() == [2]
+    # ranked 5.0 before 4.2 (own values), but the second returns the ring's 5.5
+    assert result["scores"][0, :2].tolist() == [5.0, 5.5]
+    assert result["keypoints_px"][0, 1, 0] > 8  # pulled towards the ring
 
 
 def test_border_values_still_weight_the_neighbourhood():
     """The 3×3 neighbourhood is read from the full map (the fixture's x min 0.77 needs it)."""
-    score = torch.zeros(10, 10)
+    score = torch.zeros(12, 14)
     score[5, 1] = 1.0
     score[5, 0] = 1.0  # a border pixel: not a candidate, but it pulls x to 0.5
     keypoints, scores = generate_kpts_single(score, num_pts=1)
-    torch.testing.assert_close(keypoints, torch.tensor([[0.5, 5.0]]))
-    assert scores.item() == 1.0
+    torch.testing.assert_close(keypoints[:1], torch.tensor([[0.5, 5.0]]))
+    assert scores[0].item() == 1.0
 
 
 @pytest.mark.parametrize("thr, thr_mod", [(0.6, "abs"), (0.5, "max"), (3.0, "mean")])
@@ -99,19 +122,42 @@ def test_threshold_modes(thr, thr_mod):
     interior = score[1:-1, 1:-1]
     reference = {"abs": 1.0, "max": float(interior.max()), "mean": float(interior.mean())}[thr_mod]
     expected = np.sort(values[values > thr * reference])[::-1]
-    assert len(expected) >= MIN_KEYPOINTS  # otherwise the fallback below applies
+    assert len(expected) >= MIN_KEYPOINTS  # otherwise the tail below applies
     _, scores = generate_kpts_single(score, num_pts=10_000, thr=thr, thr_mod=thr_mod)
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-6)
 
 
-def test_too_few_above_threshold_keeps_best_nms_survivors():
+@pytest.mark.parametrize("no_threshold", [None, False, 0, 0.0])
+def test_falsy_thr_means_no_threshold(no_threshold):
     score, values = _peak_grid()
-    assert (values > 0.95).sum() < MIN_KEYPOINTS
-    _, scores = generate_kpts_single(score, num_pts=300, thr=0.95)
-    # threshold ignored: the 300 best NMS survivors, most of them below 0.95
+    _, scores = generate_kpts_single(score, num_pts=300, thr=no_threshold)
     np.testing.assert_allclose(scores.numpy(), np.sort(values)[::-1][:300], rtol=1e-6)
+
+
+def test_fewer_than_128_candidates_fill_the_tail_with_suppressed_pixels():
+    score, values = _peak_grid()
+    assert 0 < (values > 0.95).sum() < MIN_KEYPOINTS
+    result = select_keypoints(score[None, None], num_pts=300, thr=0.95)
+    n_valid = int((values > 0.95).sum())
+    assert result["keypoints_px"].shape == (1, MIN_KEYPOINTS, 2)  # raised to 128, not 300
+    assert result["n_valid"].tolist() == [n_valid]
+    np.testing.assert_allclose(result["scores"][0, :n_valid].numpy(),
+                               np.sort(values[values > 0.95])[::-1], rtol=1e-6)
+    ranked = result["masked"].flatten().sort(descending=True).values
+    assert (ranked[n_valid:] == 0).all()  # the tail ranks with value 0
     _, capped = generate_kpts_single(score, num_pts=200, thr=0.3)
     assert len(capped) == 200 and capped.min() > 0.3
+
+
+def test_batch_returns_the_poorest_elements_count():
+    score, values = _peak_grid()
+    rich = score[None, None]
+    poor = rich.clone()
+    poor[0, 0, 30:] = 0.0  # fewer peaks: the batch gets this element's count
+    result = select_keypoints(torch.cat([rich, poor]), num_pts=None, thr=0.05)
+    n_poor = int((poor[0, 0, 1:-1, 1:-1] > 0.05).sum())
+    assert result["keypoints_px"].shape[1] == n_poor
+    assert result["n_valid"].tolist() == [n_poor, n_poor]
 
 
 def test_sample_descriptors_uses_image_size_and_normalises():
@@ -128,8 +174,16 @@ def test_sample_descriptors_uses_image_size_and_normalises():
 
 
 def test_bad_inputs_raise():
-    with pytest.raises(SCFeatError, match="thr_mod"):
+    with pytest.raises(SCFeatError, match="thr_mod.*cannot run"):
         generate_kpts_single(torch.rand(8, 8), thr=0.5, thr_mod="median")
+    with pytest.raises(SCFeatError, match="softnms.*thr.*cannot run"):
+        generate_kpts_single(torch.rand(8, 8), use_nms="softnms", thr=False)
+    with pytest.raises(SCFeatError, match="stride.*cannot run"):
+        generate_kpts_single(torch.rand(8, 8), stride=2)
+    with pytest.raises(SCFeatError, match="use_nms"):
+        generate_kpts_single(torch.rand(8, 8), use_nms="gaussian")
+    with pytest.raises(SCFeatError, match="nms_radius"):
+        generate_kpts_single(torch.rand(8, 8), nms_radius=6)  # interior 6×6
     with pytest.raises(SCFeatError, match="score map"):
         generate_kpts_single(torch.rand(2, 1, 8, 8))
     with pytest.raises(SCFeatError, match="smaller than 3"):

@@ -1,19 +1,32 @@
 """Keypoint selection from a detector score map, and descriptor sampling at keypoints.
 
-`generate_kpts_single` reproduces the original selection (checked against
-``kp_thr_abs/`` and ``kp_top200/`` of the reference file):
+:func:`select_keypoints` is the original's selection (checked against
+``tests/fixtures/keypoint_selection_reference.npz`` and the ``kp_*`` keys of
+``f2r_detnet_reference.npz``), batched over ``B×1×H×W`` score maps:
 
-* candidates are the pixels of the score map's interior (the one-pixel border is dropped);
-* NMS: a candidate survives when it equals the maximum of its ``(2r+1)²`` window over the
-  interior, reflect-padded;
-* an optional threshold keeps candidates with a score strictly above ``thr`` × (1, the
-  interior's max or its mean for ``thr_mod`` ``abs`` / ``max`` / ``mean``);
-* the location is the score-weighted mean of the 3×3 neighbourhood in the full map (so the
-  dropped border still contributes), the score the 3×3 maximum; coordinates are full-image
-  pixels ``x, y``;
-* the best ``min(num_pts, survivors)`` are kept; when the threshold leaves fewer than
-  ``MIN_KEYPOINTS`` survivors it is ignored, so the best NMS survivors (up to ``num_pts``) are
-  kept instead (``num_pts`` stays a hard cap).
+1. only the interior (the map without its one-pixel outer ring) is eligible;
+2. candidates: hard NMS of radius ``r`` (``use_nms: true``) keeps a pixel iff it is the first
+   position, in raster order, holding the maximum of its ``(2r+1)²`` window on the
+   mirror-padded interior (a plateau keeps only its raster-first pixel; mirrored copies count,
+   so a plateau straddling the first two interior rows or columns keeps nothing); no NMS
+   (``false``) keeps every pixel; soft NMS (``'softnms'``) weights every pixel by
+   ``softplus(score − mean of its window)`` and needs a threshold;
+3. threshold, only when ``thr`` is truthy (``False``, ``0``, ``None``: none): score >
+   ``thr`` × (1, the interior's max or its mean for ``thr_mod`` ``abs`` / ``max`` / ``mean``);
+4. ``N = min(num_pts, count)`` (``count``: candidates of the poorest batch element; ``num_pts``
+   falsy: ``count``), raised to at least ``MIN_KEYPOINTS`` = 128: when fewer candidates
+   survive, the tail is filled with suppressed pixels (ranking value 0), as in the original;
+   ``n_valid`` counts the real ones;
+5. ranking by the pixel's own masked value (score × candidate mask, × the soft-NMS weight);
+6. keypoint = the score-weighted mean of the 3×3 full-map neighbourhood (the outer ring
+   contributes), score = the maximum of that neighbourhood (so returned scores are not
+   necessarily sorted);
+7. ``stable: false``: each of the ``N`` keypoints is a Gumbel-softmax draw over the interior
+   (temperature ``temperature``) of the centroids of step 6, its score the same weighted mean
+   of the pixels' own scores.
+
+Differences (README table): an interior smaller than ``N`` pixels, which makes the original
+fail, caps ``N`` at the interior's size; the Gumbel draws run in blocks (same values).
 """
 from __future__ import annotations
 
@@ -25,77 +38,203 @@ from utils.geometry import normalize_coords, sample_features
 
 MIN_KEYPOINTS = 128
 THRESHOLD_MODES = ("abs", "max", "mean")
+NMS_MODES = (True, False, "softnms")
+_GUMBEL_BLOCK = 1 << 22  # draw × interior-pixel entries per block of Gumbel draws
 
 # The options of generate_kpts_single as a config section (registry name `generate_kpts_single`).
+# `stride` and `temperature` are the original's parameters (only stride 1 runs there).
 default_conf = {"num_pts": 8192, "stable": True, "use_nms": True, "nms_radius": 1,
-                "thr": None, "thr_mod": "abs"}
+                "thr": None, "thr_mod": "abs", "stride": 1, "temperature": 0.1}
 
 
-def _as_2d(score_map: torch.Tensor) -> torch.Tensor:
-    """``1×1×H×W`` or ``H×W`` → ``H×W``."""
+def _check_options(num_pts, stable, use_nms, nms_radius, thr, thr_mod, stride,
+                   temperature) -> None:
+    where = "generate_kpts_single"
+    if thr_mod not in THRESHOLD_MODES:
+        raise SCFeatError(f"{where}: thr_mod must be one of {THRESHOLD_MODES}, got {thr_mod!r} "
+                          f"(the original cannot run another value either)")
+    if not (use_nms is True or use_nms is False or use_nms == "softnms"):
+        raise SCFeatError(f"{where}: use_nms must be true, false or 'softnms', got {use_nms!r}")
+    if use_nms == "softnms" and not thr:
+        raise SCFeatError(f"{where}: use_nms 'softnms' needs a threshold (thr), got "
+                          f"thr={thr!r}; the original cannot run soft NMS without one either")
+    if isinstance(stride, bool) or stride != 1:
+        raise SCFeatError(f"{where}: stride must be 1, got {stride!r} (the original cannot run "
+                          f"another stride either)")
+    if isinstance(nms_radius, bool) or not isinstance(nms_radius, int) or nms_radius < 0:
+        raise SCFeatError(f"{where}: nms_radius must be an integer ≥ 0, got {nms_radius!r}")
+    if num_pts and (isinstance(num_pts, bool) or not isinstance(num_pts, int) or num_pts < 0):
+        raise SCFeatError(f"{where}: num_pts must be a positive integer or null (all), got "
+                          f"{num_pts!r}")
+    if thr and (isinstance(thr, bool) or not isinstance(thr, (int, float))):
+        raise SCFeatError(f"{where}: thr must be a number, or false / 0 / null for no "
+                          f"threshold, got {thr!r}")
+    if not stable and not float(temperature) > 0:
+        raise SCFeatError(f"{where}: temperature must be positive, got {temperature!r}")
+
+
+def hard_nms_mask(interior: torch.Tensor, radius: int) -> torch.Tensor:
+    """``B×h×w`` bool: the pixel is the raster-first position of its window's maximum.
+
+    The window is ``(2r+1)²`` on the interior mirror-padded by ``r`` (the edge pixel is not
+    repeated). A pixel survives iff it is ≥ every later position and > every earlier one.
+    """
+    height, width = interior.shape[-2:]
+    padded = F.pad(interior[:, None], (radius,) * 4, mode="reflect")[:, 0]
+    keep = torch.ones_like(interior, dtype=torch.bool)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dy == 0 and dx == 0:
+                continue
+            other = padded[:, radius + dy:radius + dy + height, radius + dx:radius + dx + width]
+            earlier = dy < 0 or (dy == 0 and dx < 0)
+            keep &= (interior > other) if earlier else (interior >= other)
+    return keep
+
+
+def soft_nms_weight(interior: torch.Tensor, radius: int) -> torch.Tensor:
+    """``B×h×w`` weights ``softplus(score − mean of its (2r+1)² window)``, mirror padding."""
+    padded = F.pad(interior[:, None], (radius,) * 4, mode="reflect")
+    window_mean = F.avg_pool2d(padded, 2 * radius + 1, stride=1)[:, 0]
+    return F.softplus(interior - window_mean)
+
+
+def neighbourhood_centroids(full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every interior pixel of ``B×H×W`` maps: the score-weighted mean of its 3×3
+    full-map neighbourhood (pixel ``x, y``, ``B×h×w×2``) and the neighbourhood's maximum
+    (``B×h×w``). An all-zero neighbourhood gives the pixel itself."""
+    height, width = full.shape[-2:]
+    h, w = height - 2, width - 2
+    total = torch.zeros_like(full[:, 1:-1, 1:-1])
+    shift_x, shift_y = torch.zeros_like(total), torch.zeros_like(total)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            values = full[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+            total = total + values
+            shift_x = shift_x + dx * values
+            shift_y = shift_y + dy * values
+    safe = torch.where(total != 0, total, torch.ones_like(total))
+    ys, xs = torch.meshgrid(torch.arange(1, height - 1, device=full.device, dtype=full.dtype),
+                            torch.arange(1, width - 1, device=full.device, dtype=full.dtype),
+                            indexing="ij")
+    centroid = torch.stack([xs + shift_x / safe, ys + shift_y / safe], dim=-1)
+    maximum = F.max_pool2d(full[:, None], 3, stride=1)[:, 0]
+    return centroid, maximum
+
+
+def _gumbel_draws(masked: torch.Tensor, values: torch.Tensor, n_draws: int, temperature: float,
+                  uniform_noise: torch.Tensor | None, generator: torch.Generator | None
+                  ) -> torch.Tensor:
+    """Weighted means ``B×N×D`` of ``values`` (``B×P×D``) under ``N`` Gumbel-softmax draws of
+    the ranking values ``masked`` (``B×P``): ``softmax((masked + g) / T)``, with
+    ``g = −log(−log(U + 1e-20) + 1e-20)``; ``U`` (``B×N×P``) is given or drawn uniformly."""
+    batch, pixels = masked.shape
+    block = max(1, _GUMBEL_BLOCK // max(pixels, 1))
+    out = []
+    for start in range(0, n_draws, block):
+        count = min(block, n_draws - start)
+        if uniform_noise is not None:
+            uniform = uniform_noise[:, start:start + count].to(masked)
+        else:
+            uniform = torch.rand(batch, count, pixels, generator=generator,
+                                 device=masked.device, dtype=masked.dtype)
+        gumbel = -torch.log(-torch.log(uniform + 1e-20) + 1e-20)
+        weights = torch.softmax((masked[:, None, :] + gumbel) / temperature, dim=-1)
+        out.append(weights @ values)
+    return torch.cat(out, dim=1)
+
+
+def select_keypoints(score_maps: torch.Tensor, num_pts: int | None = 8192, stable: bool = True,
+                     use_nms: bool | str = True, nms_radius: int = 1,
+                     thr: float | None = None, thr_mod: str = "abs", stride: int = 1,
+                     temperature: float = 0.1, uniform_noise: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The original's keypoint selection on ``B×1×H×W`` score maps (see the module doc).
+
+    Returns ``keypoints_px`` (``B×N×2`` pixel ``x, y``), ``keypoints`` (the same normalised,
+    ``(p − (size−1)/2) / ((size−1)/2)``), ``scores`` (``B×N``), ``masked`` (``B×h×w``, the
+    ranking value of each interior pixel), ``n_valid`` (``B``: the first ``n_valid`` entries
+    are real candidates, the rest fill the 128 minimum). Entries are in descending ranking
+    value; ties keep raster order. ``uniform_noise`` (``B×N×h·w``) / ``generator``: the
+    uniforms of the Gumbel draws (``stable: false``).
+    """
+    _check_options(num_pts, stable, use_nms, nms_radius, thr, thr_mod, stride, temperature)
+    if score_maps.dim() != 4 or score_maps.shape[1] != 1:
+        raise SCFeatError(f"select_keypoints: expected B×1×H×W score maps, got shape "
+                          f"{tuple(score_maps.shape)}")
+    full = score_maps[:, 0].detach().float()
+    batch, height, width = full.shape
+    if height < 3 or width < 3:
+        raise SCFeatError(f"generate_kpts_single: score map {height}×{width} is smaller "
+                          f"than 3×3")
+    interior = full[:, 1:-1, 1:-1]
+    if use_nms is not False and nms_radius >= min(interior.shape[-2:]):
+        raise SCFeatError(f"generate_kpts_single: nms_radius {nms_radius} needs an interior "
+                          f"larger than {nms_radius} pixels per side (mirror padding), the "
+                          f"score map is {height}×{width}")
+
+    candidates = torch.ones_like(interior, dtype=torch.bool)
+    if thr:
+        reference = {"abs": torch.ones(batch, device=full.device),
+                     "max": interior.flatten(1).max(1).values,
+                     "mean": interior.flatten(1).mean(1)}[thr_mod]
+        candidates &= interior > thr * reference[:, None, None]
+    masked = interior
+    if use_nms == "softnms":
+        masked = soft_nms_weight(interior, nms_radius) * interior
+    elif use_nms:
+        candidates &= hard_nms_mask(interior, nms_radius)
+    masked = masked * candidates
+
+    count = int(candidates.flatten(1).sum(1).min())
+    n_points = min(num_pts, count) if num_pts else count
+    n_points = min(max(n_points, MIN_KEYPOINTS), interior[0].numel())  # cap: ours, see doc
+    centroid, neighbourhood_max = neighbourhood_centroids(full)
+    flat_masked = masked.flatten(1)  # B×P
+    if stable:
+        order = torch.sort(flat_masked, dim=1, descending=True, stable=True).indices[:, :n_points]
+        keypoints_px = centroid.flatten(1, 2).gather(1, order[..., None].expand(-1, -1, 2))
+        scores = neighbourhood_max.flatten(1).gather(1, order)
+        n_valid = (flat_masked.gather(1, order) > 0).sum(1)
+    else:
+        values = torch.cat([normalize_coords(centroid.flatten(1, 2), height, width),
+                            interior.flatten(1)[..., None]], dim=-1)  # B×P×3
+        drawn = _gumbel_draws(flat_masked, values, n_points, float(temperature),
+                              uniform_noise, generator)
+        keypoints_n, scores = drawn[..., :2], drawn[..., 2]
+        scale = keypoints_n.new_tensor([(width - 1) / 2.0, (height - 1) / 2.0])
+        keypoints_px = keypoints_n * scale + scale
+        n_valid = candidates.flatten(1).sum(1).clamp(max=n_points)
+    keypoints = (normalize_coords(keypoints_px, height, width) if stable else keypoints_n)
+    return {"keypoints_px": keypoints_px, "keypoints": keypoints, "scores": scores,
+            "masked": masked, "n_valid": n_valid}
+
+
+def _as_batch(score_map: torch.Tensor) -> torch.Tensor:
+    """``1×1×H×W`` or ``H×W`` → ``1×1×H×W``."""
     if score_map.dim() == 4 and score_map.shape[:2] == (1, 1):
-        return score_map[0, 0]
-    if score_map.dim() == 2:
         return score_map
+    if score_map.dim() == 2:
+        return score_map[None, None]
     raise SCFeatError(f"generate_kpts_single: expected a 1×1×H×W or H×W score map, "
                       f"got shape {tuple(score_map.shape)}")
 
 
-def nms_mask(scores: torch.Tensor, radius: int) -> torch.Tensor:
-    """``H×W`` bool: pixels equal to the max of their ``(2r+1)²`` window (reflect padding)."""
-    if radius <= 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    padded = F.pad(scores[None, None], (radius,) * 4, mode="reflect")
-    window_max = F.max_pool2d(padded, 2 * radius + 1, stride=1)[0, 0]
-    return scores == window_max
-
-
-def generate_kpts_single(score_map: torch.Tensor, num_pts: int = 8192, stable: bool = True,
-                         use_nms: bool = True, nms_radius: int = 1, thr: float | None = None,
-                         thr_mod: str = "abs") -> tuple[torch.Tensor, torch.Tensor]:
+def generate_kpts_single(score_map: torch.Tensor, num_pts: int | None = 8192,
+                         stable: bool = True, use_nms: bool | str = True, nms_radius: int = 1,
+                         thr: float | None = None, thr_mod: str = "abs", stride: int = 1,
+                         temperature: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """Select keypoints from one score map (``1×1×H×W`` or ``H×W``, H, W ≥ 3).
 
-    Returns ``keypoints`` (``N×2`` float32 pixel ``x, y``) and ``scores`` (``N``), best
-    score first, on the input's device. ``stable`` sorts stably, so equal scores keep
-    raster order (y, then x) and the output is deterministic.
+    Returns ``keypoints`` (``N×2`` float32 pixel ``x, y``) and ``scores`` (``N``) on the
+    input's device, in descending ranking value (:func:`select_keypoints`), all ``N`` of
+    them as the original returns them: when fewer than 128 candidates survive, the last
+    ``N − n_valid`` are suppressed pixels filling the 128 minimum.
     """
-    if thr_mod not in THRESHOLD_MODES:
-        raise SCFeatError(f"generate_kpts_single: thr_mod must be one of {THRESHOLD_MODES}, "
-                          f"got {thr_mod!r}")
-    if nms_radius < 0 or num_pts < 1:
-        raise SCFeatError(f"generate_kpts_single: expected nms_radius >= 0 and num_pts >= 1, "
-                          f"got nms_radius={nms_radius}, num_pts={num_pts}")
-    full = _as_2d(score_map).detach().float()
-    height, width = full.shape
-    if height < 3 or width < 3:
-        raise SCFeatError(f"generate_kpts_single: score map {height}×{width} is smaller "
-                          f"than 3×3")
-    interior = full[1:-1, 1:-1]
-    radius = min(nms_radius, min(interior.shape) - 1)  # reflect padding needs radius < size
-    candidates = (nms_mask(interior, radius) if use_nms
-                  else torch.ones_like(interior, dtype=torch.bool))
-
-    passing = candidates
-    if thr is not None:
-        reference = {"abs": 1.0, "max": interior.max(), "mean": interior.mean()}[thr_mod]
-        passing = candidates & (interior > thr * reference)
-        if int(passing.sum()) < MIN_KEYPOINTS:
-            passing = candidates  # too few above threshold: fall back to the best NMS survivors
-
-    ys, xs = torch.nonzero(passing, as_tuple=True)  # interior indices, raster order
-    ys, xs = ys + 1, xs + 1  # full-map pixel of each candidate
-    offsets = torch.arange(-1, 2, device=full.device)
-    dy, dx = torch.meshgrid(offsets, offsets, indexing="ij")  # the 3×3 cells, raster order
-    neighbours = (ys * width + xs)[:, None] + (dy * width + dx).flatten()[None, :]  # N×9
-    weights = full.flatten()[neighbours]  # 3×3 neighbourhoods in the full map
-    total = weights.sum(1).clamp(min=1e-12)
-    shifts = torch.stack([dx.flatten(), dy.flatten()], dim=1).float()  # 9×2 (x, y)
-    keypoints = torch.stack([xs, ys], dim=1).float() + (weights @ shifts) / total[:, None]
-    scores = weights.max(1).values
-
-    keep = min(num_pts, scores.numel())
-    order = torch.sort(scores, descending=True, stable=stable).indices[:keep]
-    return keypoints[order], scores[order]
+    result = select_keypoints(_as_batch(score_map), num_pts=num_pts, stable=stable,
+                              use_nms=use_nms, nms_radius=nms_radius, thr=thr, thr_mod=thr_mod,
+                              stride=stride, temperature=temperature)
+    return result["keypoints_px"][0], result["scores"][0]
 
 
 generate_kpts_single.default_conf = default_conf  # the registry reads `default_conf` of a name
