@@ -17,7 +17,6 @@ first letter of each pair's sequence, ``n_feats`` the features of every image an
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -31,6 +30,7 @@ import torch
 
 # Shared with the downstream evaluations; re-exported here for existing callers.
 from evaluation.matching import mnn_matches, read_feature_file, sift_features  # noqa: F401
+from evaluation.matching import files_signature as shared_files_signature
 from evaluation.matching import require_files as _require_files
 from utils.atomic import atomic_open, atomic_target
 from utils.errors import SCFeatError
@@ -183,15 +183,9 @@ def _progress(sequences: list[str]):
 # ---------------------------------------------------------------------------------------------
 
 def files_signature(paths: list[Path], extra: str = "") -> str:
-    """sha1 over the files' names, sizes and modification times (and `extra`).
-
-    Any rewritten, added or removed file changes it, so a stale cache is never reused.
-    """
-    digest = hashlib.sha1(f"{PROTOCOL_VERSION}\n{extra}\n".encode())
-    for path in sorted(paths):
-        stat = path.stat()
-        digest.update(f"{path.resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+    """sha1 over the protocol version, ``extra`` and the files' names, sizes and modification
+    times (:func:`evaluation.matching.files_signature`): a stale cache is never reused."""
+    return shared_files_signature(paths, f"{PROTOCOL_VERSION}\n{extra}")
 
 
 def save_cache(path: Path, cache: Cache) -> None:

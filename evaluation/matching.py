@@ -63,12 +63,13 @@ def read_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return keypoints[:, :2].astype(np.float64), descriptors.astype(np.float32)
 
 
-def write_feature_file(path: Path, keypoints: np.ndarray, descriptors: np.ndarray) -> None:
-    """``keypoints`` ``N×2`` and ``descriptors`` ``N×D`` to ``path`` (npz, atomically, no
-    ``.npz`` appended), readable by :func:`read_feature_file`."""
+def write_feature_file(path: Path, keypoints: np.ndarray, descriptors: np.ndarray,
+                       **extra: np.ndarray) -> None:
+    """``keypoints`` ``N×2`` and ``descriptors`` ``N×D`` (and any ``extra`` arrays) to ``path``
+    (npz, atomically, no ``.npz`` appended), readable by :func:`read_feature_file`."""
     with atomic_open(path) as handle:
         np.savez(handle, keypoints=np.asarray(keypoints, np.float32),
-                 descriptors=np.asarray(descriptors, np.float32))
+                 descriptors=np.asarray(descriptors, np.float32), **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,19 +118,26 @@ def method_label(method: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
 
 
-def method_signature(method: str, extra: str = "") -> str:
-    """sha1 of what makes a method's features: the checkpoint files' names, sizes and times
-    (and the run's ``config.yaml``), or OpenCV's version for SIFT; plus ``extra``."""
-    digest = hashlib.sha1(f"{extra}\n".encode())
-    if method == SIFT:
-        digest.update(f"sift opencv-{cv2.__version__}".encode())
-        return digest.hexdigest()
-    folder = Path(method)
-    for path in [folder / name for name in CHECKPOINT_FILES] + [folder.parent / "config.yaml"]:
-        if path.is_file():
-            stat = path.stat()
-            digest.update(f"{path.resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+def files_signature(paths: list[Path], header: str = "") -> str:
+    """sha1 over ``header`` and the files' names, sizes and modification times.
+
+    Any rewritten, added or removed file changes it, so a stale cache is never reused.
+    """
+    digest = hashlib.sha1(f"{header}\n".encode())
+    for path in sorted(paths):
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def method_signature(method: str, extra: str = "") -> str:
+    """:func:`files_signature` of what makes a method's features: the checkpoint files (and the
+    run's ``config.yaml``), or OpenCV's version for SIFT; plus ``extra``."""
+    if method == SIFT:
+        return files_signature([], f"{extra}\nsift opencv-{cv2.__version__}")
+    folder = Path(method)
+    sources = [folder / name for name in CHECKPOINT_FILES] + [folder.parent / "config.yaml"]
+    return files_signature([p for p in sources if p.is_file()], f"{extra}\ncheckpoint")
 
 
 def make_extractor(method: str, max_keypoints: int,
@@ -205,13 +213,13 @@ def match_numpy(desc1: np.ndarray, desc2: np.ndarray, ratio: float | None = None
 # per-image feature caches
 # ---------------------------------------------------------------------------------------------
 
-def cached_features(method: str, images: dict[str, Callable[[], np.ndarray]], folder: Path,
-                    max_keypoints: int, device: torch.device | str | None = None,
+def cached_features(method: str, images: dict[str, Callable[[], tuple[np.ndarray, dict]]],
+                    folder: Path, max_keypoints: int, device: torch.device | str | None = None,
                     ) -> dict[str, Path]:
     """Features of every image, written once to ``<folder>/<key>.npz`` and reused afterwards.
 
-    ``images``: ``{key: function returning the H×W×3 uint8 RGB image}`` (keys may contain
-    ``/``). ``folder`` must be specific to the method and everything that changes its
+    ``images``: ``{key: function returning (the H×W×3 uint8 RGB image, extra arrays to store
+    beside the features)}`` (keys may contain ``/``). ``folder`` must be specific to the method and everything that changes its
     features (see :func:`method_signature`). The network is loaded only when a file is
     missing. Returns ``{key: feature file}``.
     """
@@ -221,8 +229,9 @@ def cached_features(method: str, images: dict[str, Callable[[], np.ndarray]], fo
         logger.info("%s: extracting %d images into %s", method_label(method), len(todo), folder)
         extract = make_extractor(method, max_keypoints, device)
         for key in _progress(todo, method_label(method)):
-            keypoints, descriptors = extract(images[key]())
-            write_feature_file(paths[key], keypoints, descriptors)
+            image, extra = images[key]()
+            keypoints, descriptors = extract(image)
+            write_feature_file(paths[key], keypoints, descriptors, **extra)
     return paths
 
 

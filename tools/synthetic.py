@@ -13,6 +13,12 @@ Each scene is a handful of textured rectangles at different depths and orientati
 single plane, which would make the fundamental matrix degenerate), rendered by ray casting with
 a z-buffer, with per-image lighting.
 
+``python -m tools.synthetic megadepth1500 --out DIR [--scenes N] [--images N] [--pairs N]
+[--size HxW] [--seed S] [--overwrite]`` writes relative-pose test pairs at varied overlaps in
+both MegaDepth-1500 layouts (glue-factory's ``pairs_calibrated.txt`` and LoFTR's
+``megadepth_test_1500_scene_info/*.npz``), with the ground-truth cameras of every scene (see
+:func:`make_megadepth1500`), for ``evaluate_pose.py``, ``reconstruct.py`` and ``localize.py``.
+
 ``python -m tools.synthetic hpatches --out DIR [--sequences N] [--size HxW] [--seed S]`` writes
 ``DIR/{i,v}_<photo>/{1..6}.ppm`` and ``H_1_2 .. H_1_6`` (3×3 text, image-1 pixels → image-k
 pixels): viewpoint sequences by random homographies, illumination sequences by photometric
@@ -389,6 +395,102 @@ def make_megadepth(out: str | Path, scenes: int = 3, pairs: int = 20,
     return {"scenes": scenes, "images": scenes * images, "pairs": total_pairs}
 
 
+# ----------------------------------------------------------------------------- MegaDepth-1500
+
+OVERLAP_BINS = ((0.3, 0.5), (0.5, 0.7), (0.7, 1.0))  # pairs are drawn evenly from each bin
+SCENE_INFO_DIR = "megadepth_test_1500_scene_info"
+PAIRS_CALIBRATED = "pairs_calibrated.txt"
+
+
+def _pair_candidates(cameras: list[Camera], depths: list[np.ndarray]) -> list[tuple[int, int, float]]:
+    """``(i, j, overlap)`` of the pairs usable for relative pose: both-way covisible fraction
+    ≥ 0.3, rotation < 60°, a baseline (a pure rotation has no translation direction)."""
+    candidates = []
+    for i in range(len(cameras)):
+        for j in range(i + 1, len(cameras)):
+            overlap = min(covisible_fraction(depths[i], cameras[i], depths[j], cameras[j])[0],
+                          covisible_fraction(depths[j], cameras[j], depths[i], cameras[i])[0])
+            centres = [-c.R.T @ c.t for c in (cameras[i], cameras[j])]
+            if (overlap >= OVERLAP_BINS[0][0] and _rotation_angle_deg(cameras[i], cameras[j]) < 60
+                    and np.linalg.norm(centres[0] - centres[1]) > 0.2):
+                candidates.append((i, j, overlap))
+    return candidates
+
+
+def make_megadepth1500_scene(out: Path, scene: str, rng: np.random.Generator,
+                             photos: dict[str, np.ndarray], images: int, pairs: int,
+                             size: tuple[int, int]) -> list[str]:
+    """Render one scene into ``out`` (images, poses, LoFTR scene-info files) → its lines of
+    ``pairs_calibrated.txt``."""
+    height, width = size
+    cameras = [random_camera(rng, height, width) for _ in range(images)]
+    planes = random_scene(rng, photos, float(np.mean([c.K[0, 0] for c in cameras])))
+    sky = rng.uniform(90, 230, size=(2, 3)).astype(np.float32)
+    names = [f"img_{i:03d}.jpg" for i in range(images)]
+    depths = []
+    pose_lines = ["# image_name width height fx fy cx cy R11 .. R33 t1 t2 t3 ([R|t] world→camera)"]
+    for name, camera in zip(names, cameras):
+        image, depth = _lit_image(rng, planes, camera, height, width, sky)
+        depths.append(depth)
+        _write_bytes(out / "images" / scene / name,
+                     _encode(image, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 95]))
+        K = camera.K
+        pose_lines.append(f"{name} {width} {height} {_fmt([K[0, 0], K[1, 1], K[0, 2], K[1, 2]])} "
+                          f"{_fmt(camera.R)} {_fmt(camera.t)}")
+    _write_bytes(out / "poses" / f"{scene}.txt", ("\n".join(pose_lines) + "\n").encode())
+    candidates = _pair_candidates(cameras, depths)
+    lines = []
+    for index, (low, high) in enumerate(OVERLAP_BINS):
+        in_bin = [c for c in candidates if low <= c[2] < high or (high == 1.0 and c[2] == 1.0)]
+        quota = pairs // len(OVERLAP_BINS) + (index < pairs % len(OVERLAP_BINS))
+        if len(in_bin) > quota:
+            keep = np.sort(rng.choice(len(in_bin), size=quota, replace=False))
+            in_bin = [in_bin[k] for k in keep]
+        if not in_bin:
+            continue
+        pair_infos = np.empty(len(in_bin), dtype=object)
+        for k, (i, j, overlap) in enumerate(in_bin):
+            pair_infos[k] = ((i, j), float(overlap), np.zeros((0, 2)))  # LoFTR's (ids, score, central matches)
+            relative = cameras[j].pose @ np.linalg.inv(cameras[i].pose)
+            lines.append(f"{scene}/{names[i]} {scene}/{names[j]} {_fmt(cameras[i].K)} "
+                         f"{_fmt(cameras[j].K)} {_fmt(relative[:3, :3])} {_fmt(relative[:3, 3])}")
+        scene_info = out / SCENE_INFO_DIR / f"{scene}_{low:.1f}_{high:.1f}.npz"
+        scene_info.parent.mkdir(parents=True, exist_ok=True)
+        with open(scene_info, "wb") as handle:  # a handle keeps np.savez from appending .npz
+            np.savez(handle, image_paths=np.array([f"images/{scene}/{n}" for n in names], object),
+                     depth_paths=np.array([None] * images, object),
+                     intrinsics=np.stack([c.K for c in cameras]),
+                     poses=np.stack([c.pose for c in cameras]), pair_infos=pair_infos)
+    return lines
+
+
+def make_megadepth1500(out: str | Path, scenes: int = 3, images: int = 12, pairs: int = 15,
+                       size: tuple[int, int] = (240, 320), seed: int = 0,
+                       overwrite: bool = False) -> dict[str, int]:
+    """Write a synthetic relative-pose test set in the MegaDepth-1500 layouts::
+
+        DIR/images/<scene>/img_XXX.jpg
+        DIR/pairs_calibrated.txt                       (glue-factory: name0 name1 K0 K1 R t)
+        DIR/megadepth_test_1500_scene_info/<scene>_<lo>_<hi>.npz   (LoFTR, one per overlap bin)
+        DIR/poses/<scene>.txt                          (img_cam.txt layout: ground-truth cameras)
+
+    ``pairs`` per scene, drawn evenly from the overlap bins ``OVERLAP_BINS`` (fewer where a
+    bin has too few). Returns counts ``{'scenes', 'images', 'pairs'}``.
+    """
+    if scenes < 1 or images < 2 or pairs < 1:
+        raise SCFeatError(f"synthetic megadepth1500: need scenes ≥ 1, images ≥ 2 and pairs ≥ 1 "
+                          f"(got {scenes}, {images}, {pairs})")
+    photos = {name: load_photo(name) for name in MEGADEPTH_PHOTOS}
+    lines = []  # no comment line: glue-factory's reader takes every line as a pair
+    with atomic_directory(Path(out), overwrite) as tmp:
+        for scene in range(scenes):
+            rng = np.random.default_rng([seed, 20_000 + scene])  # disjoint from the training scenes
+            lines += make_megadepth1500_scene(tmp, f"synth_{scene:04d}", rng, photos, images,
+                                              pairs, size)
+        (tmp / PAIRS_CALIBRATED).write_text("\n".join(lines) + "\n")
+    return {"scenes": scenes, "images": scenes * images, "pairs": len(lines)}
+
+
 # ----------------------------------------------------------------------------- HPatches
 
 def _cover(photo: np.ndarray, height: int, width: int, margin: float) -> np.ndarray:
@@ -486,11 +588,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     mega.add_argument("--images", type=int, default=8, help="images per scene")
     mega.add_argument("--pairs", type=int, default=20, help="at most this many pairs per scene")
     mega.add_argument("--size", default="128x160", help="HEIGHTxWIDTH")
+    pose = sub.add_parser("megadepth1500", help="relative-pose test pairs in the MegaDepth-1500 "
+                                                "layouts (glue-factory and LoFTR)")
+    pose.add_argument("--out", required=True, help="output folder")
+    pose.add_argument("--scenes", type=int, default=3)
+    pose.add_argument("--images", type=int, default=12, help="images per scene")
+    pose.add_argument("--pairs", type=int, default=15, help="at most this many pairs per scene")
+    pose.add_argument("--size", default="240x320", help="HEIGHTxWIDTH")
     hpatch = sub.add_parser("hpatches", help="HPatches-sequences evaluation data")
     hpatch.add_argument("--out", required=True, help="output folder")
     hpatch.add_argument("--sequences", type=int, default=8)
     hpatch.add_argument("--size", default="240x320", help="HEIGHTxWIDTH")
-    for p in (mega, hpatch):
+    for p in (mega, pose, hpatch):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
@@ -500,6 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.kind == "megadepth":
             counts = make_megadepth(args.out, args.scenes, args.pairs, size, args.seed, args.images,
                                     args.overwrite)
+        elif args.kind == "megadepth1500":
+            counts = make_megadepth1500(args.out, args.scenes, args.images, args.pairs, size,
+                                        args.seed, args.overwrite)
         else:
             counts = make_hpatches(args.out, args.sequences, size, args.seed, args.overwrite)
     except SCFeatError as error:
