@@ -183,7 +183,19 @@ def test_bad_inputs_raise():
     with pytest.raises(SCFeatError, match="use_nms"):
         generate_kpts_single(torch.rand(8, 8), use_nms="gaussian")
     with pytest.raises(SCFeatError, match="nms_radius"):
-        generate_kpts_single(torch.rand(8, 8), nms_radius=6)  # interior 6×6
+        generate_kpts_single(torch.rand(8, 8), nms_radius=-1)
+
+
+def test_tiny_maps_that_the_original_cannot_select_from_still_work():
+    """A 3×3 map (interior 1 pixel; the original fails: radius ≥ the interior, N = 128 >
+    pixels): the radius shrinks to fit and N is capped, so option probes can run."""
+    keypoints, scores = generate_kpts_single(torch.rand(3, 3) + 0.5, nms_radius=2)
+    assert keypoints.shape == (1, 2) and scores.shape == (1,)
+    score = torch.full((1, 1, 6, 6), 0.1)
+    score[0, 0, 4, 4] = 1.0  # the last interior pixel: its mirrored copies come later
+    result = select_keypoints(score, nms_radius=4, num_pts=None)
+    assert result["keypoints_px"].shape == (1, 16, 2) and result["n_valid"].item() == 1
+    assert result["scores"][0, 0].item() == 1.0
     with pytest.raises(SCFeatError, match="score map"):
         generate_kpts_single(torch.rand(2, 1, 8, 8))
     with pytest.raises(SCFeatError, match="smaller than 3"):

@@ -25,8 +25,10 @@
    (temperature ``temperature``) of the centroids of step 6, its score the same weighted mean
    of the pixels' own scores.
 
-Differences (README table): an interior smaller than ``N`` pixels, which makes the original
-fail, caps ``N`` at the interior's size; the Gumbel draws run in blocks (same values).
+Differences (README table), for maps so small that the original fails: an interior smaller
+than ``N`` pixels caps ``N`` at the interior's size, and an NMS radius not smaller than the
+interior's side is reduced to fit the mirror padding. The Gumbel draws run in blocks of draws
+(the same values, bounded memory).
 """
 from __future__ import annotations
 
@@ -168,10 +170,8 @@ def select_keypoints(score_maps: torch.Tensor, num_pts: int | None = 8192, stabl
         raise SCFeatError(f"generate_kpts_single: score map {height}×{width} is smaller "
                           f"than 3×3")
     interior = full[:, 1:-1, 1:-1]
-    if use_nms is not False and nms_radius >= min(interior.shape[-2:]):
-        raise SCFeatError(f"generate_kpts_single: nms_radius {nms_radius} needs an interior "
-                          f"larger than {nms_radius} pixels per side (mirror padding), the "
-                          f"score map is {height}×{width}")
+    # mirror padding needs radius < interior size; the original fails on such tiny maps
+    nms_radius = min(nms_radius, min(interior.shape[-2:]) - 1)
 
     candidates = torch.ones_like(interior, dtype=torch.bool)
     if thr:
