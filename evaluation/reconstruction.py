@@ -1,0 +1,226 @@
+"""3-D reconstruction with pycolmap and the measures of the ETH local-feature benchmark.
+
+Steps: features of every image (``sift`` or a checkpoint, cached), exhaustive mutual
+nearest-neighbour matching, import into a COLMAP database, COLMAP's geometric verification,
+incremental mapping. Reported (:func:`reconstruction_statistics`): registered images, 3-D
+points, observations, mean track length, mean reprojection error (pixels) — the ETH table —
+and, with ground-truth cameras (``img_cam.txt`` layout, e.g. ``tools.synthetic
+megadepth1500``'s ``poses/<scene>.txt``), the rotation and camera-centre errors of the
+registered images after a similarity alignment of the camera centres (:func:`pose_errors`).
+
+COLMAP puts pixel centres at ``x + 0.5`` (the top-left corner is 0); our keypoints and
+intrinsics put them at integers, so both are shifted by 0.5 on the way in (as hloc does).
+Ground-truth intrinsics, when given, are used as fixed ``PINHOLE`` cameras; without them
+every image gets a ``SIMPLE_RADIAL`` camera from COLMAP's focal prior, refined by the mapper.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dataloader.megadepth import CameraRecord, read_img_cam
+from evaluation.matching import (cached_features, check_method, match_numpy, method_label,
+                                 method_signature, read_feature_file, read_rgb)
+from utils.errors import SCFeatError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")
+COLMAP_PIXEL_OFFSET = 0.5  # COLMAP's pixel centres are at x + 0.5
+
+
+def _pycolmap():
+    try:
+        import pycolmap
+    except ImportError as error:
+        raise SCFeatError("reconstruction and localisation need pycolmap "
+                          "(pip install pycolmap)") from error
+    return pycolmap
+
+
+def list_images(folder: str | Path) -> list[str]:
+    """Sorted image file names of ``folder`` (suffixes ``IMAGE_SUFFIXES``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SCFeatError(f"--images {folder}: not a folder of images")
+    names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(names) < 2:
+        raise SCFeatError(f"--images {folder}: expected at least 2 images "
+                          f"({', '.join(IMAGE_SUFFIXES)}), found {len(names)}")
+    return names
+
+
+def read_ground_truth(path: str | Path, names: list[str]) -> dict[str, CameraRecord]:
+    """Ground-truth cameras (``img_cam.txt`` layout) of ``names``; every name must be there."""
+    cameras, rejected = read_img_cam(Path(path))
+    for name, (cause, where) in rejected.items():
+        if name in names:
+            raise SCFeatError(f"{where}: {cause} (camera of {name})")
+    missing = [name for name in names if name not in cameras]
+    if missing:
+        raise SCFeatError(f"{path}: no camera for {', '.join(missing[:5])}"
+                          f"{' and more' if len(missing) > 5 else ''} (expected one line per "
+                          f"image: name w h fx fy cx cy R(9) t(3))")
+    return {name: cameras[name] for name in names}
+
+
+def extract_features(method: str, images_dir: Path, names: list[str], cache_dir: Path,
+                     max_keypoints: int, device: torch.device | str | None = None,
+                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{name: (keypoints N×2, descriptors N×D)}`` of every image, cached under
+    ``<cache_dir>/<label>-<hash>/`` (keyed by the checkpoint and ``max_keypoints``)."""
+    check_method(method, "--features")
+    key = method_signature(method, f"full-size max_keypoints={max_keypoints} "
+                                   f"folder={Path(images_dir).resolve()}")
+    folder = Path(cache_dir) / f"{method_label(method)}-{key[:16]}"
+    loaders = {name: (lambda path=Path(images_dir) / name: (read_rgb(path), {}))
+               for name in names}
+    files = cached_features(method, loaders, folder, max_keypoints, device)
+    return {name: read_feature_file(files[name]) for name in names}
+
+
+def exhaustive_matches(features: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str],
+                       ratio: float | None = None, device: torch.device | str = "cpu",
+                       ) -> dict[tuple[str, str], np.ndarray]:
+    """Mutual nearest-neighbour matches ``K×2`` of every pair ``(names[i], names[j])``, i < j."""
+    return {(a, b): match_numpy(features[a][1], features[b][1], ratio, device)
+            for i, a in enumerate(names) for b in names[i + 1:]}
+
+
+def colmap_camera(record: CameraRecord):
+    """A fixed ``PINHOLE`` pycolmap camera from ground truth (principal point in COLMAP's
+    convention)."""
+    pycolmap = _pycolmap()
+    K = record.K
+    return pycolmap.Camera(model="PINHOLE", width=record.width, height=record.height,
+                           params=[K[0, 0], K[1, 1], K[0, 2] + COLMAP_PIXEL_OFFSET,
+                                   K[1, 2] + COLMAP_PIXEL_OFFSET])
+
+
+def build_database(database: Path, images_dir: Path, names: list[str],
+                   features: dict[str, tuple[np.ndarray, np.ndarray]],
+                   matches: dict[tuple[str, str], np.ndarray],
+                   cameras: dict[str, CameraRecord] | None = None) -> dict[str, int]:
+    """A new COLMAP database with one camera per image, the keypoints and the raw matches, then
+    COLMAP's geometric verification of every matched pair. Returns ``{name: image_id}``."""
+    pycolmap = _pycolmap()
+    database = Path(database)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    database.unlink(missing_ok=True)
+    pycolmap.Database.open(database).close()  # import_images wants an existing file
+    options = pycolmap.ImageReaderOptions()
+    options.camera_model = "PINHOLE" if cameras else "SIMPLE_RADIAL"
+    pycolmap.import_images(database, images_dir, pycolmap.CameraMode.PER_IMAGE, names, options)
+    with pycolmap.Database.open(database) as db:
+        ids = {image.name: image.image_id for image in db.read_all_images()}
+        for image in db.read_all_images():
+            if cameras:
+                camera = colmap_camera(cameras[image.name])
+                camera.camera_id = image.camera_id
+                camera.has_prior_focal_length = True
+                db.update_camera(camera)
+            keypoints = features[image.name][0] + COLMAP_PIXEL_OFFSET
+            db.write_keypoints(image.image_id, keypoints.astype(np.float32))
+        for (a, b), pair_matches in matches.items():
+            db.write_matches(ids[a], ids[b], pair_matches.astype(np.uint32))
+    pairs_file = database.with_suffix(".pairs.txt")
+    pairs_file.write_text("".join(f"{a} {b}\n" for a, b in matches))
+    pycolmap.verify_matches(database, pairs_file, pycolmap.TwoViewGeometryOptions())
+    return ids
+
+
+def run_mapper(database: Path, images_dir: Path, out_dir: Path, fixed_intrinsics: bool,
+               seed: int = 0):
+    """Incremental mapping → the reconstruction with the most registered images (or None)."""
+    pycolmap = _pycolmap()
+    options = pycolmap.IncrementalPipelineOptions()
+    options.num_threads = min(torch.get_num_threads(), 4)
+    options.random_seed = seed
+    if fixed_intrinsics:
+        options.ba_refine_focal_length = False
+        options.ba_refine_principal_point = False
+        options.ba_refine_extra_params = False
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reconstructions = pycolmap.incremental_mapping(database, images_dir, out_dir, options)
+    if not reconstructions:
+        return None
+    return max(reconstructions.values(), key=lambda r: r.num_reg_images())
+
+
+def reconstruction_statistics(reconstruction, num_images: int) -> dict:
+    """The ETH benchmark's measures of a pycolmap reconstruction (None: nothing registered)."""
+    if reconstruction is None:
+        return {"images": num_images, "registered": 0, "points3D": 0, "observations": 0,
+                "mean_track_length": 0.0, "mean_reprojection_error": float("nan")}
+    return {"images": num_images, "registered": int(reconstruction.num_reg_images()),
+            "points3D": int(reconstruction.num_points3D()),
+            "observations": int(reconstruction.compute_num_observations()),
+            "mean_track_length": float(reconstruction.compute_mean_track_length()),
+            "mean_reprojection_error": float(reconstruction.compute_mean_reprojection_error())}
+
+
+def rotation_angle(R: np.ndarray) -> float:
+    """Angle in degrees of a rotation matrix."""
+    return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def camera_centre(R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Centre ``3`` of the world→camera pose ``x_c = R·x_w + t``."""
+    return -R.T @ t
+
+
+def pose_errors(reconstruction, cameras: dict[str, CameraRecord]) -> dict:
+    """Rotation (degrees) and centre (ground-truth units) errors of the registered images after
+    the least-squares similarity that maps their centres onto the ground truth's (needs ≥ 3)."""
+    pycolmap = _pycolmap()
+    images = [image for image in reconstruction.images.values() if image.has_pose]
+    if len(images) < 3:
+        return {"aligned": 0}
+    centres = np.array([image.projection_center() for image in images])
+    gt_centres = np.array([camera_centre(cameras[i.name].pose[:3, :3], cameras[i.name].pose[:3, 3])
+                           for i in images])
+    gt_from_reconstruction = pycolmap.estimate_sim3d(centres, gt_centres)
+    if gt_from_reconstruction is None:
+        return {"aligned": 0}
+    rotation = gt_from_reconstruction.rotation.matrix()
+    rotation_errors, centre_errors = [], []
+    for image, centre, gt_centre in zip(images, centres, gt_centres):
+        # Camera from ground-truth world: R·Rsᵀ, with Rs the similarity's rotation.
+        R = image.cam_from_world().rotation.matrix() @ rotation.T
+        rotation_errors.append(rotation_angle(R.T @ cameras[image.name].pose[:3, :3]))
+        aligned = gt_from_reconstruction.scale * rotation @ centre \
+            + gt_from_reconstruction.translation
+        centre_errors.append(float(np.linalg.norm(aligned - gt_centre)))
+    return {"aligned": len(images),
+            "rotation_error_median": float(np.median(rotation_errors)),
+            "rotation_error_max": float(np.max(rotation_errors)),
+            "centre_error_median": float(np.median(centre_errors)),
+            "centre_error_max": float(np.max(centre_errors))}
+
+
+def run_reconstruction(images_dir: str | Path, method: str, out_dir: str | Path,
+                       ground_truth: str | Path | None = None, max_keypoints: int = 2048,
+                       ratio: float | None = None, device: torch.device | str = "cpu",
+                       seed: int = 0) -> dict:
+    """Reconstruct ``images_dir`` with the features of ``method`` into ``out_dir``
+    (``features/``, ``database.db``, ``sparse/``); returns the statistics (and pose errors with
+    ``ground_truth``)."""
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    names = list_images(images_dir)
+    cameras = read_ground_truth(ground_truth, names) if ground_truth else None
+    features = extract_features(method, images_dir, names, out_dir / "features", max_keypoints,
+                                device)
+    matches = exhaustive_matches(features, names, ratio, device)
+    label = method_label(method)
+    database = out_dir / f"{label}.db"
+    build_database(database, images_dir, names, features, matches, cameras)
+    reconstruction = run_mapper(database, images_dir, out_dir / f"sparse-{label}",
+                                fixed_intrinsics=cameras is not None, seed=seed)
+    statistics = {"method": label, **reconstruction_statistics(reconstruction, len(names)),
+                  "mean_matches": float(np.mean([len(m) for m in matches.values()]))}
+    if cameras is not None and reconstruction is not None:
+        statistics.update(pose_errors(reconstruction, cameras))
+    return statistics

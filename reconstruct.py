@@ -1,0 +1,76 @@
+"""3-D reconstruction with pycolmap and the ETH benchmark's measures:
+``python reconstruct.py --images DIR --features CKPT|sift --out DIR [--gt img_cam.txt]``.
+
+Extracts features (cached under ``<out>/features``), matches every pair by mutual nearest
+neighbours, imports them into a COLMAP database, runs COLMAP's geometric verification and
+incremental mapping, and prints registered images, 3-D points, observations, mean track length
+and mean reprojection error; with ``--gt`` (``img_cam.txt`` layout, e.g. the ``poses/<scene>.txt``
+of ``python -m tools.synthetic megadepth1500``) also the rotation and camera-centre errors
+after a similarity alignment. The measures go to ``<out>/<method>.json`` too. See
+:mod:`evaluation.reconstruction`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from evaluation.reconstruction import run_reconstruction
+from utils.atomic import atomic_open
+from utils.errors import SCFeatError
+
+MEASURES = [("registered", "registered images", "{:d}"), ("points3D", "3-D points", "{:d}"),
+            ("observations", "observations", "{:d}"),
+            ("mean_track_length", "mean track length", "{:.2f}"),
+            ("mean_reprojection_error", "mean reprojection error [px]", "{:.3f}"),
+            ("mean_matches", "mean matches per pair", "{:.0f}"),
+            ("rotation_error_median", "rotation error, median [°]", "{:.3f}"),
+            ("rotation_error_max", "rotation error, max [°]", "{:.3f}"),
+            ("centre_error_median", "centre error, median [GT units]", "{:.4f}"),
+            ("centre_error_max", "centre error, max [GT units]", "{:.4f}")]
+
+
+def format_measures(statistics: dict) -> str:
+    lines = [f"{statistics['method']}: {statistics['registered']} of {statistics['images']} "
+             f"images registered"]
+    for key, label, fmt in MEASURES:
+        if key in statistics:
+            lines.append(f"  {label:<34}{fmt.format(statistics[key])}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", required=True, help="folder of the scene's images")
+    parser.add_argument("--features", required=True, help="'sift' or a checkpoint folder")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--gt", default=None, help="ground-truth cameras (img_cam.txt layout)")
+    parser.add_argument("--max-keypoints", type=int, default=2048)
+    parser.add_argument("--ratio", type=float, default=None, help="Lowe's ratio test (none)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from evaluation.pose import resolve_device
+    try:
+        statistics = run_reconstruction(args.images, args.features, args.out, args.gt,
+                                        args.max_keypoints, args.ratio,
+                                        resolve_device(args.device), args.seed)
+    except SCFeatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with atomic_open(Path(args.out) / f"{statistics['method']}.json", "w") as handle:
+        json.dump(statistics, handle, indent=1)
+    print(format_measures(statistics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
