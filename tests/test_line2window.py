@@ -1,41 +1,40 @@
-"""Stage-1 line-to-window loss: reference outputs, geometry helpers, sampling, edge cases."""
+"""Stage-1 line-to-window loss: geometry helpers, sampling, config, edge cases.
+
+Parity with the original's outputs: ``test_line2window_parity.py``; the float32 spread:
+``test_line2window_spread.py``.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from losses.line2window import (EpipolarLoss_Line2Window, Preprocess_Line2Window, bilinear_taps,
-                                draw_queries, inverse_std_weights, line_border_intersections,
-                                line_search_centres, padded_table, sample_along_lines,
-                                sampled_correlation, temperature_at, window_correspondence,
-                                window_offsets)
+from losses.line2window import (EpipolarLoss_Line2Window, Preprocess_Line2Window,
+                                inverse_std_weights, temperature_at)
+from losses.line_search import line_border_intersections, line_search_centres, sample_along_lines
+from losses.sampled_correlation import bilinear_taps, padded_table, sampled_correlation
+from losses.window import window_correspondence, window_offsets
 from utils.errors import SCFeatError
-from utils.geometry import epipolar_lines, point_line_distance, skew
+from utils.geometry import point_line_distance, skew
 
-REFERENCE_CONF = {"window_size": 0.1, "line_step": 100, "use_nn": True, "loc_rand": False,
-                  "temperature_base": 60, "temperature_max": 60}
 LOSS_CONF = {"grid_cost_thr": 0.5, "win_cost_thr": 0.1, "use_std_as_weight": True,
              "weight_grid": 0.0, "weight_window": 1.0}
 
 
-def run(map1, map2, fmat1, fmat2, queries, image_hw, pre_conf=None, loss_conf=None, epoch=0):
-    """Preprocess + loss on given local maps; returns (processed, loss, components)."""
+def no_jitter(queries):
+    """``U = 0.5`` for every query: the jitter ``0.707·ws·(2U − 1)`` is zero."""
+    return tuple(torch.full_like(query, 0.5) for query in queries)
+
+
+def run(map1, map2, fmat1, fmat2, queries, image_hw, pre_conf=None, loss_conf=None, epoch=1):
+    """Preprocess (no jitter) + loss on given local maps; returns (processed, loss, components)."""
     batch = {"im1": torch.zeros(map1.shape[0], 3, *image_hw), "F1": fmat1, "F2": fmat2}
     outputs1, outputs2 = {"local_map": map1}, {"local_map": map2}
-    processed = Preprocess_Line2Window({**REFERENCE_CONF, **(pre_conf or {})})(
-        batch, outputs1, outputs2, epoch, queries=queries)
+    processed = Preprocess_Line2Window(pre_conf or {})(
+        batch, outputs1, outputs2, epoch, queries=queries, jitter_uniform=no_jitter(queries))
     loss, components = EpipolarLoss_Line2Window({**LOSS_CONF, **(loss_conf or {})})(
         batch, outputs1, outputs2, processed, epoch)
     return processed, loss, components
-
-
-def close_to_max(actual: torch.Tensor, expected: torch.Tensor, fraction: float) -> None:
-    """``|actual − expected| ≤ fraction · max|expected|`` elementwise."""
-    expected = torch.as_tensor(expected, dtype=actual.dtype)
-    bound = fraction * expected.abs().max().item()
-    error = (actual.detach() - expected).abs().max().item()
-    assert error <= bound, f"max error {error:.3g} > {bound:.3g}"
 
 
 def synthetic_pair(batch=2, channels=8, feat_hw=(24, 32), image_hw=(96, 128), seed=0):
@@ -54,56 +53,6 @@ def synthetic_pair(batch=2, channels=8, feat_hw=(24, 32), image_hw=(96, 128), se
     fmat2 = fmat1.transpose(1, 2).clone()
     queries = tuple(torch.rand(batch, 10, 2, generator=gen) * 1.8 - 0.9 for _ in range(2))
     return map1, map2, fmat1, fmat2, queries
-
-
-# --------------------------------------------------------------------------- reference
-
-def test_matches_original_implementation(line2window_reference):
-    ref = {key: torch.from_numpy(value) for key, value in line2window_reference.items()}
-    map1 = ref["xf1"].clone().requires_grad_(True)
-    map2 = ref["xf2"].clone().requires_grad_(True)
-    image_hw = tuple(int(size) for size in ref["image_hw"])
-    processed, loss, components = run(map1, map2, ref["F1"], ref["F2"],
-                                      (ref["query1_n"], ref["query2_n"]), image_hw)
-    loss.backward()
-    for key in ("coord1", "coord2"):
-        close_to_max(processed[key], ref[f"out/{key}"], 1e-7)
-    for key in ("valid_epi1", "valid_epi2"):
-        assert torch.equal(processed[key], ref[f"out/{key}"])
-    # Global and window locations: float32 rounding only (~4e-7 of the largest).
-    for key in ("feat1g_corloc", "feat2g_corloc", "feat1w_corloc", "feat2w_corloc"):
-        close_to_max(processed[key], ref[f"out/{key}"], 2e-6)
-    # Spreads are E[c²] − E[c]² in float32: cancellation makes the reference itself differ
-    # from float64 by ~7e-6 (global); the window sums in another order.
-    for key in ("feat1g_std", "feat2g_std"):
-        close_to_max(processed[key], ref[f"out/{key}"], 5e-5)
-    for key in ("feat1w_std", "feat2w_std"):
-        close_to_max(processed[key], ref[f"out/{key}"], 1e-3)
-    torch.testing.assert_close(loss.detach(), ref["loss"], rtol=1e-5, atol=0)
-    for key in ("loss_w1", "loss_w2"):
-        torch.testing.assert_close(components[key].detach(), ref[f"comp/{key}"], rtol=1e-4,
-                                   atol=0)
-    # 1/std weights amplify the spread's rounding noise on the sharpest global matches.
-    for key in ("loss_g1", "loss_g2"):
-        torch.testing.assert_close(components[key].detach(), ref[f"comp/{key}"], rtol=1e-3,
-                                   atol=0)
-    for key in ("percent_g", "percent_w"):
-        assert components[key].item() == ref[f"comp/{key}"].item()
-    close_to_max(map1.grad, ref["grad_xf1"], 1e-3)
-    close_to_max(map2.grad, ref["grad_xf2"], 1e-3)
-
-
-def test_loss_formula_reproduces_reference_components(line2window_reference):
-    """Fed the reference's own processed outputs, the loss gives its components to 1e-6."""
-    ref = {key: torch.from_numpy(value) for key, value in line2window_reference.items()}
-    processed = {key[4:]: value for key, value in ref.items() if key.startswith("out/")}
-    processed["epi_line1"] = epipolar_lines(ref["F1"], ref["out/coord1"])
-    processed["epi_line2"] = epipolar_lines(ref["F2"], ref["out/coord2"])
-    processed["image_hw"] = tuple(int(size) for size in ref["image_hw"])
-    loss, components = EpipolarLoss_Line2Window(LOSS_CONF)({}, {}, {}, processed, 0)
-    for key, value in components.items():
-        torch.testing.assert_close(value, ref[f"comp/{key}"], rtol=2e-6, atol=0)
-    torch.testing.assert_close(loss, ref["loss"], rtol=2e-6, atol=0)
 
 
 # --------------------------------------------------------------------------- geometry helpers
@@ -134,35 +83,18 @@ def test_line_border_intersections():
 
 
 def test_temperature_follows_epoch_schedule():
-    assert [temperature_at(e, 50, 60) for e in (0, 4, 10, 25)] == [50.0, 54.0, 60.0, 60.0]
+    assert [temperature_at(e, 50, 60) for e in (1, 4, 10, 25)] == [51.0, 54.0, 60.0, 60.0]
     map1, map2, fmat1, fmat2, queries = synthetic_pair()
     late, _, _ = run(map1, map2, fmat1, fmat2, queries, (96, 128),
                      {"temperature_base": 50, "temperature_max": 60}, epoch=4)
     fixed, _, _ = run(map1, map2, fmat1, fmat2, queries, (96, 128),
                       {"temperature_base": 54, "temperature_max": 54})
     early, _, _ = run(map1, map2, fmat1, fmat2, queries, (96, 128),
-                      {"temperature_base": 50, "temperature_max": 60})
+                      {"temperature_base": 50, "temperature_max": 60}, epoch=1)
     assert late["temperature"] == 54.0
     for key in ("feat1g_std", "feat1w_std", "feat2w_corloc"):
         torch.testing.assert_close(late[key], fixed[key])
     assert not torch.allclose(late["feat1g_std"], early["feat1g_std"])
-
-
-def test_queries_one_per_cell():
-    gen = torch.Generator().manual_seed(3)
-    points = draw_queries(2, 50, 70, 16, generator=gen)  # 3×4 whole cells
-    assert points.shape == (2, 12, 2)
-    cells = torch.div(points, 16, rounding_mode="floor").long()
-    all_cells = sorted((x, y) for y in range(3) for x in range(4))
-    for item in cells:
-        assert sorted(map(tuple, item.tolist())) == all_cells
-    assert not torch.equal(points[0], points[1])  # drawn, not fixed
-    processed = Preprocess_Line2Window({})(
-        {"im1": torch.zeros(2, 3, 32, 48), "F1": torch.eye(3).expand(2, 3, 3),
-         "F2": torch.eye(3).expand(2, 3, 3)},
-        {"local_map": torch.randn(2, 4, 8, 12)}, {"local_map": torch.randn(2, 4, 8, 12)}, 0)
-    assert processed["coord1"].shape == (2, 6, 2)
-    assert not torch.equal(processed["coord1"], processed["coord2"])
 
 
 # --------------------------------------------------------------------------- sampling
@@ -201,7 +133,7 @@ def dense_window(desc, scaled_map, centres, offsets):
     samples = F.grid_sample(scaled_map, coords, align_corners=False)  # B×C×N×K
     prob = torch.softmax(torch.einsum("bnc,bcnk->bnk", desc, samples), -1)
     location = (prob.unsqueeze(-1) * coords).sum(2)
-    var = (prob.unsqueeze(-1) * coords.square()).sum(2) - location.square()
+    var = (prob.unsqueeze(-1) * (coords - location.unsqueeze(2)).square()).sum(2)
     return location, var.clamp(min=1e-10).sqrt().sum(-1)
 
 
@@ -256,6 +188,30 @@ def test_line_search_matches_dense_grid_sample(use_nn):
         assert cross.abs().max() < 1e-5
 
 
+def test_line_search_nearest_sums_exact_ties():
+    """The original's nearest sample is the sum of the samples of largest probability: on a
+    constant map every sample ties, so the centre is the sum of all of them (far outside the
+    image, hence invalid), while the mean is their average."""
+    desc = F.normalize(torch.ones(1, 2, 3), dim=-1)
+    table = padded_table(torch.ones(1, 3, 8, 8), 60.0)
+    # samples on cell centres: every bilinear weight is 0 or 1, so the logits tie exactly
+    ends = torch.tensor([[[[-0.875, -0.875], [0.125, 0.125]], [[0.125, -0.875], [0.125, 0.125]]]])
+    points = sample_along_lines(ends, 5)
+    nearest = line_search_centres(desc, table, (8, 8), points, use_nn=True)
+    torch.testing.assert_close(nearest, points.sum(2))
+    assert (nearest.abs() > 1).any(-1).all()
+    torch.testing.assert_close(line_search_centres(desc, table, (8, 8), points, use_nn=False),
+                               points.mean(2))
+    # One sample clearly best: exactly that sample (no tie).
+    feature_map = -torch.ones(1, 3, 8, 8)
+    feature_map[..., 2, 2] = 1.0
+    single = torch.tensor([[[[-0.375, -0.375], [0.9, 0.9]]]])  # through cell (2, 2)'s centre
+    points = sample_along_lines(single, 11)
+    centre = line_search_centres(desc[:, :1], padded_table(feature_map, 60.0), (8, 8), points,
+                                 use_nn=True)
+    torch.testing.assert_close(centre, points[:, :, 0])
+
+
 # --------------------------------------------------------------------------- classes
 
 def test_directions_mirror_each_other():
@@ -272,35 +228,13 @@ def test_directions_mirror_each_other():
     torch.testing.assert_close(loss_a, loss_b)
 
 
-def test_without_std_weights_the_mask_alone_weights():
-    map1, map2, fmat1, fmat2, queries = synthetic_pair()
-    processed, _, _ = run(map1, map2, fmat1, fmat2, queries, (96, 128))
-    costs = {index: point_line_distance(processed[f"epi_line{index}"],
-                                        processed[f"feat{index}w_corloc"]) for index in "12"}
-    threshold = torch.cat([cost.flatten() for cost in costs.values()]).median().item()
-    conf = {"use_std_as_weight": False, "win_cost_thr": threshold / 96, "weight_grid": 1.0}
-    loss, comp = EpipolarLoss_Line2Window(conf)({}, {}, {}, processed, 0)
-    _, comp_std = EpipolarLoss_Line2Window({**conf, "use_std_as_weight": True})(
-        {}, {}, {}, processed, 0)
-    for index, cost in costs.items():
-        mask = ((cost < threshold) & processed[f"valid_epi{index}"]).float()
-        assert 0 < mask.mean() < 1  # the test could not tell weightings apart otherwise
-        expected = (mask * cost).mean() / (mask.mean() + 1e-8)
-        torch.testing.assert_close(comp[f"loss_w{index}"], expected)
-        assert not torch.allclose(comp[f"loss_w{index}"], comp_std[f"loss_w{index}"])
-    torch.testing.assert_close(
-        loss, comp["loss_g1"] + comp["loss_g2"] + comp["loss_w1"] + comp["loss_w2"])
-
-
 def test_inverse_std_weights():
     std = torch.tensor([[1.0, 2.0, 4.0, 0.0]])
     mask = torch.tensor([[True, True, False, True]])
-    weight = inverse_std_weights(std, mask, True)
+    weight = inverse_std_weights(std, mask)
     raw = torch.tensor([1.0, 0.5, 0.25, 1e10])
     raw = raw / raw.mean() * mask[0]
     torch.testing.assert_close(weight[0], raw / (raw.mean() + 1e-8))
-    torch.testing.assert_close(inverse_std_weights(std, mask, False)[0],
-                               torch.tensor([4 / 3, 4 / 3, 0.0, 4 / 3]))
 
 
 def test_only_weighted_terms_carry_gradient():
@@ -338,36 +272,70 @@ def test_no_nan_at_epipole_or_with_equal_descriptors():
                 assert torch.isfinite(value).all(), (name, key)
 
 
-@pytest.mark.parametrize("conf, key", [({"window_size": 0}, "window_size"),
-                                       ({"line_step": 1}, "line_step"),
-                                       ({"grid_size": 0}, "grid_size")])
+# The original's preprocess_train_config (config/train_desc.yaml of the original code).
+ORIGINAL_PREPROCESS = {
+    "kps_generator": "generate_kpts_regular_grid_random",
+    "kps_generator_config": {"grid_size": 16, "keep_spatial": True, "random_select": "random"},
+    "window_size": 0.1, "loss_distance": "cos", "use_nn_grid": False, "use_line_search": True,
+    "line_search_config": {"line_step": 100, "use_nn": True, "loc_rand": True},
+    "temperature_base": 60, "temperature_max": 60}
+
+
+def test_default_confs_are_the_originals():
+    assert Preprocess_Line2Window.default_conf == ORIGINAL_PREPROCESS
+    assert Preprocess_Line2Window(ORIGINAL_PREPROCESS).conf == ORIGINAL_PREPROCESS
+    assert EpipolarLoss_Line2Window.default_conf == LOSS_CONF
+    assert EpipolarLoss_Line2Window.needs_detector is False
+    # A partial nested section keeps the other nested defaults.
+    conf = Preprocess_Line2Window({"line_search_config": {"use_nn": False}}).conf
+    assert conf["line_search_config"] == {"line_step": 100, "use_nn": False, "loc_rand": True}
+    assert Preprocess_Line2Window.default_conf["line_search_config"]["use_nn"] is True
+
+
+@pytest.mark.parametrize("conf, key", [
+    ({"window_size": 0}, "preprocess_train_config.window_size"),
+    ({"line_search_config": {"line_step": 1}}, "line_search_config.line_step"),
+    ({"kps_generator_config": {"grid_size": 0}}, "kps_generator_config.grid_size"),
+    ({"kps_generator_config": {"grid_size": 16.5}}, "kps_generator_config.grid_size"),
+    ({"kps_generator_config": {"keep_spatial": "yes"}}, "kps_generator_config.keep_spatial"),
+    ({"loss_distance": "l1"}, "preprocess_train_config.loss_distance"),
+    ({"line_search_config": {"use_nn": 1}}, "line_search_config.use_nn"),
+    ({"grid_size": 16}, "preprocess_train_config.grid_size: unknown key"),
+    ({"line_search_config": {"step": 3}}, "line_search_config.step: unknown key"),
+    ({"line_search_config": 100}, "line_search_config: expected a mapping"),
+])
 def test_bad_preprocess_config(conf, key):
     with pytest.raises(SCFeatError, match=key):
         Preprocess_Line2Window(conf)
 
 
+@pytest.mark.parametrize("conf, key", [
+    ({"use_line_search": False}, "use_line_search"),
+    ({"use_nn_grid": True}, "use_nn_grid"),
+    ({"line_search_config": {"loc_rand": False}}, "line_search_config.loc_rand"),
+    ({"kps_generator_config": {"random_select": "regular"}}, "random_select"),
+    ({"kps_generator": "generate_kpts_regular_grid"}, "kps_generator"),
+])
+def test_options_the_original_cannot_run_are_refused(conf, key):
+    with pytest.raises(SCFeatError, match=rf"{key}.*cannot run it either"):
+        Preprocess_Line2Window(conf)
+
+
 def test_bad_loss_config():
-    with pytest.raises(SCFeatError, match="win_cost_thr"):
+    with pytest.raises(SCFeatError, match="EpipolarLoss_Line2Window_config.win_cost_thr"):
         EpipolarLoss_Line2Window({"win_cost_thr": 0.0})
-
-
-def test_default_confs_list_every_key():
-    assert set(Preprocess_Line2Window.default_conf) == {
-        "grid_size", "window_size", "line_step", "use_nn", "loc_rand", "temperature_base",
-        "temperature_max"}
-    assert set(EpipolarLoss_Line2Window.default_conf) == set(LOSS_CONF)
-    assert EpipolarLoss_Line2Window.needs_detector is False
+    with pytest.raises(SCFeatError, match="use_std_as_weight.*cannot run it either"):
+        EpipolarLoss_Line2Window({"use_std_as_weight": False})
+    with pytest.raises(SCFeatError, match="use_std: unknown key"):
+        EpipolarLoss_Line2Window({"use_std": True})
 
 
 def descend(batch: dict, steps: int, sign: float) -> list[float]:
-    """Adam on free local maps (``B×128×H/4×W/4``, random start) under the demo settings, new
-    random queries every step; ``sign`` −1 climbs the loss instead. Returns the losses."""
-    from utils.config import read_yaml
-    from pathlib import Path
-
-    demo = read_yaml(Path(__file__).resolve().parents[1] / "config" / "demo" / "train_desc.yaml")
-    preprocess = Preprocess_Line2Window(demo["preprocess_train_config"])
-    loss_fn = EpipolarLoss_Line2Window(demo["EpipolarLoss_Line2Window_config"])
+    """Adam on free local maps (``B×128×H/4×W/4``, random start) under the original's default
+    settings (the demo's too), new random queries and jitter every step; ``sign`` −1 climbs
+    the loss instead. Returns the losses."""
+    preprocess = Preprocess_Line2Window({})
+    loss_fn = EpipolarLoss_Line2Window({})
     height, width = batch["im1"].shape[-2:]
     torch.manual_seed(0)
     maps = [torch.nn.Parameter(torch.randn(len(batch["im1"]), 128, height // 4, width // 4))
@@ -376,7 +344,7 @@ def descend(batch: dict, steps: int, sign: float) -> list[float]:
     losses = []
     for _ in range(steps):
         outputs1, outputs2 = {"local_map": maps[0]}, {"local_map": maps[1]}
-        loss, _ = loss_fn(batch, outputs1, outputs2, preprocess(batch, outputs1, outputs2, 0), 0)
+        loss, _ = loss_fn(batch, outputs1, outputs2, preprocess(batch, outputs1, outputs2, 1), 1)
         optimizer.zero_grad()
         (sign * loss).backward()
         optimizer.step()
