@@ -65,6 +65,15 @@ def merge_conf(defaults: dict, conf: dict, section: str) -> dict:
     return merged
 
 
+def require_number(conf: dict, key: str, path: str) -> float:
+    """``conf[key]`` as a float if it is a number (not a boolean), else an error naming
+    ``path``."""
+    value = conf[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SCFeatError(f"{path}: expected a number, got {value!r}")
+    return float(value)
+
+
 def require_bool(conf: dict, key: str, path: str) -> bool:
     """``conf[key]`` if it is a boolean, else an error naming ``path``."""
     if not isinstance(conf[key], bool):
@@ -145,7 +154,9 @@ class Preprocess_Line2Window:  # noqa: N801  (config name)
             raise SCFeatError(f"{sec}.kps_generator_config.random_select: expected one of "
                               f"{', '.join(RANDOM_SELECTS)}, got {queries['random_select']!r}; "
                               f"{CANNOT_RUN}")
-        if not 0 < float(conf["window_size"]) <= 1:
+        for key in ("temperature_base", "temperature_max"):
+            require_number(conf, key, f"{sec}.{key}")
+        if not 0 < require_number(conf, "window_size", f"{sec}.window_size") <= 1:
             raise SCFeatError(f"{sec}.window_size: expected a value in (0, 1] (normalised "
                               f"half-width of the window), got {conf['window_size']!r}")
         if conf["loss_distance"] not in ("cos", "euc"):
@@ -255,8 +266,10 @@ class EpipolarLoss_Line2Window(nn.Module):  # noqa: N801  (config name)
     def __init__(self, conf: dict):
         super().__init__()
         self.conf = merge_conf(self.default_conf, conf, self.section)
+        for key in ("weight_grid", "weight_window"):
+            require_number(self.conf, key, f"{self.section}.{key}")
         for key in ("grid_cost_thr", "win_cost_thr"):
-            if not float(self.conf[key]) > 0:
+            if not require_number(self.conf, key, f"{self.section}.{key}") > 0:
                 raise SCFeatError(f"{self.section}.{key}: expected a positive fraction of the "
                                   f"shorter image side, got {self.conf[key]!r}")
         if not require_bool(self.conf, "use_std_as_weight", f"{self.section}.use_std_as_weight"):

@@ -294,6 +294,8 @@ def test_default_confs_are_the_originals():
 
 @pytest.mark.parametrize("conf, key", [
     ({"window_size": 0}, "preprocess_train_config.window_size"),
+    ({"window_size": "small"}, "preprocess_train_config.window_size: expected a number"),
+    ({"temperature_max": None}, "preprocess_train_config.temperature_max: expected a number"),
     ({"line_search_config": {"line_step": 1}}, "line_search_config.line_step"),
     ({"kps_generator_config": {"grid_size": 0}}, "kps_generator_config.grid_size"),
     ({"kps_generator_config": {"grid_size": 16.5}}, "kps_generator_config.grid_size"),
@@ -326,6 +328,8 @@ def test_bad_loss_config():
         EpipolarLoss_Line2Window({"win_cost_thr": 0.0})
     with pytest.raises(SCFeatError, match="use_std_as_weight.*cannot run it either"):
         EpipolarLoss_Line2Window({"use_std_as_weight": False})
+    with pytest.raises(SCFeatError, match="weight_grid: expected a number"):
+        EpipolarLoss_Line2Window({"weight_grid": "1"})
     with pytest.raises(SCFeatError, match="use_std: unknown key"):
         EpipolarLoss_Line2Window({"use_std": True})
 
@@ -352,6 +356,7 @@ def descend(batch: dict, steps: int, sign: float) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 def test_the_loss_gradient_teaches_epipolar_descriptors(tmp_path):
     """The learning signal of preprocess + loss on a real synthetic pair (128×160): descending
     the gradient on free descriptor maps lowers the loss by a margin, climbing it raises the
