@@ -398,6 +398,7 @@ def test_grid_candidates_find_every_dense_good_pair(grid_size, threshold):
 
 def test_forward_walks_the_grid_when_cheaper_with_the_same_result(monkeypatch):
     import losses.keypoint as keypoint_module
+    import losses.keypoint_reward as reward_module
     gen = torch.Generator().manual_seed(10)
     height, width = 140, 152  # 35×38 cells of 4 px: the walk (38·4 cells/line) pays
     scene = exact_matches(8, seed=10, size=(height, width))
@@ -408,13 +409,13 @@ def test_forward_walks_the_grid_when_cheaper_with_the_same_result(monkeypatch):
     conf = {"grid_size": 4}
     assert 8 * keypoint_module.grid_walk_size(2.0, 4, 35, 38) < 35 * 38
     walked_calls = []
-    original_candidates = keypoint_module.grid_candidates
+    original_candidates = reward_module.grid_candidates
 
     def counting_candidates(*args):
         walked_calls.append(args[2:])
         return original_candidates(*args)
 
-    monkeypatch.setattr(keypoint_module, "grid_candidates", counting_candidates)
+    monkeypatch.setattr(reward_module, "grid_candidates", counting_candidates)
     torch.manual_seed(3)
     loss_walked, comp_walked = KeypointLoss(conf)(batch, out1, out2, {}, epoch=0)
     assert walked_calls == [(4, 35, 38)]
