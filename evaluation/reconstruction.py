@@ -172,28 +172,57 @@ def camera_centre(R: np.ndarray, t: np.ndarray) -> np.ndarray:
     return -R.T @ t
 
 
+def _mean_rotation(rotations: np.ndarray) -> np.ndarray:
+    """The rotation closest (Frobenius) to the mean of ``N×3×3`` rotations."""
+    u, _, vt = np.linalg.svd(rotations.sum(axis=0))
+    return u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
+
+
+def align_to_ground_truth(rotations: np.ndarray, centres: np.ndarray, gt_rotations: np.ndarray,
+                          gt_centres: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """The similarity ``x_gt = s·Rs·x + ts`` from a reconstruction's frame to the ground truth's.
+
+    ``rotations``/``gt_rotations`` ``N×3×3`` world→camera, ``centres``/``gt_centres`` ``N×3``.
+    Each camera proposes ``Rs = R_gtᵢᵀ·Rᵢ``; the proposal with the smallest median rotation
+    error wins and is refined as the mean over the cameras it fits (error ≤ max(2·median,
+    0.1°)), so one wrong camera does not tilt the others. Orientations fix ``Rs`` even when
+    the centres are nearly collinear (aligning centres alone leaves a free turn about their
+    line). Then ``s`` and ``ts`` by least squares on the centres. Returns ``(s, Rs, ts)``.
+    """
+    proposals = np.einsum("nji,njk->nik", gt_rotations, rotations)
+
+    def errors(candidate: np.ndarray) -> np.ndarray:
+        return np.array([rotation_angle(candidate @ p.T) for p in proposals])
+
+    best = min(proposals, key=lambda candidate: np.median(errors(candidate)))
+    best_errors = errors(best)
+    fits = best_errors <= max(2 * np.median(best_errors), 0.1)
+    rotation = _mean_rotation(proposals[fits])
+    mean, gt_mean = centres.mean(axis=0), gt_centres.mean(axis=0)
+    turned = (centres - mean) @ rotation.T
+    spread = float(np.sum(turned ** 2))
+    scale = float(np.sum(turned * (gt_centres - gt_mean)) / spread) if spread > 0 else 1.0
+    return scale, rotation, gt_mean - scale * rotation @ mean
+
+
 def pose_errors(reconstruction, cameras: dict[str, CameraRecord]) -> dict:
     """Rotation (degrees) and centre (ground-truth units) errors of the registered images after
-    the least-squares similarity that maps their centres onto the ground truth's (needs ≥ 3)."""
-    pycolmap = _pycolmap()
+    the similarity alignment :func:`align_to_ground_truth` (needs ≥ 2 registered images)."""
     images = [image for image in reconstruction.images.values() if image.has_pose]
-    if len(images) < 3:
+    if len(images) < 2:
         return {"aligned": 0}
+    rotations = np.array([image.cam_from_world().rotation.matrix() for image in images])
     centres = np.array([image.projection_center() for image in images])
-    gt_centres = np.array([camera_centre(cameras[i.name].pose[:3, :3], cameras[i.name].pose[:3, 3])
-                           for i in images])
-    gt_from_reconstruction = pycolmap.estimate_sim3d(centres, gt_centres)
-    if gt_from_reconstruction is None:
-        return {"aligned": 0}
-    rotation = gt_from_reconstruction.rotation.matrix()
-    rotation_errors, centre_errors = [], []
-    for image, centre, gt_centre in zip(images, centres, gt_centres):
-        # Camera from ground-truth world: R·Rsᵀ, with Rs the similarity's rotation.
-        R = image.cam_from_world().rotation.matrix() @ rotation.T
-        rotation_errors.append(rotation_angle(R.T @ cameras[image.name].pose[:3, :3]))
-        aligned = gt_from_reconstruction.scale * rotation @ centre \
-            + gt_from_reconstruction.translation
-        centre_errors.append(float(np.linalg.norm(aligned - gt_centre)))
+    gt_poses = [cameras[image.name].pose for image in images]
+    gt_rotations = np.array([pose[:3, :3] for pose in gt_poses])
+    gt_centres = np.array([camera_centre(pose[:3, :3], pose[:3, 3]) for pose in gt_poses])
+    scale, rotation, translation = align_to_ground_truth(rotations, centres, gt_rotations,
+                                                         gt_centres)
+    # Camera from ground-truth world: R·Rsᵀ.
+    rotation_errors = [rotation_angle((R @ rotation.T).T @ R_gt)
+                       for R, R_gt in zip(rotations, gt_rotations)]
+    aligned = scale * centres @ rotation.T + translation
+    centre_errors = np.linalg.norm(aligned - gt_centres, axis=1)
     return {"aligned": len(images),
             "rotation_error_median": float(np.median(rotation_errors)),
             "rotation_error_max": float(np.max(rotation_errors)),
