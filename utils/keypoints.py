@@ -56,7 +56,7 @@ def _check_options(num_pts, stable, use_nms, nms_radius, thr, thr_mod, stride,
         raise SCFeatError(f"{where}: thr_mod must be one of {THRESHOLD_MODES}, got {thr_mod!r} "
                           f"(the original cannot run another value either)")
     if not (use_nms is True or use_nms is False or use_nms == "softnms"):
-        raise SCFeatError(f"{where}: use_nms must be true, false or 'softnms', got {use_nms!r}")
+        raise SCFeatError(f"{where}: use_nms must be one of {list(NMS_MODES)}, got {use_nms!r}")
     if use_nms == "softnms" and not thr:
         raise SCFeatError(f"{where}: use_nms 'softnms' needs a threshold (thr), got "
                           f"thr={thr!r}; the original cannot run soft NMS without one either")
