@@ -19,6 +19,7 @@ from pathlib import Path
 
 from evaluation.localization import AACHEN_THRESHOLDS, localize_scene, summarize
 from evaluation.matching import check_method, method_label
+from evaluation.reconstruction import add_feature_arguments
 from utils.atomic import atomic_open
 from utils.errors import SCFeatError
 
@@ -38,15 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", required=True, nargs="+", help="image folder of each scene")
     parser.add_argument("--poses", required=True, nargs="+",
                         help="known cameras of each scene (img_cam.txt layout), same order")
-    parser.add_argument("--features", required=True, help="'sift' or a checkpoint folder")
-    parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--queries", nargs="*", default=None,
                         help="query image names (default: every --query-every-th image)")
     parser.add_argument("--query-every", type=int, default=4)
-    parser.add_argument("--max-keypoints", type=int, default=2048)
-    parser.add_argument("--ratio", type=float, default=None, help="Lowe's ratio test (none)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--seed", type=int, default=0)
+    add_feature_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from evaluation.reconstruction import run_reconstruction
+from evaluation.reconstruction import add_feature_arguments, run_reconstruction
 from utils.atomic import atomic_open
 from utils.errors import SCFeatError
 
@@ -45,13 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="folder of the scene's images")
-    parser.add_argument("--features", required=True, help="'sift' or a checkpoint folder")
-    parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--gt", default=None, help="ground-truth cameras (img_cam.txt layout)")
-    parser.add_argument("--max-keypoints", type=int, default=2048)
-    parser.add_argument("--ratio", type=float, default=None, help="Lowe's ratio test (none)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--seed", type=int, default=0)
+    add_feature_arguments(parser)
     return parser.parse_args(argv)
 
 

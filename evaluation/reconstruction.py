@@ -41,6 +41,16 @@ def _pycolmap():
     return pycolmap
 
 
+def add_feature_arguments(parser) -> None:
+    """The options ``reconstruct.py`` and ``localize.py`` share (an ``argparse`` parser)."""
+    parser.add_argument("--features", required=True, help="'sift' or a checkpoint folder")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--max-keypoints", type=int, default=2048)
+    parser.add_argument("--ratio", type=float, default=None, help="Lowe's ratio test (none)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def list_images(folder: str | Path) -> list[str]:
     """Sorted image file names of ``folder`` (suffixes ``IMAGE_SUFFIXES``)."""
     folder = Path(folder)

@@ -337,9 +337,12 @@ def _rotation_angle_deg(camera1: Camera, camera2: Camera) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(rel) - 1) / 2, -1.0, 1.0))))
 
 
-def make_megadepth_scene(out_dir: Path, rng: np.random.Generator, photos: dict[str, np.ndarray],
-                         images: int, pairs: int, size: tuple[int, int]) -> int:
-    """Render one scene into ``out_dir`` (the ``aligned`` folder) → number of pairs listed."""
+def render_views(rng: np.random.Generator, photos: dict[str, np.ndarray], images: int,
+                 size: tuple[int, int], image_dir: Path, depth_dir: Path | None = None,
+                 ) -> tuple[list[str], list[Camera], list[np.ndarray], list[str]]:
+    """Random cameras and scene, ``images`` lit views written as ``<image_dir>/img_XXX.jpg``
+    (and their depths as ``<depth_dir>/img_XXX.npy``) → names, cameras, depths ``H×W`` and
+    the ``img_cam.txt`` lines."""
     height, width = size
     cameras = [random_camera(rng, height, width) for _ in range(images)]
     planes = random_scene(rng, photos, float(np.mean([c.K[0, 0] for c in cameras])))
@@ -351,12 +354,21 @@ def make_megadepth_scene(out_dir: Path, rng: np.random.Generator, photos: dict[s
     for name, camera in zip(names, cameras):
         image, depth = _lit_image(rng, planes, camera, height, width, sky)
         depths.append(depth)
-        _write_bytes(out_dir / "images" / name, _encode(image, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 95]))
-        (out_dir / "depths").mkdir(parents=True, exist_ok=True)
-        np.save(out_dir / "depths" / f"{Path(name).stem}.npy", depth)
+        _write_bytes(image_dir / name, _encode(image, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 95]))
+        if depth_dir is not None:
+            depth_dir.mkdir(parents=True, exist_ok=True)
+            np.save(depth_dir / f"{Path(name).stem}.npy", depth)
         K = camera.K
         cam_lines.append(f"{name} {width} {height} {_fmt([K[0, 0], K[1, 1], K[0, 2], K[1, 2]])} "
                          f"{_fmt(camera.R)} {_fmt(camera.t)}")
+    return names, cameras, depths, cam_lines
+
+
+def make_megadepth_scene(out_dir: Path, rng: np.random.Generator, photos: dict[str, np.ndarray],
+                         images: int, pairs: int, size: tuple[int, int]) -> int:
+    """Render one scene into ``out_dir`` (the ``aligned`` folder) → number of pairs listed."""
+    names, cameras, depths, cam_lines = render_views(rng, photos, images, size,
+                                                     out_dir / "images", out_dir / "depths")
     candidates = []
     for i in range(images):
         for j in range(i + 1, images):
@@ -422,21 +434,8 @@ def make_megadepth1500_scene(out: Path, scene: str, rng: np.random.Generator,
                              size: tuple[int, int]) -> list[str]:
     """Render one scene into ``out`` (images, poses, LoFTR scene-info files) → its lines of
     ``pairs_calibrated.txt``."""
-    height, width = size
-    cameras = [random_camera(rng, height, width) for _ in range(images)]
-    planes = random_scene(rng, photos, float(np.mean([c.K[0, 0] for c in cameras])))
-    sky = rng.uniform(90, 230, size=(2, 3)).astype(np.float32)
-    names = [f"img_{i:03d}.jpg" for i in range(images)]
-    depths = []
-    pose_lines = ["# image_name width height fx fy cx cy R11 .. R33 t1 t2 t3 ([R|t] world→camera)"]
-    for name, camera in zip(names, cameras):
-        image, depth = _lit_image(rng, planes, camera, height, width, sky)
-        depths.append(depth)
-        _write_bytes(out / "images" / scene / name,
-                     _encode(image, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 95]))
-        K = camera.K
-        pose_lines.append(f"{name} {width} {height} {_fmt([K[0, 0], K[1, 1], K[0, 2], K[1, 2]])} "
-                          f"{_fmt(camera.R)} {_fmt(camera.t)}")
+    names, cameras, depths, pose_lines = render_views(rng, photos, images, size,
+                                                      out / "images" / scene)
     _write_bytes(out / "poses" / f"{scene}.txt", ("\n".join(pose_lines) + "\n").encode())
     candidates = _pair_candidates(cameras, depths)
     lines = []
