@@ -66,5 +66,3 @@ def line_search_centres(desc1: torch.Tensor, table2: torch.Tensor, map_hw: tuple
     if use_nn:  # ties are compared on the probabilities, as in the original
         prob = (prob == prob.amax(-1, keepdim=True)).to(prob.dtype)
     return (prob.unsqueeze(-1) * line_points_n).sum(2)
-
-

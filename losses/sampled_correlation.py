@@ -18,7 +18,6 @@ import torch.nn.functional as F
 PAD_BEFORE, PAD_AFTER = 1, 2
 
 
-
 def padded_table(feature_map: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``B×C×h×w`` → channels-last table ``(B·(h+3)·(w+3))×C`` of ``T·normalise(map)``.
 
@@ -124,5 +123,3 @@ def sampled_correlation(desc: torch.Tensor, table: torch.Tensor, cols: torch.Ten
     if cols.shape[1] > table.shape[0]:
         return torch.gather(desc @ table.t(), 1, cols)
     return _SampledCorrelation.apply(desc.contiguous(), table.contiguous(), cols.contiguous())
-
-

@@ -74,5 +74,3 @@ def window_correspondence(desc1: torch.Tensor, table2: torch.Tensor, map_hw: tup
     prob = torch.softmax(logits, dim=-1)
     location = (prob.unsqueeze(-1) * coords_n).sum(2)
     return location, soft_spread(prob, coords_n, location.detach(), 1e-10)
-
-
