@@ -66,9 +66,9 @@ default_conf = {
     "ransac_threshold": None,  # pixels; None: DEFAULT_RANSAC_THRESHOLD of the estimator
     "confidence": 0.99999,
     "epipolar_threshold": 5e-4,
-    "cache_dir": "outputs/pose_cache",
-    "output_json": "outputs/pose_megadepth1500.json",
-    "output_plot": "outputs/pose_megadepth1500.png",
+    "cache_dir": "ckpts/pose-eval/cache",
+    "output_json": "ckpts/pose-eval/pose.json",
+    "output_plot": "ckpts/pose-eval/pose.png",
     "device": "auto",
     "seed": 0,
 }

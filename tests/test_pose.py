@@ -283,3 +283,11 @@ def test_a_checkpoint_method_runs(synthetic_set, tmp_path):
     assert list(summaries) == ["sift", "run-000"]
     assert printed[-1].startswith("AUC@5/10/20 run-000: ")
     assert summaries["run-000"]["mean_matches"] > 0
+
+
+def test_shipped_config_validates_and_points_where_the_readme_generates():
+    from utils.config import load_config
+    conf = load_config("config/eval_megadepth1500.yaml", [], evaluate_pose.EVAL_SCHEMA)
+    assert conf["layout"] == "gluefactory" and conf["estimator"] in ("opencv", "poselib")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"python -m tools.synthetic megadepth1500 --out {conf['data_path']}" in readme
