@@ -276,9 +276,8 @@ def make_data(out: Path, size: tuple[int, int], hpatches_size: tuple[int, int], 
 
 def load_train_config(config: Path, overrides: list[str]) -> dict:
     import train
-    from utils.config import load_config
 
-    conf = load_config(config, overrides, train.TRAIN_SCHEMA, train.loss_sections)
+    conf = train.load_train_config(config, overrides)
     train.check_config(conf, str(config))
     return conf
 
@@ -411,13 +410,13 @@ def extract(name: str, checkpoint: Path, output_root: str, out: Path, hpatches: 
             device: str, result: DemoResult) -> Path:
     """Features of every synthetic HPatches image with ``checkpoint`` (reused when the
     checkpoint and the images are unchanged); returns the ``desc`` folder."""
-    from extraction import EXTRACT_SCHEMA, check_config, feature_file, output_dir, run_extraction
-    from utils.config import load_config
+    from extraction import (check_config, feature_file, load_extract_config, output_dir,
+                            run_extraction)
 
-    overrides = [f"ckpts_root={yaml_str(out / 'ckpts')}", f"output_root={yaml_str(output_root)}",
+    overrides = [f"output_root={yaml_str(out / 'ckpts' / output_root)}",
                  f"load_path={yaml_str(checkpoint)}",
                  f"data_config_extract.data_path={yaml_str(hpatches)}", f"device={device}"]
-    conf = load_config(EXTRACT_CONFIG, overrides, EXTRACT_SCHEMA)
+    conf = load_extract_config(EXTRACT_CONFIG, overrides)
     check_config(conf, str(EXTRACT_CONFIG))
     out_dir = output_dir(conf)
     desc = out_dir / "desc"

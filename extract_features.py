@@ -1,7 +1,7 @@
 """Extract SCFeat features on HPatches-sequences:
 ``python extract_features.py --config FILE [--format npz|h5] [--amp] [--compile] [KEY=VALUE ...]``.
 
-Writes ``<ckpts_root>/<output_root>/desc/<seq>/<k>.ppm.<postfix>`` npz files (``keypoints``
+Writes ``<output_root>/desc/<seq>/<k>.ppm.<postfix>`` npz files (``keypoints``
 N×2 x, y in the uncropped image's pixels, ``scores`` N, ``descriptors`` N×D unit norm; what
 ``evaluate_hpatches.py`` reads), or with ``format: h5`` one ``features.h5`` in hloc's layout;
 with ``output_img`` also score maps and keypoint drawings under ``image/<seq>/``.
@@ -14,9 +14,10 @@ import argparse
 import logging
 import sys
 
-from extraction import EXTRACT_SCHEMA, FEATURE_FORMATS, check_config, output_dir, run_extraction
+from extraction import (FEATURE_FORMATS, check_config, load_extract_config, output_dir,
+                        run_extraction)
 from utils import acceleration
-from utils.config import load_config
+from utils.config import report_inert_keys
 from utils.errors import SCFeatError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -41,7 +42,7 @@ def setup_logging() -> None:
 
 
 def log_to_file(conf: dict) -> None:
-    """Also log to ``<ckpts_root>/<output_root>/extract.log``."""
+    """Also log to ``<output_root>/extract.log``."""
     folder = output_dir(conf)
     folder.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(folder / "extract.log")
@@ -55,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"format={args.format}"] if args.format else []) \
         + acceleration.flag_overrides(args)
     try:
-        conf = load_config(args.config, overrides, EXTRACT_SCHEMA)
+        inert: list[str] = []
+        conf = load_extract_config(args.config, overrides, inert)
         check_config(conf, args.config)
+        report_inert_keys(args.config, inert)
         log_to_file(conf)
         run_extraction(conf)
     except SCFeatError as exc:

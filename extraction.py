@@ -25,17 +25,17 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from dataloader.hpatches import HPatch_SIFT
 from dataloader.transforms import to_tensor_normalized
-from registry import DATASETS, DETECTORS, MODELS, class_section, lookup, model_schema
+from registry import (DATASETS, DETECTORS, MODELS, class_section, inherit_model_config, lookup,
+                      model_schema)
 from utils.acceleration import accelerated
 from utils.atomic import atomic_open, atomic_target
-from utils.config import Dynamic, Spec, validate
+from utils.config import Dynamic, Spec, load_config, validate
 from utils.errors import SCFeatError
-from utils.keypoints import THRESHOLD_MODES, sample_descriptors
+from utils.keypoints import NMS_MODES, THRESHOLD_MODES, sample_descriptors
 
 log = logging.getLogger("scfeat.extract")
 
@@ -51,7 +51,9 @@ Detector = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 # Detector options whose default (None, or a free string) cannot state the type or choices.
 DETECTOR_SPECS = {
-    "thr": Spec(None, types=(float, type(None))),
+    # The original reads a falsy thr (false, 0, null) as "no threshold".
+    "thr": Spec(None, types=(float, bool, type(None))),
+    "use_nms": Spec(True, types=(bool, str), choices=NMS_MODES),
     "thr_mod": Spec("abs", choices=THRESHOLD_MODES),
 }
 
@@ -78,14 +80,6 @@ def make_detector(name: str, options: dict, origin: str = "detector_config") -> 
     return detector
 
 
-def sample_scores(score_map: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples ``N`` of a ``1×1×H×W`` score map at pixel ``x, y`` keypoints ``N×2``."""
-    height, width = score_map.shape[-2:]
-    scale = keypoints.new_tensor([max(width - 1, 1) / 2.0, max(height - 1, 1) / 2.0])
-    grid = (keypoints / scale - 1.0).view(1, 1, -1, 2).to(score_map.dtype)
-    return F.grid_sample(score_map, grid, mode="bilinear", align_corners=True)[0, 0, 0]
-
-
 def is_textureless(image: torch.Tensor) -> bool:
     """True when every channel of a ``C×H×W`` (or ``1×C×H×W``) image is constant.
 
@@ -103,7 +97,7 @@ def select_features(outputs: dict[str, torch.Tensor], valid_hw: tuple[int, int],
 
     ``valid_hw``: the image's size inside the (possibly padded) network input; the score map is
     cropped to it first, so the padding yields no keypoint. ``keypoints`` (``N×2`` pixels) replace
-    the detector's (their scores are sampled from the score map). ``textureless`` (see
+    the detector's, each with score 1 (the original's ``use_sift``). ``textureless`` (see
     :func:`is_textureless`): no keypoints at all. Returns ``keypoints`` ``N×2``, ``scores``
     ``N``, ``descriptors`` ``N×D`` (unit norm), float32 on the outputs' device.
     """
@@ -115,7 +109,7 @@ def select_features(outputs: dict[str, torch.Tensor], valid_hw: tuple[int, int],
         keypoints, scores = detector(score_map)
     else:
         keypoints = keypoints.to(score_map.device, torch.float32).reshape(-1, 2)
-        scores = sample_scores(score_map, keypoints)
+        scores = keypoints.new_ones(len(keypoints))
     input_hw = tuple(outputs["local_point"].shape[-2:])
     descriptors = sample_descriptors(outputs[descriptor_map], keypoints, input_hw)
     return {"keypoints": keypoints.float(), "scores": scores.float(),
@@ -214,7 +208,7 @@ def detect_and_describe(model: torch.nn.Module, image: np.ndarray,
 # ---------------------------------------------------------------------------------------------
 
 EXTRACT_SCHEMA = {
-    "output_root": Spec(types=(str,), doc="outputs go to <ckpts_root>/<output_root>"),
+    "output_root": Spec(types=(str,), doc="the output folder (desc/, image/, features.h5)"),
     "postfix": Spec("scfeat", doc="feature files are desc/<seq>/<k>.ppm.<postfix>"),
     "load_path": Spec(types=(str,), doc="checkpoint folder with backbone.pth, localheader.pth"),
     "loss_distance": Spec("cos", choices=("cos",)),  # the original's key; descriptors are unit norm
@@ -224,6 +218,7 @@ EXTRACT_SCHEMA = {
     "model_config": Dynamic(lambda root, raw: model_schema(raw)),
     "data": Spec("HPatch_SIFT", choices=("HPatch_SIFT",)),
     "data_config_extract": Dynamic(class_section(DATASETS, "data")),
+    "local_thr": Spec(None, types=(float, type(None)), inert=True),
     "use_sift": False,
     "detector": Spec("generate_kpts_single", choices=tuple(DETECTORS)),
     "detector_config": Dynamic(lambda root, raw: detector_schema(root["detector"])),
@@ -231,10 +226,18 @@ EXTRACT_SCHEMA = {
     "descriptor_map": Spec("desc_map", choices=DESCRIPTOR_MAPS),
     "format": Spec("npz", choices=FEATURE_FORMATS),
     "device": Spec("auto", choices=("auto", "cpu", "cuda")),
-    "ckpts_root": "ckpts",
     "amp": Spec(False, doc="bf16 autocast (CUDA; see utils/acceleration.py)"),
     "compile": Spec(False, doc="torch.compile the network (CUDA; see utils/acceleration.py)"),
 }
+
+
+def load_extract_config(path: str | Path, overrides: list[str] | tuple = (),
+                        inert_keys: list[str] | None = None) -> dict:
+    """The extraction config of ``path`` with ``KEY=VALUE`` overrides, validated; model
+    settings left open are inherited from the checkpoint's run. ``inert_keys`` receives the
+    keys accepted only for compatibility."""
+    return load_config(path, overrides, EXTRACT_SCHEMA, prepare=inherit_model_config,
+                       inert_keys=inert_keys)
 
 
 def check_config(conf: dict, origin: str) -> None:
@@ -275,22 +278,16 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def output_dir(conf: dict) -> Path:
-    """``<ckpts_root>/<output_root>``."""
-    return Path(conf["ckpts_root"]) / conf["output_root"]
+    """``output_root``, the folder that receives ``desc/``, ``image/`` or ``features.h5``."""
+    return Path(conf["output_root"])
 
 
 def load_model(conf: dict, device: torch.device) -> torch.nn.Module:
-    """The checkpoint of ``load_path``; model settings from ``config.yaml`` in its parent
-    folder when present, else from the extraction config's ``model_config``."""
+    """The checkpoint of ``load_path`` with the config's model settings (those it leaves
+    open come from the checkpoint run's ``config.yaml``: :func:`registry.inherit_model_config`)."""
     from model.scfeat import SCFeatModel
 
-    folder = Path(conf["load_path"])
-    run_config = folder.parent / "config.yaml"
-    if run_config.is_file():
-        log.info("model settings from %s", run_config)
-        return SCFeatModel.from_checkpoint(folder, device)
-    log.info("no %s: model settings from the extraction config's model_config", run_config)
-    return SCFeatModel.from_checkpoint(folder, device, model_config=conf["model_config"])
+    return SCFeatModel.from_checkpoint(conf["load_path"], device, model_config=conf["model_config"])
 
 
 # ---------------------------------------------------------------------------------------------

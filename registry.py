@@ -7,6 +7,7 @@ the only place that turns the name into code, and the config loader uses the cla
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
@@ -18,7 +19,7 @@ from losses.line2window import EpipolarLoss_Line2Window, Preprocess_Line2Window
 from model.detnet import DetNet
 from model.f2r import ResUNet_F2R
 from model.scfeat import SCFeatModel
-from utils.config import Spec
+from utils.config import Spec, is_none_word, read_yaml
 from utils.errors import SCFeatError
 from utils.keypoints import generate_kpts_single
 
@@ -82,3 +83,41 @@ def build_model(name: str, model_config: dict) -> nn.Module:
                           f"local_input_elements {conf['local_input_elements']} ({expected} channels)")
     header = header_cls(conf["localheader_config"], with_image=conf["local_with_img"])
     return SCFeatModel(backbone, header, conf)
+
+
+def inherit_model_config(conf: dict, origin: str) -> None:
+    """Complete a raw config's model settings from the run that wrote its checkpoint (in place).
+
+    As in the original's stage-2 and extraction files, ``model_config`` entries that are absent,
+    ``None`` or the string ``'None'`` are taken from ``config.yaml`` beside the ``load_path``
+    folder (``train.py`` writes it); entries given explicitly win. Without such a file the
+    entries must be given: a ``None`` entry is an error naming the file that is missing.
+    """
+    load_path = conf.get("load_path")
+    if not isinstance(load_path, str) or is_none_word(load_path):
+        return
+    section = conf.get("model_config")
+    if is_none_word(section):
+        section = {}
+    if not isinstance(section, dict):
+        return  # validation reports the wrong type
+    left_open = [key for key, value in section.items() if is_none_word(value)]
+    given = {key: value for key, value in section.items() if not is_none_word(value)}
+    run_config = Path(load_path).parent / "config.yaml"
+    if run_config.is_file():
+        run = read_yaml(run_config)
+        conf["model_config"] = {**(run.get("model_config") or {}), **given}
+        if is_none_word(conf.get("model")) and run.get("model") is not None:
+            conf["model"] = run["model"]
+        return
+    if left_open and not Path(load_path).is_dir():
+        raise SCFeatError(f"{origin}: key 'load_path': checkpoint folder '{load_path}' does not "
+                          f"exist (model_config.{left_open[0]} is None: it comes from that run)")
+    if left_open:
+        raise SCFeatError(
+            f"{origin}: key 'model_config.{left_open[0]}' is None, which means \"take it from the "
+            f"checkpoint's run\", but '{run_config}' does not exist; give the model settings in "
+            f"model_config or point load_path at a folder written by train.py")
+    conf["model_config"] = given
+    if is_none_word(conf.get("model")):
+        conf.pop("model", None)

@@ -31,19 +31,36 @@ import torch.nn as nn
 from dataloader.megadepth import summarize_skips
 from dataloader.sampler import ResumableSampler
 from model.scfeat import load_strict
-from registry import (DATASETS, LOSSES, MODELS, PREPROCESSORS, build_model, class_section, lookup,
-                      model_schema)
+from registry import (DATASETS, LOSSES, MODELS, PREPROCESSORS, build_model, class_section,
+                      inherit_model_config, lookup, model_schema)
 from utils import acceleration
 from utils.acceleration import accelerated
 from utils.atomic import remove_stale_temporaries
 from utils.checkpoint import atomic_save, load_state_dict_file
-from utils.config import Dynamic, Spec, load_config, read_yaml, save_config
+from utils.config import Dynamic, Spec, load_config, report_inert_keys, save_config
 from utils.errors import SCFeatError
 
 log = logging.getLogger("scfeat.train")
 
 STATE_FILE = "training_state.pth"
 TRAINABLE_MODULES = ("backbone", "localheader")
+
+
+def val_schema(root: dict, raw: dict) -> dict:
+    """``val_config``, the original's layout: ``data_config_val`` (a dataset config of the
+    training ``data`` class; validation runs after each epoch when it is given) and the
+    original's visualisation keys, accepted and unused."""
+    if not raw:
+        return {}
+    data_schema = class_section(DATASETS, "data")
+    return {
+        "data_config_val": Dynamic(lambda root, raw: data_schema(root, raw) if raw else {}, default=None),
+        "detector": Spec(None, types=(str, type(None)), inert=True),
+        "detector_config": Spec({}, types=(dict,), inert=True),
+        "loss_distance": Spec("cos", choices=("cos", "euc"), inert=True),
+        "vis_topk": Spec(50, inert=True),
+        "vis_err_thr": Spec(5.0, inert=True),
+    }
 
 
 TRAIN_SCHEMA = {
@@ -54,8 +71,12 @@ TRAIN_SCHEMA = {
     "lr_decay_step": 9,
     "lr_decay_factor": 0.1,
     "log_freq": 1000,
+    "save_freq": Spec(100, doc="refresh the current epoch's weight folder every N steps (the "
+                               "original's fixed 100)"),
     "grad_clip": False,
-    "clip_norm": 1.0,
+    "clip_norm": 10.0,
+    "test_kp": Spec(False, inert=True),
+    "no_cuda": Spec([], types=(list,), inert=True),
     "optimal_modules": Spec(["backbone"], types=(list,)),
     "optimal_lrs": Spec([1e-4], types=(list,)),
     "optimizer": Spec("Adam", choices=("Adam", "AdamW", "SGD")),
@@ -63,8 +84,7 @@ TRAIN_SCHEMA = {
     "model_config": Dynamic(lambda root, raw: model_schema(raw)),
     "data": Spec("MegaDepth_SIFT", choices=tuple(DATASETS)),
     "data_config_train": Dynamic(class_section(DATASETS, "data")),
-    "val_config": Dynamic(lambda root, raw: {} if not raw else lookup(DATASETS, root["data"], "data").default_conf,
-                          default=None),
+    "val_config": Dynamic(val_schema, default=None),
     "preprocess_train": Spec(None, types=(str, type(None))),
     "preprocess_train_config": Dynamic(class_section(PREPROCESSORS, "preprocess_train")),
     "losses": Spec(types=(list,)),
@@ -88,6 +108,15 @@ def loss_sections(conf: dict) -> dict:
     return {f"{name}_config": lookup(LOSSES, name, "losses").default_conf for name in conf["losses"]}
 
 
+def load_train_config(path: str | Path, overrides: list[str] | tuple = (),
+                      inert_keys: list[str] | None = None) -> dict:
+    """The training config of ``path`` with ``KEY=VALUE`` overrides, validated (the loss
+    sections from ``losses``; with ``load_path``, model settings left open inherited from the
+    checkpoint's run). ``inert_keys`` receives the keys accepted only for compatibility."""
+    return load_config(path, overrides, TRAIN_SCHEMA, loss_sections, prepare=inherit_model_config,
+                       inert_keys=inert_keys)
+
+
 def check_config(conf: dict, origin: str) -> None:
     """Cross-key rules that a per-key schema cannot express."""
     def fail(message: str) -> None:
@@ -107,7 +136,7 @@ def check_config(conf: dict, origin: str) -> None:
              f"{len(conf['optimal_modules'])} optimal_modules")
     if conf["preprocess_train"] is not None:
         lookup(PREPROCESSORS, conf["preprocess_train"], "preprocess_train")
-    for key in ("epoch", "epoch_step", "lr_decay_step", "log_freq"):
+    for key in ("epoch", "epoch_step", "lr_decay_step", "log_freq", "save_freq"):
         if conf[key] <= 0:
             fail(f"key '{key}' must be positive, got {conf[key]}")
     if conf["load_path"] is not None:
@@ -231,6 +260,8 @@ class Trainer:
             # After build_model: with load_path, the model settings are the loaded run's, and
             # extraction reads them from this file.
             save_config(self.conf, self.run_dir / "config.yaml")
+            # The starting weights, as the original writes them (its train_det.yaml loads 000).
+            self.save_weights(0)
         self.trainable = list(conf["optimal_modules"])
         for name in TRAINABLE_MODULES:
             getattr(self.model, name).requires_grad_(name in self.trainable)
@@ -300,22 +331,16 @@ class Trainer:
             dist.barrier()
 
     def build_model(self) -> nn.Module:
+        """The model of ``model_config``; with ``load_path`` (stage 2) its weights come from
+        that folder (its model settings were inherited by :func:`inherit_model_config`)."""
         conf = self.conf
         load_path = conf["load_path"]
         if load_path is None:
             return build_model(conf["model"], conf["model_config"])
-        # Stage 2: the model settings of the loaded run, its weights from the folder.
         folder = Path(load_path)
-        run_config = folder.parent / "config.yaml"
-        name, model_config = conf["model"], conf["model_config"]
-        if run_config.is_file():
-            loaded = read_yaml(run_config)
-            name = loaded.get("model", name)
-            model_config = loaded.get("model_config", model_config)
-            conf["model"], conf["model_config"] = name, model_config
-        model_config = {**model_config, "backbone_config": {
-            **model_config.get("backbone_config", {}), "pretrained": False}}
-        model = build_model(name, model_config)
+        model_config = {**conf["model_config"], "backbone_config": {
+            **conf["model_config"]["backbone_config"], "pretrained": False}}
+        model = build_model(conf["model"], model_config)
         for part in ("backbone", "localheader"):
             path = folder / f"{part}.pth"
             load_strict(getattr(model, part), load_state_dict_file(path), path)
@@ -368,10 +393,12 @@ class Trainer:
             set_rng_state(state["rng"])
         log.info("resumed %s at epoch %d, step %d", self.run_dir, self.epoch + 1, self.step_in_epoch)
 
-    def save_epoch(self) -> None:
+    def save_weights(self, epoch: int) -> None:
+        """``<run>/<epoch:03d>/{backbone,localheader}.pth``: 000 the starting weights, then
+        epoch e's folder, refreshed every ``save_freq`` steps and at the epoch's end."""
         if not self.is_main:
             return
-        folder = self.run_dir / f"{self.epoch:03d}"
+        folder = self.run_dir / f"{epoch:03d}"
         for part in ("backbone", "localheader"):
             atomic_save(getattr(self.model, part).state_dict(), folder / f"{part}.pth")
 
@@ -380,12 +407,13 @@ class Trainer:
     def validate(self) -> None:
         """Mean loss and components over the ``val_config`` data (eval mode, no jitter), with
         the same query points every epoch so that epochs compare."""
-        if not self.conf["val_config"] or not self.is_main:
+        data_conf = (self.conf["val_config"] or {}).get("data_config_val")
+        if not data_conf or not self.is_main:
             return
-        dataset = DATASETS[self.conf["data"]]({**self.conf["val_config"], "mode": "val"})
+        dataset = DATASETS[self.conf["data"]]({**data_conf, "mode": "val"})
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=self.conf["val_config"]["batch_size"], shuffle=False,
-            num_workers=self.conf["val_config"]["workers"], collate_fn=dataset.collate_fn)
+            dataset, batch_size=data_conf["batch_size"], shuffle=False,
+            num_workers=data_conf["workers"], collate_fn=dataset.collate_fn)
         model = self.pair_model.module if hasattr(self.pair_model, "module") else self.pair_model
         sums: dict[str, float] = {}
         count = 0
@@ -422,13 +450,14 @@ class Trainer:
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         forward = pair_model or self.forward
         outputs1, outputs2 = forward(batch["im1"], batch["im2"], self.with_detector)
+        epoch = self.epoch + 1  # the original passes its 1-based epoch (temperature schedules)
         processed = {}
         if self.preprocess is not None:
-            processed = self.preprocess(batch, outputs1, outputs2, self.epoch)
+            processed = self.preprocess(batch, outputs1, outputs2, epoch)
         total = 0.0
         components: dict[str, torch.Tensor] = {}
         for name, loss_fn, weight in zip(self.conf["losses"], self.losses, self.loss_weights):
-            value, parts = loss_fn(batch, outputs1, outputs2, processed, self.epoch)
+            value, parts = loss_fn(batch, outputs1, outputs2, processed, epoch)
             total = total + weight * value
             components[name] = value.detach()
             components.update({k: torch.as_tensor(v).detach() for k, v in parts.items()})
@@ -446,8 +475,9 @@ class Trainer:
         self.nonfinite_streak = 0
         loss.backward()
         if self.conf["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in self.optimizer.param_groups for p in g["params"]], self.conf["clip_norm"])
+            for name in self.trainable:  # each optimised module on its own, as the original
+                torch.nn.utils.clip_grad_norm_(getattr(self.model, name).parameters(),
+                                               self.conf["clip_norm"])
         self.optimizer.step()
         return loss.item(), {k: float(v) for k, v in components.items()}
 
@@ -546,6 +576,8 @@ class Trainer:
                     steps_this_run += 1
                     if steps_this_run == conf["max_steps_this_run"]:
                         self.stop_requested = True
+                    if self.global_step % conf["save_freq"] == 0:
+                        self.save_weights(self.epoch + 1)
                     if self.global_step % log_freq == 0 or self.stop_requested:
                         # Log before saving: a kill in between repeats the step's line on
                         # resume rather than losing it.
@@ -566,7 +598,7 @@ class Trainer:
                 self.epoch += 1
                 self.step_in_epoch = 0
                 self.scheduler.step()
-                self.save_epoch()
+                self.save_weights(self.epoch)
                 self.save_state()
                 self.validate()
                 if self.is_main:
@@ -590,8 +622,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(None, int(os.environ.get("RANK", 0)) == 0)
     try:
         overrides = list(args.overrides) + acceleration.flag_overrides(args)
-        conf = load_config(args.config, overrides, TRAIN_SCHEMA, loss_sections)
+        inert: list[str] = []
+        conf = load_train_config(args.config, overrides, inert)
         check_config(conf, args.config)
+        report_inert_keys(args.config, inert)
         trainer = Trainer(conf, args.config, args.resume)
         trainer.fit()
         if trainer.stop_requested:

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
 from dataloader.transforms import load_image_rgb, to_tensor_normalized
+from utils.config import Spec
 from utils.errors import SCFeatError
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,10 @@ class HPatch_SIFT(Dataset):
         "batch_size": 1,
         "workers": 4,
         "use_sift": False,
-        "sift_max_pts": 8192,
+        "sift_max_pts": 0,  # 0: every SIFT keypoint, as the original's use_sift
+        # The original's keys; its extraction ignores them (use_sift takes every SIFT point).
+        "prune_kp": Spec(True, inert=True),
+        "num_pts": Spec(5000, inert=True),
     }
 
     def __init__(self, conf: dict):

@@ -45,6 +45,7 @@ from torch.utils.data.dataloader import default_collate
 from torchvision.transforms import ColorJitter
 
 from dataloader.transforms import normalize_imagenet, to_float_tensor
+from utils.config import Spec
 from utils.errors import SCFeatError
 from utils.geometry import fundamental_from_pose, relative_pose
 
@@ -266,6 +267,12 @@ def scale_intrinsics(K: np.ndarray, scale_x: float, scale_y: float) -> np.ndarra
     return scaling @ K
 
 
+def image_scale(on_disk: "CameraRecord", returned: "CameraRecord") -> float:
+    """The returned image's size ÷ its size on disk, ``sqrt(scale_x · scale_y)`` (1 without
+    ``resize``)."""
+    return float(np.sqrt(returned.width / on_disk.width * returned.height / on_disk.height))
+
+
 def pair_fundamentals(K1: np.ndarray, K2: np.ndarray, pose1: np.ndarray,
                       pose2: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """``F1`` (image 1 → lines in image 2) and ``F2`` (the reverse) for ``N×3×3`` intrinsics and
@@ -394,7 +401,8 @@ class MegaDepth_SIFT(Dataset):
 
     Item: ``im1, im2`` (3×H×W float32, ImageNet-normalised; colour-jittered in train mode),
     ``F1, F2`` (3×3 float32), ``intrinsic1/2`` (3×3 float32), ``pose1/2`` (4×4 float32,
-    world→camera), ``name1/2`` (str, path relative to ``data_path``) and, when
+    world→camera), ``name1/2`` (str, path relative to ``data_path``), ``scale1/2`` (float, the
+    returned size ÷ the size on disk) and, when
     ``query_points`` is set, ``coord1/2`` (num_pts×2 float32 pixel ``x, y``). A pair that
     cannot be loaded gives ``{"skipped": "<cause>: <detail>"}`` instead (see the module
     docstring); ``skipped`` (a Counter, per process) and ``dropped_at_index`` (a Counter of
@@ -415,6 +423,8 @@ class MegaDepth_SIFT(Dataset):
         "batch_size": 2,
         "workers": 4,
         "shuffle": True,
+        # The original's key (pruning of its loader's SIFT points); nothing reads it here.
+        "prune_kp": Spec(False, inert=True),
     }
 
     def __init__(self, conf: dict) -> None:
@@ -671,6 +681,10 @@ class MegaDepth_SIFT(Dataset):
             "pose2": torch.from_numpy(cam2.pose).float(),
             "name1": f"{record.rel_folder}/images/{record.name1}",
             "name2": f"{record.rel_folder}/images/{record.name2}",
+            # network size ÷ size on disk (geometric mean of the axes); KeypointLoss's
+            # reward_config.rescale_thr scales its pixel threshold by it
+            "scale1": image_scale(record.camera1, cam1),
+            "scale2": image_scale(record.camera2, cam2),
         }
         mode = self.conf["query_points"]
         if mode is not None:

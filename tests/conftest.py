@@ -13,10 +13,18 @@ sys.path.insert(0, str(REPO_ROOT))
 
 # ../shared/reference beside the clone (CI lays it out the same way); SCFEAT_REFERENCE overrides.
 REFERENCE_DIR = Path(os.environ.get("SCFEAT_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
+# The small reference files travel with the repository, so a fresh clone runs the parity tests.
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures"
+
+
+def reference_path(name: str) -> Path:
+    """``tests/fixtures/<name>`` when the repository carries it, else ``../shared/reference``."""
+    local = FIXTURE_DIR / name
+    return local if local.is_file() else REFERENCE_DIR / name
 
 
 def _load_reference(name: str) -> dict:
-    path = REFERENCE_DIR / name
+    path = reference_path(name)
     if not path.is_file():
         pytest.skip(f"reference file {path} is absent: these tests compare against the original "
                     f"implementation's outputs and cannot run without ../shared/reference")

@@ -12,10 +12,9 @@ import torch.nn as nn
 
 import train
 from conftest import REPO_ROOT, save_random_checkpoint
-from extraction import EXTRACT_SCHEMA, run_extraction
+from extraction import load_extract_config, run_extraction
 from registry import build_model
 from utils.acceleration import TOLERANCE, accelerated, to_float32
-from utils.config import load_config
 from utils.keypoints import generate_kpts_single, sample_descriptors
 
 CPU = torch.device("cpu")
@@ -112,10 +111,10 @@ def test_extraction_and_training_take_the_options(tmp_path, megadepth, monkeypat
     (data / "i_photo").mkdir(parents=True)
     cv2.imwrite(str(data / "i_photo" / "1.ppm"), load_photo("astronaut")[100:164, 100:196, ::-1])
     calls = spy_on_accelerated(monkeypatch, extraction)
-    conf = load_config(EXTRACT_CONFIG, [
+    conf = load_extract_config(EXTRACT_CONFIG, [
         f"load_path={checkpoint}", f"data_config_extract.data_path={data}",
-        "data_config_extract.workers=0", f"ckpts_root={tmp_path}", "device=cpu", "amp=true"],
-        EXTRACT_SCHEMA)
+        "data_config_extract.workers=0", f"output_root={tmp_path / 'out'}", "device=cpu",
+        "output_img=false", "amp=true"])
     summary = run_extraction(conf)
     assert calls == [(True, False)] and summary["images"] == 1
     with np.load(summary["features"] / "i_photo" / "1.ppm.scfeat") as features:

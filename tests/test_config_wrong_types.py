@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from extraction import EXTRACT_SCHEMA
-from train import TRAIN_SCHEMA, loss_sections
-from utils.config import REQUIRED, Dynamic, Spec, load_config
+from conftest import save_random_checkpoint
+from extraction import EXTRACT_SCHEMA, load_extract_config
+from train import TRAIN_SCHEMA, load_train_config
+from utils.config import Dynamic, Spec
 from utils.errors import SCFeatError
 
 CONFIG = Path(__file__).resolve().parents[1] / "config"
@@ -35,16 +36,24 @@ def cases(schema):
             yield key, value
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("run") / "run" / "001"
+    save_random_checkpoint(folder)
+    return str(folder)
+
+
 @pytest.mark.parametrize("key, value", list(cases(TRAIN_SCHEMA)))
 def test_training_key_with_wrong_type(key, value):
     with pytest.raises(SCFeatError, match=rf"key '{key}'"):
-        load_config(CONFIG / "train_desc.yaml", [f"{key}={value}"], TRAIN_SCHEMA, loss_sections)
+        load_train_config(CONFIG / "train_desc.yaml", [f"{key}={value}"])
 
 
-@pytest.mark.parametrize("key, value", list(cases(EXTRACT_SCHEMA)))
-def test_extraction_key_with_wrong_type(key, value):
+@pytest.mark.parametrize("key, value", [(k, v) for k, v in cases(EXTRACT_SCHEMA) if k != "load_path"])
+def test_extraction_key_with_wrong_type(key, value, checkpoint):
     with pytest.raises(SCFeatError, match=rf"key '{key}'"):
-        load_config(CONFIG / "extract_hpatches.yaml", [f"{key}={value}"], EXTRACT_SCHEMA)
+        load_extract_config(CONFIG / "extract_hpatches.yaml",
+                            [f"load_path={checkpoint}", f"{key}={value}"])
 
 
 @pytest.mark.parametrize("key, value", [
@@ -54,18 +63,22 @@ def test_extraction_key_with_wrong_type(key, value):
     ("model_config.local_input_elements", "local_map"),
     ("data_config_train.batch_size", "two"),
     ("data_config_train.rot_thr", "[80]"),
-    ("preprocess_train_config.use_nn", "'yes'"),
+    ("preprocess_train_config.line_search_config.use_nn", "'yes'"),
+    ("preprocess_train_config.kps_generator_config.grid_size", "'16'"),
     ("preprocess_train_config.window_size", "small"),
+    ("val_config.data_config_val.batch_size", "two"),
+    ("val_config.vis_topk", "many"),
+    ("no_cuda", "name1"),
     ("EpipolarLoss_Line2Window_config.weight_window", "heavy"),
 ])
 def test_nested_training_keys_with_wrong_type(key, value):
     with pytest.raises(SCFeatError, match=rf"key '{key}'"):
-        load_config(CONFIG / "train_desc.yaml", [f"{key}={value}"], TRAIN_SCHEMA, loss_sections)
+        load_train_config(CONFIG / "train_desc.yaml", [f"{key}={value}"])
 
 
-def test_keypoint_loss_keys_with_wrong_type():
+def test_keypoint_loss_keys_with_wrong_type(checkpoint):
     for key, value in [("KeypointLoss_config.grid_size", "'8'"),
                        ("KeypointLoss_config.reward_config.reward_thr", "near"),
                        ("KeypointLoss_config.cor_detach", "1")]:
         with pytest.raises(SCFeatError, match=rf"key '{key}'"):
-            load_config(CONFIG / "train_det.yaml", [f"{key}={value}"], TRAIN_SCHEMA, loss_sections)
+            load_train_config(CONFIG / "train_det.yaml", [f"load_path={checkpoint}", f"{key}={value}"])

@@ -16,10 +16,10 @@ import torch
 import extract_features
 from dataloader.hpatches import sift_keypoints
 from dataloader.transforms import to_tensor_normalized
-from extraction import EXTRACT_SCHEMA, check_config, resolve_device, run_extraction
+from extraction import check_config, load_extract_config, resolve_device, run_extraction
 from registry import build_model
 from tools.synthetic import load_photo
-from utils.config import load_config, save_config
+from utils.config import save_config
 from utils.errors import SCFeatError
 from utils.keypoints import generate_kpts_single, sample_descriptors
 
@@ -64,10 +64,11 @@ def hpatches(tmp_path_factory, photo) -> Path:
     return root
 
 
-def overrides(data: Path, checkpoint: Path, ckpts_root: Path, *extra: str) -> list[str]:
+def overrides(data: Path, checkpoint: Path, out_root: Path, *extra: str) -> list[str]:
+    """Outputs in ``<out_root>/hpatches-scfeat``; no score-map images unless ``extra`` asks."""
     return [f"load_path={checkpoint}", f"data_config_extract.data_path={data}",
-            "data_config_extract.workers=0", f"ckpts_root={ckpts_root}", "device=cpu",
-            f"detector_config.num_pts={NUM_PTS}", *extra]
+            "data_config_extract.workers=0", f"output_root={out_root / 'hpatches-scfeat'}",
+            "device=cpu", "output_img=false", f"detector_config.num_pts={NUM_PTS}", *extra]
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -86,8 +87,8 @@ def npz_run(hpatches, model_and_checkpoint, tmp_path_factory):
     stale = out_root / "hpatches-scfeat" / "desc" / "v_bad" / "1.ppm.scfeat"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"features of an earlier run")
-    conf = load_config(CONFIG, overrides(hpatches, model_and_checkpoint[1], out_root,
-                                         "output_img=true"), EXTRACT_SCHEMA)
+    conf = load_extract_config(CONFIG, overrides(hpatches, model_and_checkpoint[1], out_root,
+                                                 "output_img=true"))
     check_config(conf, str(CONFIG))
     summary = run_extraction(conf)
     return out_root / "hpatches-scfeat", summary
@@ -109,7 +110,8 @@ def test_npz_files_hold_unit_descriptors_in_the_uncropped_frame(npz_run, hpatche
         assert keypoints.shape == (count, 2) and scores.shape == (count,)
         assert descriptors.shape == (count, 128)
         np.testing.assert_allclose(np.linalg.norm(descriptors, axis=1), 1.0, atol=1e-5)
-        assert np.all(np.diff(scores) <= 0)  # best first
+        # ranked by the pixel's own score; the stored score is its 3×3 maximum (the original's)
+        assert np.all(scores > 0)
         # Coordinates are pixels of the uncropped image; the crop (multiple of 16) is at the
         # right/bottom, so every keypoint lies inside it.
         crop_h, crop_w = height // 16 * 16, width // 16 * 16
@@ -148,8 +150,7 @@ def test_zero_texture_image_gives_an_empty_valid_feature_file(model_and_checkpoi
     (data / "i_blank").mkdir(parents=True)
     cv2.imwrite(str(data / "i_blank" / "1.ppm"), np.full((64, 96, 3), 127, np.uint8))
     cv2.imwrite(str(data / "i_blank" / "2.ppm"), photo[100:164, 100:196, ::-1])
-    conf = load_config(CONFIG, overrides(data, model_and_checkpoint[1], tmp_path / "out"),
-                       EXTRACT_SCHEMA)
+    conf = load_extract_config(CONFIG, overrides(data, model_and_checkpoint[1], tmp_path / "out"))
     summary = run_extraction(conf)
     assert summary["images"] == 2 and summary["skipped"] == []
     desc = tmp_path / "out" / "hpatches-scfeat" / "desc" / "i_blank"
@@ -256,17 +257,18 @@ def test_use_sift_takes_sift_keypoints_and_network_descriptors(model_and_checkpo
     data = tmp_path / "data"
     (data / "i_one").mkdir(parents=True)
     cv2.imwrite(str(data / "i_one" / "1.ppm"), photo[150:250, 180:320, ::-1])
-    conf = load_config(CONFIG, overrides(data, model_and_checkpoint[1], tmp_path / "out",
-                                         "use_sift=true"), EXTRACT_SCHEMA)
+    conf = load_extract_config(CONFIG, overrides(data, model_and_checkpoint[1], tmp_path / "out",
+                                                 "use_sift=true"))
     check_config(conf, str(CONFIG))
     assert run_extraction(conf)["images"] == 1
     features = read_npz(tmp_path / "out" / "hpatches-scfeat" / "desc" / "i_one" / "1.ppm.scfeat")
     crop = read_rgb(data / "i_one" / "1.ppm")[:96, :128]
     expected = sift_keypoints(crop, conf["data_config_extract"]["sift_max_pts"])
+    assert conf["data_config_extract"]["sift_max_pts"] == 0  # every SIFT keypoint, as the original
     assert len(expected) > 10
     np.testing.assert_array_equal(features["keypoints"], expected)
     np.testing.assert_allclose(np.linalg.norm(features["descriptors"], axis=1), 1.0, atol=1e-5)
-    assert features["scores"].shape == (len(expected),) and np.all(features["scores"] >= 0)
+    np.testing.assert_array_equal(features["scores"], np.ones(len(expected), np.float32))
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -278,6 +280,7 @@ def test_missing_checkpoint_file(model_and_checkpoint, hpatches, tmp_path, capsy
     folder = tmp_path / "run" / "001"
     folder.mkdir(parents=True)
     os.symlink(model_and_checkpoint[1] / "backbone.pth", folder / "backbone.pth")
+    os.symlink(model_and_checkpoint[1].parent / "config.yaml", folder.parent / "config.yaml")
     code, err = run_cli(capsys, *overrides(hpatches, folder, tmp_path))
     assert code == 2 and err.startswith("error: ")
     assert f"'{folder / 'localheader.pth'}' does not exist" in err and "Traceback" not in err
@@ -306,11 +309,12 @@ def test_bad_config_values(model_and_checkpoint, hpatches, tmp_path):
     base = overrides(hpatches, model_and_checkpoint[1], tmp_path)
     for extra, message in [("loss_distance=l2", "loss_distance"),
                            ("detector_config.thr=high", "thr"),
-                           ("detector_config.num_pts=0", "num_pts"),
+                           ("detector_config.thr_mod=median", "thr_mod"),
+                           ("detector_config.use_nms=soft", "use_nms"),
                            ("descriptor_map=global_map", "descriptor_map"),
                            ("data_config_extract.use_sift=true", "top-level 'use_sift'")]:
         with pytest.raises(SCFeatError, match=message):
-            conf = load_config(CONFIG, [*base, extra], EXTRACT_SCHEMA)
+            conf = load_extract_config(CONFIG, [*base, extra])
             check_config(conf, str(CONFIG))
 
 
@@ -320,11 +324,12 @@ def test_cuda_asked_without_cuda():
         resolve_device("cuda")
 
 
-def test_cli_bad_key_exits_2_without_traceback(tmp_path):
+def test_cli_bad_key_exits_2_without_traceback(model_and_checkpoint, tmp_path):
     config = tmp_path / "extract.yaml"
     config.write_text(CONFIG.read_text().replace("  num_pts: 8192", "  num_ptz: 8192"))
     line = next(i for i, text in enumerate(config.read_text().splitlines(), 1) if "num_ptz" in text)
-    result = subprocess.run([sys.executable, "extract_features.py", "--config", str(config)],
+    result = subprocess.run([sys.executable, "extract_features.py", "--config", str(config),
+                             f"load_path={model_and_checkpoint[1]}"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
@@ -332,10 +337,14 @@ def test_cli_bad_key_exits_2_without_traceback(tmp_path):
            f"'num_pts'?" in result.stderr
 
 
-def test_shipped_configs_validate():
+def test_shipped_configs_validate(model_and_checkpoint):
+    checkpoint = f"load_path={model_and_checkpoint[1]}"
     for path in (CONFIG, REPO_ROOT / "config" / "demo" / "extract.yaml"):
-        conf = load_config(path, [], EXTRACT_SCHEMA)
+        conf = load_extract_config(path, [checkpoint])
         assert conf["detector_config"]["thr"] == 1.0 and conf["descriptor_map"] == "desc_map"
-    conf = load_config(CONFIG, [], EXTRACT_SCHEMA)
+    conf = load_extract_config(CONFIG, [checkpoint])
     assert (conf["output_root"], conf["postfix"], conf["detector_config"]["num_pts"]) == \
-        ("hpatches-scfeat", "scfeat", 8192)
+        ("hpatches/output", "scfeat", 8192)
+    # model_config entries left as None come from the checkpoint run's config.yaml
+    assert conf["model_config"]["backbone"] == "ResUNet_F2R"
+    assert conf["model_config"]["backbone_config"]["encoder"] == "resnet50"

@@ -35,7 +35,8 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_stage1_writes_checkpoints_and_freezes_the_detector(megadepth, tmp_path):
-    val = f"val_config={{data_path: {megadepth}, batch_size: 1, workers: 0, max_pairs_per_scene: 2}}"
+    val = (f"val_config={{data_config_val: {{data_path: {megadepth}, batch_size: 1, workers: 0, "
+           f"max_pairs_per_scene: 2}}, vis_topk: 50}}")
     assert train.main(stage1_args(megadepth, tmp_path, val)) == 0
     run_dir = tmp_path / "demo-descriptor"
     assert (run_dir / "config.yaml").is_file() and list((run_dir / "tb").iterdir())
@@ -52,7 +53,42 @@ def test_stage1_writes_checkpoints_and_freezes_the_detector(megadepth, tmp_path)
     for key, value in fresh.localheader.state_dict().items():
         assert torch.equal(value, header[key]), key
     assert not torch.equal(fresh.backbone.state_dict()["side1.conv.weight"], backbone["side1.conv.weight"])
+    # 000 holds the starting weights, written before the first step (as the original).
+    start = load_state_dict_file(run_dir / "000" / "backbone.pth")
+    for key, value in fresh.backbone.state_dict().items():
+        assert torch.equal(value, start[key]), key
     assert sorted(logged_losses(run_dir)) == [1, 2, 3]
+
+
+def test_losses_see_the_one_based_epoch_and_weights_refresh_every_save_freq(megadepth, tmp_path,
+                                                                             monkeypatch):
+    """The original passes its 1-based epoch to the losses (temperature schedules), refreshes
+    the current epoch's folder every save_freq steps and clips each optimised module."""
+    from losses.line2window import EpipolarLoss_Line2Window
+
+    epochs, clipped = [], []
+    original = EpipolarLoss_Line2Window.forward
+
+    def spy(self, batch, outputs1, outputs2, processed, epoch):
+        epochs.append(epoch)
+        return original(self, batch, outputs1, outputs2, processed, epoch)
+
+    def clip_spy(parameters, max_norm, *args, **kwargs):
+        clipped.append((len(list(parameters)), max_norm))
+
+    monkeypatch.setattr(EpipolarLoss_Line2Window, "forward", spy)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_spy)
+    assert train.main(stage1_args(megadepth, tmp_path, "epoch=2", "epoch_step=2", "save_freq=3",
+                                  "max_steps_this_run=3", "grad_clip=true")) == 0
+    assert epochs == [1, 1, 2]
+    backbone_params = len(list(__import__("registry").build_model(
+        "SCFeatModel", {"backbone_config": {"pretrained": False}}).backbone.parameters()))
+    assert clipped == [(backbone_params, 10.0)] * 3  # the backbone alone, clip_norm 10
+    run_dir = tmp_path / "demo-descriptor"
+    # step 3 (save_freq) is in epoch 2: its folder exists before the epoch ends
+    assert (run_dir / "002" / "backbone.pth").is_file()
+    first, second = (load_state_dict_file(run_dir / f"00{e}" / "backbone.pth") for e in (1, 2))
+    assert not torch.equal(first["side1.conv.weight"], second["side1.conv.weight"])
 
 
 def test_existing_run_is_refused_without_resume(megadepth, tmp_path, capsys):
@@ -78,7 +114,7 @@ def test_resume_of_a_missing_run_is_refused(megadepth, tmp_path, capsys):
     ("optimal_modules=[head]", "optimal_modules"),
     ("load_path=/nonexistent/010", "load_path"),
     ("data_config_train.data_path=/nonexistent", "/nonexistent"),
-    ("preprocess_train_config.grid_sise=8", "did you mean 'grid_size'"),
+    ("preprocess_train_config.kps_generator_config.grid_sise=8", "did you mean 'grid_size'"),
 ])
 def test_config_errors_stop_before_work(megadepth, tmp_path, capsys, override, message):
     assert train.main(stage1_args(megadepth, tmp_path, override)) == 2
@@ -177,7 +213,9 @@ def test_stage2_trains_only_the_detector(megadepth, tmp_path):
     args = ["--config", str(REPO / "config" / "train_det.yaml"), f"load_path={stage1}",
             f"output_root={tmp_path}", f"data_config_train.data_path={megadepth}",
             "data_config_train.resize=null", "data_config_train.workers=0",
-            "data_config_train.batch_size=1", "epoch_step=2", "log_freq=1"]
+            "data_config_train.batch_size=1", "epoch_step=2", "log_freq=1",
+            f"val_config.data_config_val.data_path={megadepth}", "val_config.data_config_val.resize=null",
+            "val_config.data_config_val.workers=0"]
     assert train.main(args) == 0
     run_dir = tmp_path / "keypoint-1k"
     before = load_state_dict_file(stage1 / "backbone.pth")
@@ -189,7 +227,10 @@ def test_stage2_trains_only_the_detector(megadepth, tmp_path):
     header_after = load_state_dict_file(run_dir / "001" / "localheader.pth")
     assert any(not torch.equal(header_before[k], header_after[k]) for k in header_before)
     from utils.config import read_yaml
-    # The stage-2 run records the loaded run's model settings (extraction reads them).
-    assert read_yaml(run_dir / "config.yaml")["model_config"] == read_yaml(stage1.parent / "config.yaml")["model_config"]
+    # model_config is None in train_det.yaml: the stage-2 run records the loaded run's settings
+    # (extraction reads them).
+    recorded = read_yaml(run_dir / "config.yaml")["model_config"]
+    assert recorded["backbone_config"] == {"encoder": "resnet50", "pretrained": False, "fusion_out_ch": 128}
+    assert recorded["backbone"] == "ResUNet_F2R" and recorded["localheader_config"] == {"in_channels": 192}
     log = (run_dir / "train.log").read_text()
     assert "reinforce=" in log and "kp_penalty=" in log and "n_good=" in log

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,16 +24,21 @@ from utils.errors import SCFeatError
 
 REQUIRED = object()
 
+log = logging.getLogger("scfeat.config")
+
 
 @dataclass
 class Spec:
     """Validation rule for one key: ``default`` (or :data:`REQUIRED`), allowed ``types`` (a
-    tuple; default: the default's type), allowed ``choices``."""
+    tuple; default: the default's type), allowed ``choices``. ``inert``: a key that the
+    original's configs carry but that changes nothing (here, and in the original); it is
+    accepted, and reported once at start-up when a config sets it."""
 
     default: Any = REQUIRED
     types: tuple = ()
     choices: tuple = ()
     doc: str = ""
+    inert: bool = False
 
 
 @dataclass
@@ -168,6 +174,7 @@ def apply_overrides(conf: dict, overrides: list[str]) -> dict[str, str]:
 class _Validator:
     def __init__(self, origin: str, lines: dict[str, int], sources: dict[str, str]):
         self.origin, self.lines, self.sources = origin, lines, sources
+        self.inert_keys: list[str] = []  # inert keys the config sets (dotted paths)
 
     def where(self, path: str) -> str:
         if path in self.sources:
@@ -197,6 +204,8 @@ class _Validator:
                     f"; valid keys: {', '.join(map(str, schema))}"
                 self.fail(sub, f"is not a known key{hint}")
             out[key] = self.value(value, schema[key], sub, root)
+            if isinstance(schema[key], Spec) and schema[key].inert and sub not in self.inert_keys:
+                self.inert_keys.append(sub)
         for key, rule in schema.items():
             if key in out:
                 continue
@@ -254,8 +263,10 @@ def _describe(value: Any) -> str:
 
 
 def validate(conf: dict, schema: dict, origin: str = "config",
-             lines: dict[str, int] | None = None, sources: dict[str, str] | None = None) -> dict:
-    """Check ``conf`` against ``schema``; returns a copy with every default filled in."""
+             lines: dict[str, int] | None = None, sources: dict[str, str] | None = None,
+             inert_keys: list[str] | None = None) -> dict:
+    """Check ``conf`` against ``schema``; returns a copy with every default filled in.
+    ``inert_keys``: receives the inert keys (:class:`Spec` ``inert``) that the config sets."""
     validator = _Validator(origin, lines or {}, sources or {})
     # Dynamic sections see the top-level values (e.g. `model`) already filled in.
     static = {k: v for k, v in schema.items() if not isinstance(v, Dynamic)}
@@ -266,16 +277,32 @@ def validate(conf: dict, schema: dict, origin: str = "config",
     for key, rule in schema.items():
         if isinstance(rule, Dynamic):
             root[key] = validator.value(conf.get(key, copy.deepcopy(rule.default)), rule, key, root)
+    if inert_keys is not None:
+        inert_keys.extend(validator.inert_keys)
     return root
 
 
+def report_inert_keys(origin: str, keys: list[str]) -> None:
+    """The one start-up line that lists the inert keys a config sets."""
+    if keys:
+        log.info("%s: accepted for compatibility with the original's configs, has no effect: %s",
+                 origin, ", ".join(keys))
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple = (), schema: dict | None = None,
-                extra_schema: Callable[[dict], dict] | None = None) -> dict:
+                extra_schema: Callable[[dict], dict] | None = None,
+                prepare: Callable[[dict, str], None] | None = None,
+                inert_keys: list[str] | None = None) -> dict:
     """Read ``path``, apply ``KEY=VALUE`` overrides, validate against ``schema`` (plus
     ``extra_schema(config)``, for keys named after other values such as
-    ``<LossName>_config``) and return the complete config."""
+    ``<LossName>_config``) and return the complete config. ``prepare(raw, origin)`` may
+    complete the raw config in place before validation (e.g. model settings inherited from a
+    checkpoint's run). ``inert_keys`` receives the inert keys the config sets (for
+    :func:`report_inert_keys` once every check has passed)."""
     conf, lines = _read_yaml_with_lines(path)
     sources = apply_overrides(conf, list(overrides))
+    if prepare is not None:
+        prepare(conf, str(path))
     if schema is None:
         return conf
     full = dict(schema)
@@ -283,7 +310,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple = (), schema: dic
         # The extra keys depend on validated values (e.g. `losses`), so resolve those first.
         probe = validate({k: v for k, v in conf.items() if k in schema}, schema, str(path), lines, sources)
         full.update(extra_schema(probe))
-    return validate(conf, full, str(path), lines, sources)
+    return validate(conf, full, str(path), lines, sources, inert_keys)
+
+
+def is_none_word(value: Any) -> bool:
+    """``None`` or the string ``'None'``: YAML reads the original's bare word ``None`` as a
+    string, where the original meant "no value"."""
+    return value is None or value == "None"
 
 
 def save_config(conf: dict, path: str | Path) -> None:
