@@ -451,13 +451,15 @@ def evaluate_method(method: str, pairs: list[PosePair], index_files: list[Path],
     """Per-pair records of one method, from the cache when its inputs are unchanged.
 
     Features go to ``<cache_dir>/features/<label>-<hash>/`` (keyed by the checkpoint files,
-    ``resize`` and ``max_keypoints``); the records to ``<cache_dir>/<label>-<hash>.json``
+    the image files, ``resize`` and ``max_keypoints``); the records to ``<cache_dir>/<label>-<hash>.json``
     (keyed by the feature files, the index files and the protocol settings).
     """
     label = method_label(method)
     cache_dir = Path(conf["cache_dir"])
+    images = sorted({path for pair in pairs for path in (pair.path0, pair.path1)})
     feature_key = method_signature(method, f"resize={conf['resize']} "
-                                           f"max_keypoints={conf['max_keypoints']}")
+                                           f"max_keypoints={conf['max_keypoints']} "
+                                           f"images={files_signature(images)}")
     folder = cache_dir / "features" / f"{label}-{feature_key[:16]}"
     feature_files = cached_features(method, image_loaders(pairs, conf["resize"]), folder,
                                     conf["max_keypoints"], device)
@@ -561,6 +563,9 @@ def run_pose_evaluation(conf: dict, print_fn: Callable[[str], None] = print) -> 
     labels = [method_label(m) for m in methods]
     if len(set(labels)) != len(labels):
         raise SCFeatError(f"config key 'methods': two methods share a name: {labels}")
+    if conf["max_keypoints"] < 1:
+        raise SCFeatError(f"config key 'max_keypoints': expected a positive number, got "
+                          f"{conf['max_keypoints']}")
     if conf["resize"] is not None and conf["resize"] < 16:
         raise SCFeatError(f"config key 'resize': expected at least 16 pixels or null, got "
                           f"{conf['resize']}")

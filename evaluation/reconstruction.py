@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from dataloader.megadepth import CameraRecord, read_img_cam
-from evaluation.matching import (cached_features, check_method, match_numpy, method_label,
-                                 method_signature, read_feature_file, read_rgb)
+from evaluation.matching import (cached_features, check_method, files_signature, match_numpy,
+                                 method_label, method_signature, read_feature_file, read_rgb)
 from utils.errors import SCFeatError
 
 logger = logging.getLogger(__name__)
@@ -81,10 +81,11 @@ def extract_features(method: str, images_dir: Path, names: list[str], cache_dir:
                      max_keypoints: int, device: torch.device | str | None = None,
                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{name: (keypoints N×2, descriptors N×D)}`` of every image, cached under
-    ``<cache_dir>/<label>-<hash>/`` (keyed by the checkpoint and ``max_keypoints``)."""
+    ``<cache_dir>/<label>-<hash>/`` (keyed by the checkpoint, the image files and
+    ``max_keypoints``)."""
     check_method(method, "--features")
-    key = method_signature(method, f"full-size max_keypoints={max_keypoints} "
-                                   f"folder={Path(images_dir).resolve()}")
+    images = files_signature([Path(images_dir) / name for name in names])
+    key = method_signature(method, f"full-size max_keypoints={max_keypoints} images={images}")
     folder = Path(cache_dir) / f"{method_label(method)}-{key[:16]}"
     loaders = {name: (lambda path=Path(images_dir) / name: (read_rgb(path), {}))
                for name in names}

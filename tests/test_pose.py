@@ -3,7 +3,10 @@ both index layouts, bad input, the synthetic set and the CLI end to end."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+import cv2
 
 import numpy as np
 import pytest
@@ -260,6 +263,20 @@ def test_cli_runs_sift_caches_and_ends_with_the_auc_line(synthetic_set, tmp_path
     assert caches[0].stat().st_mtime_ns == stamp
     assert evaluate_pose.main(args + ["estimator=poselib"]) == 0  # new settings, new cache
     assert len(list((tmp_path / "cache").glob("sift-*.json"))) == 2
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 1  # same features
+
+
+def test_changed_images_are_extracted_again(synthetic_set, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_set, data)
+    conf = {**default_conf, "data_path": str(data), "resize": 128, "output_json": None,
+            "output_plot": None, "cache_dir": str(tmp_path / "cache")}
+    first = run_pose_evaluation(conf, lambda line: None)["sift"]
+    image = load_pairs(conf)[0][0].path0
+    cv2.imwrite(str(image), cv2.imread(str(image))[:, ::-1])  # same name, other content
+    second = run_pose_evaluation(conf, lambda line: None)["sift"]
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 2
+    assert second != first
 
 
 def test_cli_rejects_bad_config_values(tmp_path, capsys):
