@@ -37,6 +37,7 @@ import torch
 from evaluation.matching import (cached_features, check_method, files_signature, match_numpy,
                                  method_label, method_signature, read_feature_file, read_rgb,
                                  require_files)
+from extraction import resolve_device
 from utils.atomic import atomic_open, atomic_target
 from utils.errors import SCFeatError
 
@@ -542,14 +543,6 @@ def plot_cumulative_errors(results: dict[str, list[dict]], path: str | Path,
             figure.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(figure)
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise SCFeatError("config key 'device': cuda was asked for but CUDA is not available")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
 
 
 def run_pose_evaluation(conf: dict, print_fn: Callable[[str], None] = print) -> dict[str, dict]:
