@@ -19,7 +19,7 @@ from pathlib import Path
 
 from evaluation.localization import AACHEN_THRESHOLDS, localize_scene, summarize
 from evaluation.matching import check_method, method_label
-from evaluation.reconstruction import add_feature_arguments
+from evaluation.reconstruction import add_feature_arguments, quiet_colmap
 from extraction import resolve_device
 from utils.atomic import atomic_open
 from utils.errors import SCFeatError
@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    quiet_colmap()
     try:
         if len(args.images) != len(args.poses):
             raise SCFeatError(f"--images and --poses: expected one poses file per image folder, "

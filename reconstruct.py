@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from evaluation.reconstruction import add_feature_arguments, run_reconstruction
+from evaluation.reconstruction import add_feature_arguments, quiet_colmap, run_reconstruction
 from extraction import resolve_device
 from utils.atomic import atomic_open
 from utils.errors import SCFeatError
@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    quiet_colmap()
     try:
         statistics = run_reconstruction(args.images, args.features, args.out, args.gt,
                                         args.max_keypoints, args.ratio,

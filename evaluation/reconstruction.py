@@ -41,6 +41,12 @@ def _pycolmap():
     return pycolmap
 
 
+def quiet_colmap() -> None:
+    """COLMAP logs only warnings and errors (its INFO lines run to hundreds per scene)."""
+    pycolmap = _pycolmap()
+    pycolmap.logging.minloglevel = int(pycolmap.logging.WARNING)
+
+
 def add_feature_arguments(parser) -> None:
     """The options ``reconstruct.py`` and ``localize.py`` share (an ``argparse`` parser)."""
     parser.add_argument("--features", required=True, help="'sift' or a checkpoint folder")
