@@ -208,6 +208,15 @@ def test_bad_scene_info_names_the_file_and_pair(tmp_path):
         read_scene_info(tmp_path / "broken.npz", tmp_path)
 
 
+def test_missing_images_are_named_before_any_work(tmp_path):
+    (tmp_path / "pairs_calibrated.txt").write_text(
+        pair_line("s/a.jpg", "s/b.jpg", np.eye(3), np.array([1.0, 0, 0])) + "\n")
+    with pytest.raises(SCFeatError, match=r"missing image files: .*images/s/a.jpg, .*images/s/b.jpg"):
+        run_pose_evaluation({**default_conf, "data_path": str(tmp_path), "output_json": None,
+                             "output_plot": None, "cache_dir": str(tmp_path / "cache")})
+    assert not (tmp_path / "cache").exists()
+
+
 def test_missing_data_path_says_how_to_make_it(tmp_path):
     with pytest.raises(SCFeatError, match="tools.synthetic megadepth1500"):
         load_pairs({**default_conf, "data_path": str(tmp_path / "nothing")})
