@@ -75,6 +75,15 @@ def image_scales(batch: dict, batch_size: int, device: torch.device
     return scales[0], scales[1]
 
 
+def away_from_border(keypoints: torch.Tensor, height: int, width: int,
+                     margin: int) -> torch.Tensor:
+    """``B×N`` booleans: pixel keypoints ``B×N×2`` at least ``margin`` px from every border of
+    an ``height×width`` image (``min(x, y, W−1−x, H−1−y) >= margin``)."""
+    x, y = keypoints[..., 0], keypoints[..., 1]
+    return (torch.minimum(torch.minimum(x, y), torch.minimum(width - 1 - x, height - 1 - y))
+            >= margin)
+
+
 class KeypointLoss(nn.Module):
     """REINFORCE loss of the detector (stage 2), reward from the fundamental-matrix error.
 
@@ -114,6 +123,9 @@ class KeypointLoss(nn.Module):
         "reward": "fmat",
         "fmat_trials": 100,
         "fmat_seed": 0,
+        # px: proposals closer to the image border are never accepted (no reward, no gradient);
+        # 0 is the original. Without it the detector learns a border band (README, "border").
+        "border_margin": 0,
     }
 
     def __init__(self, conf: dict | None = None):
@@ -148,6 +160,9 @@ class KeypointLoss(nn.Module):
         for key in ("grid_size", "fmat_trials"):
             if isinstance(conf[key], bool) or not isinstance(conf[key], int) or conf[key] < 1:
                 raise SCFeatError(f"{key}: expected a positive integer, got {conf[key]!r}")
+        margin = conf["border_margin"]
+        if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+            raise SCFeatError(f"border_margin: expected a number of pixels >= 0, got {margin!r}")
 
     # ------------------------------------------------------------------ generator state
     def generator_state(self) -> torch.Tensor:
@@ -269,6 +284,11 @@ class KeypointLoss(nn.Module):
             score1, conf["grid_size"], draws.get("proposals1"), draws.get("accept1"))
         keypoints2, logp2, accepted2 = sample_keypoints(
             score2, conf["grid_size"], draws.get("proposals2"), draws.get("accept2"))
+        if conf["border_margin"] > 0:
+            accepted1 = accepted1 & away_from_border(keypoints1, height1, width1,
+                                                     conf["border_margin"])
+            accepted2 = accepted2 & away_from_border(keypoints2, height2, width2,
+                                                     conf["border_margin"])
 
         temperature = float(min(conf["temperature_base"] + epoch, conf["temperature_max"]))
         normalize = conf["loss_distance"] == "cos"  # euc: raw descriptors, nothing else changes
