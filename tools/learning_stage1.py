@@ -92,7 +92,7 @@ def dense_epipolar_precision(desc1: torch.Tensor, desc2: torch.Tensor, image_hw:
     ``image_hw``: the fraction of mutual-nearest-neighbour cell matches (cosine similarity)
     whose cell centres are within ``threshold`` px of each other's epipolar lines. Returns
     ``(precision, matches)``; precision 0 without matches."""
-    from evaluation.hpatches import mnn_matches
+    from evaluation.matching import mnn_matches
 
     height, width = image_hw
     flat1 = torch.nn.functional.normalize(desc1.flatten(1).T.float(), dim=1)
@@ -111,7 +111,7 @@ def sift_epipolar_precision(image1: np.ndarray, image2: np.ndarray, fmat1: torch
     """The same precision for OpenCV SIFT's mutual matches (sparse: SIFT's own keypoints)."""
     import cv2
 
-    from evaluation.hpatches import mnn_matches
+    from evaluation.matching import mnn_matches
 
     sift = cv2.SIFT_create()
     found = []
@@ -215,7 +215,8 @@ def hpatches_features(model: torch.nn.Module, hpatches: Path, sequences: list[st
 def mma_of(hpatches: Path, sequences: list[str], features: dict | None) -> dict:
     """MMA at ``MMA_THRESHOLDS`` (and mean features) by ``evaluation.hpatches``; ``features``
     None evaluates OpenCV SIFT."""
-    from evaluation.hpatches import evaluate_sequences, image_path, sift_features, summarize
+    from evaluation.hpatches import evaluate_sequences, image_path, summarize
+    from evaluation.matching import sift_features
 
     if features is None:
         def read(seq: str, k: int):
