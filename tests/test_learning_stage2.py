@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tools import learning_check, learning_stage2, synthetic
-from tools.learning_stage2 import ControlledKeypointLoss, RunConfig, build_experiment, train_run
+from tools.learning_stage2 import ControlledKeypointLoss
 from tools.oracle import fundamental
 from utils.errors import SCFeatError
 
@@ -69,14 +69,18 @@ def test_cli_rejects_bad_input():
 
 
 @pytest.mark.slow
-def test_trained_detector_beats_both_controls(capsys):
-    """48×64, 60 steps: the trained DetNet's match precision on the held-out scene exceeds the
-    zero-reward and the shuffled-reward controls. Margin from the measured spread over seeds
-    (README, "Does stage 2 learn?")."""
-    assert learning_stage2.main(["--steps", "60", "--size", "48x64", "--eval-every", "30"]) == 0
+def test_reward_teaches_free_score_maps_beyond_both_controls(capsys):
+    """Free per-pixel logits, SGD (lr 10), 150 steps at 64×96: measured over seeds 0, 1, 2 the
+    trained maps reach 0.681 / 0.624 / 0.673 against zero-reward 0.288 / 0.266 / 0.271 and
+    shuffled 0.358 / 0.351 / 0.342 (README, "Does stage 2 learn?"): at least 1.78× the better
+    control, so 1.3× leaves room for platform differences in the random draws."""
+    argv = ["--detector", "free", "--optimizer", "sgd", "--lr", "10", "--steps", "150",
+            "--size", "64x96", "--eval-every", "150"]
+    assert learning_stage2.main(argv) == 0
     final = capsys.readouterr().out.strip().splitlines()[-2]
     numbers = re.match(r"stage2 match_precision: start ([\d.]+) end ([\d.]+) \| zero-reward "
                        r"control ([\d.]+) \| shuffled control ([\d.]+)$", final)
     assert numbers, final
     start, end, zero, shuffled = (float(v) for v in numbers.groups())
-    assert end > 1.15 * max(zero, shuffled)
+    assert end > 1.3 * max(zero, shuffled)
+    assert end > 1.3 * start
