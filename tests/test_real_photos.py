@@ -1,0 +1,38 @@
+"""tools/real_photos.py: held-out photographs, sequences at the photographs' own scale."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from tools import real_photos
+from tools.synthetic import HPATCHES_PHOTOS, MEGADEPTH_PHOTOS, PHOTO_FILES
+from utils.errors import SCFeatError
+
+
+def test_held_out_photos_are_used_nowhere_else_and_not_rescaled():
+    used = {PHOTO_FILES[name] for name in MEGADEPTH_PHOTOS + HPATCHES_PHOTOS}
+    for name, (file, _, size) in real_photos.HELD_OUT_PHOTOS.items():
+        assert file not in used
+        assert size[0] % 16 == 0 and size[1] % 16 == 0  # the extraction crops nothing
+        photo = real_photos.load_held_out(name)
+        # make_hpatches_sequence covers 1.4× the output size: the photograph keeps its scale
+        scale = 1.4 * max(size[0] / photo.shape[0], size[1] / photo.shape[1])
+        assert abs(scale - 1) < 0.02, name
+
+
+def test_sequences_hold_warped_and_relit_images(tmp_path):
+    out = real_photos.make_sequences(tmp_path / "seq", ["motorcycle_right"], seed=0)
+    assert sorted(p.name for p in out.iterdir()) == ["i_motorcycle_right", "v_motorcycle_right"]
+    first = cv2.imread(str(out / "v_motorcycle_right" / "1.ppm"))
+    assert first.shape[:2] == real_photos.HELD_OUT_PHOTOS["motorcycle_right"][2]
+    homography = np.loadtxt(out / "v_motorcycle_right" / "H_1_6")
+    assert not np.allclose(homography, np.eye(3))
+    assert np.allclose(np.loadtxt(out / "i_motorcycle_right" / "H_1_6"), np.eye(3))
+
+
+def test_checkpoint_arguments_are_checked(tmp_path):
+    with pytest.raises(SCFeatError, match="LABEL=DIR"):
+        real_photos.parse_checkpoints(["no-label"])
+    with pytest.raises(SCFeatError, match="not a checkpoint folder"):
+        real_photos.parse_checkpoints([f"trained={tmp_path}"])
