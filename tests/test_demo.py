@@ -61,6 +61,7 @@ def check_table(printed: str) -> dict[str, list[float]]:
     return rows
 
 
+@pytest.mark.slow
 def test_first_run_trains_extracts_and_evaluates(demo_run):
     out, code, printed, _ = demo_run
     assert code == 0, printed
@@ -95,6 +96,7 @@ def test_first_run_trains_extracts_and_evaluates(demo_run):
     assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_second_run_reuses_every_stage(demo_run, capsys):
     out, code, first_printed, first_seconds = demo_run
     assert code == 0
@@ -117,6 +119,7 @@ def test_second_run_reuses_every_stage(demo_run, capsys):
     assert seconds < first_seconds / 3, (seconds, first_seconds)
 
 
+@pytest.mark.slow
 def test_other_settings_for_the_same_out_are_refused(demo_run, capsys):
     out = demo_run[0]
     capsys.readouterr()

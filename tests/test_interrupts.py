@@ -23,7 +23,7 @@ DESC_CONFIG = str(REPO / "config" / "demo" / "train_desc.yaml")
 STEPS = 4
 RUN = "demo-descriptor"
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+pytestmark = [pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"), pytest.mark.slow]
 
 
 def run_args(data: Path, out: Path, *extra: str) -> list[str]:

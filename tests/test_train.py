@@ -34,6 +34,7 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     return losses
 
 
+@pytest.mark.slow
 def test_stage1_writes_checkpoints_and_freezes_the_detector(megadepth, tmp_path):
     val = (f"val_config={{data_config_val: {{data_path: {megadepth}, batch_size: 1, workers: 0, "
            f"max_pairs_per_scene: 2}}, vis_topk: 50}}")
@@ -60,6 +61,7 @@ def test_stage1_writes_checkpoints_and_freezes_the_detector(megadepth, tmp_path)
     assert sorted(logged_losses(run_dir)) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_losses_see_the_one_based_epoch_and_weights_refresh_every_save_freq(megadepth, tmp_path,
                                                                              monkeypatch):
     """The original passes its 1-based epoch to the losses (temperature schedules), refreshes
@@ -122,6 +124,7 @@ def test_config_errors_stop_before_work(megadepth, tmp_path, capsys, override, m
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skips_step_and_stops_after_limit(megadepth, tmp_path, monkeypatch, capsys):
     from losses.line2window import EpipolarLoss_Line2Window
 
@@ -150,6 +153,7 @@ def _run_in_background(args: list[str], log: Path) -> subprocess.Popen:
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_finishes_the_same_steps(megadepth, tmp_path):
     args = stage1_args(megadepth, tmp_path, "epoch_step=5")
     run_dir = tmp_path / "demo-descriptor"
@@ -178,6 +182,7 @@ def test_resume_after_sigkill_finishes_the_same_steps(megadepth, tmp_path):
     assert (run_dir / "001" / "backbone.pth").is_file()
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(megadepth, tmp_path):
     """Same seed and data order: 2 steps + resume for 2 more == 4 steps straight."""
     straight = tmp_path / "straight"
@@ -193,6 +198,7 @@ def test_resumed_run_equals_uninterrupted_run(megadepth, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo test uses torchrun on Linux")
 def test_two_process_ddp_with_gloo(megadepth, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -207,6 +213,7 @@ def test_two_process_ddp_with_gloo(megadepth, tmp_path):
     assert (run_dir / "001" / "backbone.pth").is_file()
 
 
+@pytest.mark.slow
 def test_stage2_trains_only_the_detector(megadepth, tmp_path):
     stage1 = tmp_path / "stage1" / "001"
     save_random_checkpoint(stage1)
