@@ -467,9 +467,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_grad_enabled(False)
     try:
-        rows = run(args)
+        with torch.no_grad():  # scoped: main() is also called in-process (tests)
+            rows = run(args)
     except SCFeatError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
