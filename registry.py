@@ -85,12 +85,22 @@ def build_model(name: str, model_config: dict) -> nn.Module:
     return SCFeatModel(backbone, header, conf)
 
 
+def _merged(base: dict, override: dict) -> dict:
+    """``base`` with ``override``'s entries, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
 def inherit_model_config(conf: dict, origin: str) -> None:
     """Complete a raw config's model settings from the run that wrote its checkpoint (in place).
 
     As in the original's stage-2 and extraction files, ``model_config`` entries that are absent,
     ``None`` or the string ``'None'`` are taken from ``config.yaml`` beside the ``load_path``
-    folder (``train.py`` writes it); entries given explicitly win. Without such a file the
+    folder (``train.py`` writes it); entries given explicitly win (nested mappings key by key,
+    so ``model_config.backbone_config.pretrained=false`` keeps the run's encoder). Without such a file the
     entries must be given: a ``None`` entry is an error naming the file that is missing.
     """
     load_path = conf.get("load_path")
@@ -106,7 +116,7 @@ def inherit_model_config(conf: dict, origin: str) -> None:
     run_config = Path(load_path).parent / "config.yaml"
     if run_config.is_file():
         run = read_yaml(run_config)
-        conf["model_config"] = {**(run.get("model_config") or {}), **given}
+        conf["model_config"] = _merged(run.get("model_config") or {}, given)
         if is_none_word(conf.get("model")) and run.get("model") is not None:
             conf["model"] = run["model"]
         return

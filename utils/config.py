@@ -160,7 +160,7 @@ def apply_overrides(conf: dict, overrides: list[str]) -> dict[str, str]:
         node = conf
         for depth, key in enumerate(keys[:-1]):
             child = node.get(key)
-            if child is None:
+            if is_none_word(child):  # absent, null or the original's bare None: a new mapping
                 child = node[key] = {}
             elif not isinstance(child, dict):
                 raise SCFeatError(f"override '{item}': '{'.'.join(keys[:depth + 1])}' is not a "
