@@ -30,13 +30,13 @@ import torch.nn as nn
 
 from dataloader.megadepth import summarize_skips
 from dataloader.sampler import ResumableSampler
-from model.scfeat import load_strict
+from model.scfeat import SCFeatModel
 from registry import (DATASETS, LOSSES, MODELS, PREPROCESSORS, build_model, class_section,
                       inherit_model_config, lookup, model_schema)
 from utils import acceleration
 from utils.acceleration import accelerated
 from utils.atomic import remove_stale_temporaries
-from utils.checkpoint import atomic_save, load_state_dict_file
+from utils.checkpoint import atomic_save
 from utils.config import Dynamic, Spec, load_config, report_inert_keys, save_config
 from utils.errors import SCFeatError
 
@@ -334,17 +334,10 @@ class Trainer:
         """The model of ``model_config``; with ``load_path`` (stage 2) its weights come from
         that folder (its model settings were inherited by :func:`inherit_model_config`)."""
         conf = self.conf
-        load_path = conf["load_path"]
-        if load_path is None:
+        if conf["load_path"] is None:
             return build_model(conf["model"], conf["model_config"])
-        folder = Path(load_path)
-        model_config = {**conf["model_config"], "backbone_config": {
-            **conf["model_config"]["backbone_config"], "pretrained": False}}
-        model = build_model(conf["model"], model_config)
-        for part in ("backbone", "localheader"):
-            path = folder / f"{part}.pth"
-            load_strict(getattr(model, part), load_state_dict_file(path), path)
-        log.info("loaded weights from %s", folder)
+        model = SCFeatModel.from_checkpoint(conf["load_path"], "cpu", conf["model_config"])
+        log.info("loaded weights from %s", conf["load_path"])
         return model
 
     def make_loader(self) -> torch.utils.data.DataLoader:
