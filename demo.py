@@ -29,7 +29,6 @@ other values asks for another ``--out``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -41,6 +40,9 @@ from pathlib import Path
 from typing import Iterator
 
 from utils.atomic import atomic_open
+from utils.checkpoint import checkpoint_files, is_checkpoint
+from utils.cli import resolve_device, run_cli, setup_logging
+from utils.files import files_signature
 
 REPO = Path(__file__).resolve().parent
 DESC_CONFIG = REPO / "config" / "demo" / "train_desc.yaml"
@@ -60,15 +62,6 @@ UNTRAINED_RUN = "demo-untrained"
 BATCHNORM_BATCHES = 20              # pair batches that estimate the untrained network's statistics
 TRAINED_FEATURES = "demo-hpatches"  # config/demo/extract.yaml's output_root
 UNTRAINED_FEATURES = "demo-hpatches-untrained"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-class DemoExit(Exception):
-    """Stop the demo with ``code``; the message (if any) was already printed."""
-
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
 
 
 @dataclass
@@ -125,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_sizes(args: argparse.Namespace) -> tuple[tuple[int, int], tuple[int, int]]:
-    from tools.synthetic import parse_size
+    from utils.cli import parse_size
     from utils.errors import SCFeatError
 
     sizes = []
@@ -183,15 +176,6 @@ def write_json(path: Path, value: dict) -> None:
         json.dump(value, handle, indent=2)
 
 
-def files_signature(paths: list[Path], extra: str = "") -> str:
-    """sha1 over the files' resolved paths, sizes and modification times."""
-    digest = hashlib.sha1(extra.encode())
-    for path in sorted(paths):
-        stat = path.stat()
-        digest.update(f"{path.resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def stamp_matches(folder: Path, signature: str) -> bool:
     path = folder / STAMP_FILE
     try:
@@ -203,14 +187,6 @@ def stamp_matches(folder: Path, signature: str) -> bool:
 def write_stamp(folder: Path, signature: str, sources: list[Path]) -> None:
     write_json(folder / STAMP_FILE, {"signature": signature,
                                      "sources": sorted(str(p) for p in sources)})
-
-
-def checkpoint_files(folder: Path) -> list[Path]:
-    return [folder / "backbone.pth", folder / "localheader.pth"]
-
-
-def is_checkpoint(folder: Path) -> bool:
-    return all(p.is_file() for p in checkpoint_files(folder))
 
 
 def non_empty_dir(path: Path) -> bool:
@@ -231,12 +207,6 @@ def format_seconds(seconds: float) -> str:
         return f"{seconds:.1f} s"
     minutes, rest = divmod(int(round(seconds)), 60)
     return f"{minutes} min {rest:02d} s"
-
-
-def setup_logging() -> None:
-    """INFO to stderr (and nothing else: this also closes the trainer's train.log handler)."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True,
-                        handlers=[logging.StreamHandler(sys.stderr)])
 
 
 def banner(index: int, total: int, title: str) -> None:
@@ -277,11 +247,9 @@ def make_data(out: Path, size: tuple[int, int], hpatches_size: tuple[int, int], 
 
 
 def load_train_config(config: Path, overrides: list[str]) -> dict:
-    import train
+    from schemas import load_train_config as load
 
-    conf = train.load_train_config(config, overrides)
-    train.check_config(conf, str(config))
-    return conf
+    return load(config, overrides)
 
 
 def train_stage(name: str, config: Path, overrides: list[str], source: Path | None,
@@ -291,7 +259,8 @@ def train_stage(name: str, config: Path, overrides: list[str], source: Path | No
     ``source``: the checkpoint the stage starts from (stage 2); a finished run that the demo
     made from other weights (its ``demo_stamp.json`` says so) is trained again.
     """
-    import train
+    from training.loop import run_training
+    from training.run_state import STATE_FILE
 
     conf = load_train_config(config, overrides)
     run_dir = Path(conf["output_root"]) / conf["checkpoint_name"]
@@ -306,14 +275,14 @@ def train_stage(name: str, config: Path, overrides: list[str], source: Path | No
         result.stages.append(StageRecord(name, time.perf_counter() - start, True,
                                          f"{plural(steps, 'step')}, {final}"))
         return final
-    state = run_dir / train.STATE_FILE
-    argv = ["--config", str(config), *overrides]
+    state = run_dir / STATE_FILE
+    resume = False
     if is_checkpoint(final):
         print(f"{run_dir} was trained from other weights than {source}: training it again")
         shutil.rmtree(run_dir)
     elif state.is_file():
         print(f"continuing the unfinished run in {run_dir}")
-        argv.append("--resume")
+        resume = True
     elif run_dir.exists():
         # Stopped before its first saved state: nothing in it is worth keeping.
         print(f"removing {run_dir}: an earlier run stopped before saving a training state")
@@ -321,10 +290,10 @@ def train_stage(name: str, config: Path, overrides: list[str], source: Path | No
     print(f"training {plural(steps, 'step')} ({plural(conf['epoch'], 'epoch')} of "
           f"{conf['epoch_step']}) on "
           f"{conf['data_config_train']['data_path']} → {run_dir}", flush=True)
-    code = train.main(argv)
-    setup_logging()
-    if code != 0:
-        raise DemoExit(code)  # train.main printed the error
+    try:
+        run_training(conf, str(config), resume)
+    finally:
+        setup_logging()  # the trainer logged to its run folder's train.log too
     if not is_checkpoint(final):  # Ctrl-C: the trainer saved its state and returned
         raise KeyboardInterrupt
     if source is not None:
@@ -412,14 +381,13 @@ def extract(name: str, checkpoint: Path, output_root: str, out: Path, hpatches: 
             device: str, result: DemoResult) -> Path:
     """Features of every synthetic HPatches image with ``checkpoint`` (reused when the
     checkpoint and the images are unchanged); returns the ``desc`` folder."""
-    from extraction import (check_config, feature_file, load_extract_config, output_dir,
-                            run_extraction)
+    from extraction import feature_file, output_dir, run_extraction
+    from schemas import load_extract_config
 
     overrides = [f"output_root={yaml_str(out / 'ckpts' / output_root)}",
                  f"load_path={yaml_str(checkpoint)}",
                  f"data_config_extract.data_path={yaml_str(hpatches)}", f"device={device}"]
     conf = load_extract_config(EXTRACT_CONFIG, overrides)
-    check_config(conf, str(EXTRACT_CONFIG))
     out_dir = output_dir(conf)
     desc = out_dir / "desc"
     images = sorted(hpatches.glob("*/*.ppm"))
@@ -453,11 +421,10 @@ def extract(name: str, checkpoint: Path, output_root: str, out: Path, hpatches: 
 def evaluate(out: Path, hpatches: Path, untrained: Path, trained: Path,
              result: DemoResult) -> dict:
     """SIFT, the untrained and the trained network on the synthetic HPatches."""
-    from evaluate_hpatches import EVAL_SCHEMA
     from evaluation.hpatches import run_evaluation
-    from utils.config import load_config
+    from schemas import load_eval_hpatches_config
 
-    conf = load_config(EVAL_CONFIG, [], EVAL_SCHEMA)
+    conf = load_eval_hpatches_config(EVAL_CONFIG)
     postfix = "scfeat"
     conf.update(
         data_path=str(hpatches),
@@ -480,21 +447,15 @@ def evaluate(out: Path, hpatches: Path, untrained: Path, trained: Path,
 # ---------------------------------------------------------------------------------------------
 
 def run_demo(args: argparse.Namespace) -> DemoResult:
-    """All stages; raises ``SCFeatError``, ``DemoExit`` or ``KeyboardInterrupt``."""
-    import torch
-
+    """All stages; raises ``SCFeatError`` or ``KeyboardInterrupt``."""
     from utils.errors import SCFeatError
 
     size, hpatches_size = parse_sizes(args)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SCFeatError("--device cuda: CUDA is not available (use --device cpu or auto)")
+    device = str(resolve_device(args.device, "--device"))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SCFeatError(f"--out {out}: exists and is not a folder")
     check_settings(out, settings_of(args, size, hpatches_size))
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     result = DemoResult()
     total = 6
     ckpts = out / "ckpts"
@@ -556,22 +517,13 @@ def print_summary(result: DemoResult, total_seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from utils.errors import SCFeatError
-
     start = time.perf_counter()
-    try:
-        result = run_demo(args)
-    except SCFeatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except DemoExit as exc:
-        return exc.code
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished stages and the training state are kept; run the same "
-              "command again to continue", file=sys.stderr)
-        return 130
-    print_summary(result, time.perf_counter() - start)
-    return 0
+
+    def work() -> int:
+        print_summary(run_demo(args), time.perf_counter() - start)
+        return 0
+    return run_cli(work, interrupted="finished stages and the training state are kept; run the "
+                                     "same command again to continue")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from evaluation.localization import AACHEN_THRESHOLDS, localize_scene, summarize
 from evaluation.matching import check_method, method_label
 from evaluation.reconstruction import add_feature_arguments, quiet_colmap
-from extraction import resolve_device
+from utils.cli import resolve_device, run_cli, setup_logging
 from utils.atomic import atomic_open
 from utils.errors import SCFeatError
 
@@ -47,30 +46,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    quiet_colmap()
-    try:
-        if len(args.images) != len(args.poses):
-            raise SCFeatError(f"--images and --poses: expected one poses file per image folder, "
-                              f"got {len(args.images)} folders and {len(args.poses)} files")
-        method = check_method(args.features, "--features")
-        device = resolve_device(args.device)
-        records = []
-        for images, poses in zip(args.images, args.poses):
-            records += localize_scene(images, poses, method, args.out, args.queries,
-                                      args.query_every, args.max_keypoints, args.ratio, device,
-                                      args.seed)
-    except SCFeatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def localize(args) -> int:
+    if len(args.images) != len(args.poses):
+        raise SCFeatError(f"--images and --poses: expected one poses file per image folder, "
+                          f"got {len(args.images)} folders and {len(args.poses)} files")
+    method = check_method(args.features, "--features")
+    device = resolve_device(args.device, "--device")
+    records = []
+    for images, poses in zip(args.images, args.poses):
+        records += localize_scene(images, poses, method, args.out, args.queries,
+                                  args.query_every, args.max_keypoints, args.ratio, device,
+                                  args.seed)
     label = method_label(method)
     summary = summarize(records)
     with atomic_open(Path(args.out) / f"{label}.json", "w") as handle:
         json.dump({"summary": summary, "queries": records}, handle, indent=1)
     print(format_summary(label, summary))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    quiet_colmap()
+    return run_cli(lambda: localize(args))
 
 
 if __name__ == "__main__":

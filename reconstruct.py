@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from evaluation.reconstruction import add_feature_arguments, quiet_colmap, run_reconstruction
-from extraction import resolve_device
+from utils.cli import resolve_device, run_cli, setup_logging
 from utils.atomic import atomic_open
-from utils.errors import SCFeatError
 
 MEASURES = [("registered", "registered images", "{:d}"), ("points3D", "3-D points", "{:d}"),
             ("observations", "observations", "{:d}"),
@@ -51,21 +49,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    quiet_colmap()
-    try:
-        statistics = run_reconstruction(args.images, args.features, args.out, args.gt,
-                                        args.max_keypoints, args.ratio,
-                                        resolve_device(args.device), args.seed)
-    except SCFeatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def reconstruct(args) -> int:
+    statistics = run_reconstruction(args.images, args.features, args.out, args.gt,
+                                    args.max_keypoints, args.ratio,
+                                    resolve_device(args.device, "--device"), args.seed)
     with atomic_open(Path(args.out) / f"{statistics['method']}.json", "w") as handle:
         json.dump(statistics, handle, indent=1)
     print(format_measures(statistics))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    quiet_colmap()
+    return run_cli(lambda: reconstruct(args))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ the only place that turns the name into code, and the config loader uses the cla
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
@@ -16,29 +15,19 @@ from dataloader.hpatches import HPatch_SIFT
 from dataloader.megadepth import MegaDepth_SIFT
 from losses.keypoint import KeypointLoss
 from losses.line2window import EpipolarLoss_Line2Window, Preprocess_Line2Window
-from model.detnet import DetNet
-from model.f2r import ResUNet_F2R
-from model.scfeat import SCFeatModel
-from utils.config import Spec, is_none_word, read_yaml
+from model.extractor import DETECTORS
+from model.scfeat import BACKBONES, LOCALHEADERS, MODELS, SCFeatModel
+from utils.config import Spec, is_none_word, lookup, read_yaml
 from utils.errors import SCFeatError
-from utils.keypoints import generate_kpts_single
 
-BACKBONES = {"ResUNet_F2R": ResUNet_F2R}
-LOCALHEADERS = {"DetNet": DetNet}
-MODELS = {"SCFeatModel": SCFeatModel}
+__all__ = ["BACKBONES", "LOCALHEADERS", "MODELS", "DATASETS", "PREPROCESSORS", "LOSSES",
+           "DETECTORS", "lookup", "class_section", "model_schema", "build_model",
+           "inherit_model_config"]
+
+# The networks' and detectors' names are declared beside them (model/); data and losses here.
 DATASETS = {"MegaDepth_SIFT": MegaDepth_SIFT, "HPatch_SIFT": HPatch_SIFT}
 PREPROCESSORS = {"Preprocess_Line2Window": Preprocess_Line2Window}
 LOSSES = {"EpipolarLoss_Line2Window": EpipolarLoss_Line2Window, "KeypointLoss": KeypointLoss}
-DETECTORS = {"generate_kpts_single": generate_kpts_single}
-
-
-def lookup(table: dict[str, Any], name: Any, key: str) -> Any:
-    """``table[name]``, or an error naming the config ``key`` and the valid names."""
-    if name in table:
-        return table[name]
-    close = difflib.get_close_matches(str(name), list(table), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise SCFeatError(f"{key}: unknown name '{name}'{hint} (expected one of {sorted(table)})")
 
 
 def class_section(table: dict[str, Any], key: str):
@@ -69,20 +58,8 @@ def model_schema(model_config: dict) -> dict:
 
 
 def build_model(name: str, model_config: dict) -> nn.Module:
-    """The model named ``name`` (``SCFeatModel``) with its backbone and detection network."""
-    lookup(MODELS, name, "model")
-    conf = {**SCFeatModel.default_conf, **model_config}
-    backbone = lookup(BACKBONES, conf["backbone"], "model_config.backbone")(conf["backbone_config"])
-    header_cls = lookup(LOCALHEADERS, conf["localheader"], "model_config.localheader")
-    channels = {"local_map": backbone.conf["fusion_out_ch"], "desc_map": backbone.conf["fusion_out_ch"],
-                "local_map_first": 64}
-    expected = sum(channels.get(e, 0) for e in conf["local_input_elements"])
-    in_channels = {**header_cls.default_conf, **conf["localheader_config"]}["in_channels"]
-    if expected != in_channels:
-        raise SCFeatError(f"model_config.localheader_config.in_channels: {in_channels} does not match "
-                          f"local_input_elements {conf['local_input_elements']} ({expected} channels)")
-    header = header_cls(conf["localheader_config"], with_image=conf["local_with_img"])
-    return SCFeatModel(backbone, header, conf)
+    """The model named ``name`` (``SCFeatModel``) built from ``model_config``."""
+    return lookup(MODELS, name, "model").from_config(model_config)
 
 
 def _merged(base: dict, override: dict) -> dict:

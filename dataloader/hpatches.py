@@ -14,9 +14,9 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torch.utils.data.dataloader import default_collate
 
-from dataloader.transforms import load_image_rgb, to_tensor_normalized
+from dataloader.collate import collate_skip_none
+from utils.image import load_image_rgb, to_tensor_normalized
 from utils.config import Spec
 from utils.errors import SCFeatError
 
@@ -51,16 +51,10 @@ def sift_keypoints(image_rgb: np.ndarray, max_pts: int) -> np.ndarray:
     return np.array([kp.pt for kp in keypoints], dtype=np.float32).reshape(-1, 2)
 
 
-def collate_skip_none(batch: list[dict | None]) -> dict | None:
-    """Collate the readable items; ``None`` when none of the batch could be read."""
-    items = [item for item in batch if item is not None]
-    return default_collate(items) if items else None
-
-
 class HPatch_SIFT(Dataset):
     """HPatches-sequences images; items are dicts (see `__getitem__`), ``None`` if unreadable."""
 
-    collate_fn = staticmethod(collate_skip_none)  # drops unusable items (None)
+    collate_fn = staticmethod(collate_skip_none)  # drops unusable items (None), lists them
     default_conf = {
         "data_path": "data/hpatches-sequences-release",
         "batch_size": 1,

@@ -41,10 +41,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torch.utils.data.dataloader import default_collate
 from torchvision.transforms import ColorJitter
 
-from dataloader.transforms import normalize_imagenet, to_float_tensor
+from dataloader.collate import collate_skip_none
+from utils.image import normalize_imagenet, to_float_tensor
 from utils.config import Spec
 from utils.errors import SCFeatError
 from utils.geometry import fundamental_from_pose, relative_pose
@@ -360,32 +360,6 @@ def _jpeg_complete(data: bytes) -> bool:
 
 
 # ----------------------------------------------------------------------------- batching
-
-def _is_skipped(item: dict | None) -> bool:
-    return item is None or "skipped" in item
-
-
-def collate_skip_none(batch: list[dict | None]) -> dict:
-    """Collate the usable items → a batch dict whose ``skipped`` key lists the cause strings
-    (``"<cause>: <detail>"``) of the unusable ones (``{"skipped": ...}`` items; a bare ``None``
-    counts as ``"unusable item: the dataset returned None"``). When no item is usable the
-    result is ``{"skipped": [...]}`` with no other key."""
-    skipped = [("unusable item: the dataset returned None" if item is None else str(item["skipped"]))
-               for item in batch if _is_skipped(item)]
-    kept = [item for item in batch if not _is_skipped(item)]
-    if skipped:
-        log.debug("dropped %d of %d pairs from a batch", len(skipped), len(batch))
-    if not kept:
-        return {"skipped": skipped}
-    for key in ("im1", "im2", "coord1", "coord2"):
-        shapes = {tuple(item[key].shape) for item in kept if key in item}
-        if len(shapes) > 1:
-            raise SCFeatError(f"data: the images of one batch differ in size ({key}: "
-                              f"{sorted(shapes)}); set data.resize: [H, W] or data.batch_size: 1")
-    collated = default_collate(kept)
-    collated["skipped"] = skipped
-    return collated
-
 
 def summarize_skips(causes: list[str]) -> dict[str, int]:
     """Cause strings (``"<cause>: <detail>"``) → ``{cause: count}``, most frequent first, the

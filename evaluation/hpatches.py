@@ -30,9 +30,10 @@ import torch
 
 # Shared with the downstream evaluations; re-exported here for existing callers.
 from evaluation.matching import mnn_matches, read_feature_file, sift_features  # noqa: F401
-from evaluation.matching import files_signature as shared_files_signature
 from evaluation.matching import require_files as _require_files
 from utils.atomic import atomic_open, atomic_target
+from utils.cli import resolve_device
+from utils.files import files_signature
 from utils.errors import SCFeatError
 
 logger = logging.getLogger(__name__)
@@ -182,12 +183,6 @@ def _progress(sequences: list[str]):
 # caches
 # ---------------------------------------------------------------------------------------------
 
-def files_signature(paths: list[Path], extra: str = "") -> str:
-    """sha1 over the protocol version, ``extra`` and the files' names, sizes and modification
-    times (:func:`evaluation.matching.files_signature`): a stale cache is never reused."""
-    return shared_files_signature(paths, f"{PROTOCOL_VERSION}\n{extra}")
-
-
 def save_cache(path: Path, cache: Cache) -> None:
     """Write a cache atomically (temp file + rename), D2-Net's object-array layout."""
     array = np.empty(3, dtype=object)
@@ -298,7 +293,7 @@ def evaluate_method(method: Method, data_path: str | Path, sequences: list[str],
 
     homographies = [homography_path(data_path, s, k) for s in sequences for k in TARGET_IMAGES]
     _require_files(homographies, "homography")
-    signature = files_signature(sources + homographies, extra)
+    signature = files_signature(sources + homographies, f"{PROTOCOL_VERSION}\n{extra}")
     cache_path = Path(cache_dir) / f"{method.name}-{signature[:16]}.npy"
     if cache_path.is_file():
         logger.info("%s: reusing %s", method.name, cache_path)
@@ -388,7 +383,7 @@ def run_evaluation(conf: dict, print_fn: Callable[[str], None] = print) -> dict[
     n_illum = sum(s.startswith("i_") for s in sequences)
     print_fn(f"HPatches: {len(sequences)} sequences ({n_illum} illumination, "
              f"{len(sequences) - n_illum} viewpoint) in {conf['data_path']}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto")
     results = {}
     for method in methods:
         cache, cache_path = evaluate_method(method, conf["data_path"], sequences,

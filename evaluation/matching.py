@@ -6,7 +6,6 @@ Keypoints are pixels ``x, y`` with pixel centres at integers (the extraction's c
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Callable
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from utils.atomic import atomic_open
+from utils.files import files_signature
 from utils.errors import SCFeatError
 
 logger = logging.getLogger(__name__)
@@ -116,18 +116,6 @@ def method_label(method: str) -> str:
     folder = Path(method).resolve()
     label = f"{folder.parent.name}-{folder.name}" if folder.parent.name else folder.name
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
-
-
-def files_signature(paths: list[Path], header: str = "") -> str:
-    """sha1 over ``header`` and the files' names, sizes and modification times.
-
-    Any rewritten, added or removed file changes it, so a stale cache is never reused.
-    """
-    digest = hashlib.sha1(f"{header}\n".encode())
-    for path in sorted(paths):
-        stat = path.stat()
-        digest.update(f"{path.resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
 
 
 def method_signature(method: str, extra: str = "") -> str:

@@ -37,7 +37,7 @@ import torch
 from evaluation.matching import (cached_features, check_method, files_signature, match_numpy,
                                  method_label, method_signature, read_feature_file, read_rgb,
                                  require_files)
-from extraction import resolve_device
+from utils.cli import resolve_device
 from utils.atomic import atomic_open, atomic_target
 from utils.errors import SCFeatError
 

@@ -7,13 +7,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from model.detnet import DetNet
+from model.extractor import detect_and_describe
+from model.f2r import ResUNet_F2R
+from utils.checkpoint import CHECKPOINT_PARTS, checkpoint_files, load_state_dict_file, load_strict
+from utils.cli import resolve_device
+from utils.config import lookup, read_yaml
 from utils.errors import SCFeatError
 
 DETECTOR_INPUTS = ("local_map", "local_map_first", "desc_map")
 
 
 class SCFeatModel(nn.Module):
-    """Holds ``backbone`` and ``localheader``; built by :func:`registry.build_model`.
+    """Holds ``backbone`` and ``localheader``; built by :meth:`from_config` (a config) or
+    :meth:`from_checkpoint` (a trained folder).
 
     ``model_config`` keys (those of the original code): ``backbone``, ``backbone_config``,
     ``localheader``, ``localheader_config``, ``align_local_grad`` (let the detector's gradient
@@ -71,9 +78,26 @@ class SCFeatModel(nn.Module):
                             descriptor_map: str = "desc_map", **detector_config) -> dict:
         """Features of one ``H×W×3`` uint8 RGB numpy image of any size (≥ 16×16): numpy
         float32 ``keypoints`` ``N×2`` (``x, y`` in the image's pixels), ``scores`` ``N``,
-        ``descriptors`` ``N×D`` (unit norm). See :func:`extraction.detect_and_describe`."""
-        from extraction import detect_and_describe  # late import: extraction imports registry
+        ``descriptors`` ``N×D`` (unit norm). See :func:`model.extractor.detect_and_describe`."""
         return detect_and_describe(self, image, detector, descriptor_map, **detector_config)
+
+    @classmethod
+    def from_config(cls, model_config: dict) -> "SCFeatModel":
+        """The model of a (validated) ``model_config``: backbone and detection network named
+        there, the detector's ``in_channels`` checked against ``local_input_elements``."""
+        conf = {**cls.default_conf, **model_config}
+        backbone = lookup(BACKBONES, conf["backbone"], "model_config.backbone")(conf["backbone_config"])
+        header_cls = lookup(LOCALHEADERS, conf["localheader"], "model_config.localheader")
+        channels = {"local_map": backbone.conf["fusion_out_ch"],
+                    "desc_map": backbone.conf["fusion_out_ch"], "local_map_first": 64}
+        expected = sum(channels.get(e, 0) for e in conf["local_input_elements"])
+        in_channels = {**header_cls.default_conf, **conf["localheader_config"]}["in_channels"]
+        if expected != in_channels:
+            raise SCFeatError(f"model_config.localheader_config.in_channels: {in_channels} does "
+                              f"not match local_input_elements {conf['local_input_elements']} "
+                              f"({expected} channels)")
+        header = header_cls(conf["localheader_config"], with_image=conf["local_with_img"])
+        return cls(backbone, header, conf)
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, device: str | torch.device | None = None,
@@ -85,48 +109,24 @@ class SCFeatModel(nn.Module):
         the checkpoint supplies all weights. Returns the model in eval mode on ``device``
         (default: CUDA when available).
         """
-        from registry import build_model  # late import: registry imports this module
-        from utils.checkpoint import load_state_dict_file
-
         folder = Path(folder)
         if not folder.is_dir():
             raise SCFeatError(f"checkpoint folder '{folder}' does not exist")
-        name = "SCFeatModel"
         if model_config is None:
             config_file = folder.parent / "config.yaml"
             if config_file.is_file():
-                from utils.config import read_yaml
                 run_config = read_yaml(config_file)
-                name = run_config.get("model", name)
+                lookup(MODELS, run_config.get("model", "SCFeatModel"), f"{config_file}: model")
                 model_config = run_config.get("model_config", {})
         model_config = dict(model_config or {})
         model_config["backbone_config"] = {**model_config.get("backbone_config", {}), "pretrained": False}
-        model = build_model(name, model_config)
-        for part in ("backbone", "localheader"):
-            state = load_state_dict_file(folder / f"{part}.pth")
-            load_strict(getattr(model, part), state, folder / f"{part}.pth")
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return model.to(device).eval()
+        model = cls.from_config(model_config)
+        for part, path in zip(CHECKPOINT_PARTS, checkpoint_files(folder)):
+            load_strict(getattr(model, part), load_state_dict_file(path), path)
+        return model.to(resolve_device(device)).eval()
 
 
-def load_strict(module: nn.Module, state: dict, path: Path) -> None:
-    """``load_state_dict(strict=True)`` with an error that names the mismatched keys."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong_shape:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        if wrong_shape:
-            parts.append("shape mismatch: " + show(
-                [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape]))
-        raise SCFeatError(f"{path}: checkpoint does not match the {module.__class__.__name__} "
-                          f"architecture of the config; " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
+# Config names of the networks (the registry aggregates them for the config layer).
+BACKBONES = {"ResUNet_F2R": ResUNet_F2R}
+LOCALHEADERS = {"DetNet": DetNet}
+MODELS = {"SCFeatModel": SCFeatModel}

@@ -6,13 +6,14 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import pytest
 import torch
 import torch.nn as nn
 
 import train
+import training.loop
 from conftest import REPO_ROOT, save_random_checkpoint
-from extraction import load_extract_config, run_extraction
+from extraction import run_extraction
+from schemas import load_extract_config
 from registry import build_model
 from utils.acceleration import TOLERANCE, accelerated, to_float32
 from utils.keypoints import generate_kpts_single, sample_descriptors
@@ -68,7 +69,7 @@ def test_extraction_under_amp_is_within_the_stated_tolerance():
     """The network in eval mode on a 64×96 photograph crop: the score map and the descriptors
     at the float32 keypoints, bf16 autocast against float32 eager."""
     from tools.synthetic import load_photo
-    from dataloader.transforms import to_tensor_normalized
+    from utils.image import to_tensor_normalized
 
     torch.manual_seed(0)
     model = build_model("SCFeatModel", {"backbone_config": {"pretrained": False}}).eval()
@@ -121,7 +122,7 @@ def test_extraction_and_training_take_the_options(tmp_path, megadepth, monkeypat
         assert len(features["keypoints"]) > 0
         np.testing.assert_allclose(np.linalg.norm(features["descriptors"], axis=1), 1, atol=1e-5)
 
-    calls = spy_on_accelerated(monkeypatch, train)
+    calls = spy_on_accelerated(monkeypatch, training.loop)
     assert train.main(["--config", DESC_CONFIG, f"data_config_train.data_path={megadepth}",
                        f"output_root={tmp_path / 'ckpts'}", "data_config_train.batch_size=1",
                        "epoch=1", "epoch_step=1", "log_freq=1", "--amp"]) == 0

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 
 from model.detnet import DetNet
 from tools.benchmark import (PeakMemory, count_flops, efficiency, format_table, gemm_summary,
-                             parse_size, row, summarize, variant_difference)
+                             row, summarize, variant_difference)
 from tools import benchmark
-from utils.errors import SCFeatError
 from utils.keypoints import sample_descriptors
 
 
@@ -53,13 +52,6 @@ def test_efficiency_and_summaries():
     assert gemm["median_gflops"] == pytest.approx(30.0)
     assert gemm["best_gflops"] == pytest.approx(40.0)
     assert gemm["sizes"]["1024"]["median_gflops"] == pytest.approx(20.0)
-
-
-def test_parse_size_needs_multiples_of_16():
-    assert parse_size("480x640") == (480, 640)
-    for bad in ("100x100", "480", "0x640", "axb"):
-        with pytest.raises(SCFeatError):
-            parse_size(bad)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import save_random_checkpoint
-from extraction import EXTRACT_SCHEMA, load_extract_config
-from train import TRAIN_SCHEMA, load_train_config
+from schemas import EXTRACT_SCHEMA, TRAIN_SCHEMA, load_extract_config, load_train_config
 from utils.config import Dynamic, Spec
 from utils.errors import SCFeatError
 

@@ -15,8 +15,10 @@ import torch
 
 import extract_features
 from dataloader.hpatches import sift_keypoints
-from dataloader.transforms import to_tensor_normalized
-from extraction import check_config, load_extract_config, resolve_device, run_extraction
+from utils.image import to_tensor_normalized
+from extraction import run_extraction
+from schemas import load_extract_config
+from utils.cli import resolve_device
 from registry import build_model
 from tools.synthetic import load_photo
 from utils.config import save_config
@@ -89,7 +91,6 @@ def npz_run(hpatches, model_and_checkpoint, tmp_path_factory):
     stale.write_bytes(b"features of an earlier run")
     conf = load_extract_config(CONFIG, overrides(hpatches, model_and_checkpoint[1], out_root,
                                                  "output_img=true"))
-    check_config(conf, str(CONFIG))
     summary = run_extraction(conf)
     return out_root / "hpatches-scfeat", summary
 
@@ -259,7 +260,6 @@ def test_use_sift_takes_sift_keypoints_and_network_descriptors(model_and_checkpo
     cv2.imwrite(str(data / "i_one" / "1.ppm"), photo[150:250, 180:320, ::-1])
     conf = load_extract_config(CONFIG, overrides(data, model_and_checkpoint[1], tmp_path / "out",
                                                  "use_sift=true"))
-    check_config(conf, str(CONFIG))
     assert run_extraction(conf)["images"] == 1
     features = read_npz(tmp_path / "out" / "hpatches-scfeat" / "desc" / "i_one" / "1.ppm.scfeat")
     crop = read_rgb(data / "i_one" / "1.ppm")[:96, :128]
@@ -314,8 +314,7 @@ def test_bad_config_values(model_and_checkpoint, hpatches, tmp_path):
                            ("descriptor_map=global_map", "descriptor_map"),
                            ("data_config_extract.use_sift=true", "top-level 'use_sift'")]:
         with pytest.raises(SCFeatError, match=message):
-            conf = load_extract_config(CONFIG, [*base, extra])
-            check_config(conf, str(CONFIG))
+            load_extract_config(CONFIG, [*base, extra])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

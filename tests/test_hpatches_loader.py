@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataloader.hpatches import HPatch_SIFT, collate_skip_none
-from dataloader.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dataloader.collate import collate_skip_none
+from dataloader.hpatches import HPatch_SIFT
+from utils.image import IMAGENET_MEAN, IMAGENET_STD
 from utils.errors import SCFeatError
 
 
@@ -62,8 +63,8 @@ def test_unreadable_image_is_skipped_with_a_warning(layout, caplog):
     assert "v_b/2.ppm" in caplog.text
     loader = DataLoader(dataset, batch_size=1, num_workers=0, collate_fn=collate_skip_none)
     batches = list(loader)
-    assert sum(batch is None for batch in batches) == 1
-    names = [(b["seq"][0], b["name"][0]) for b in batches if b is not None]
+    assert sum("image" not in batch for batch in batches) == 1
+    names = [(b["seq"][0], b["name"][0]) for b in batches if "image" in b]
     assert ("v_b", "2.ppm") not in names and len(names) == 5
     assert batches[0]["image"].shape == (1, 3, 48, 64)
 
@@ -77,9 +78,9 @@ def test_image_smaller_than_stride_is_skipped(tmp_path, caplog):
 
 
 def test_collate_skip_none():
-    assert collate_skip_none([None, None]) is None
+    assert collate_skip_none([None, None]) == {"skipped": ["unusable item: the dataset returned None"] * 2}
     batch = collate_skip_none([None, {"x": torch.ones(2)}])
-    assert batch["x"].shape == (1, 2)
+    assert batch["x"].shape == (1, 2) and len(batch["skipped"]) == 1
 
 
 def test_empty_or_missing_folder(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import train
+from training.run_state import STATE_FILE
 from utils.checkpoint import load_state_dict_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def assert_same_weights(run_dir: Path, reference: dict) -> None:
 
 def saved_step(run_dir: Path) -> int | None:
     """The global step of the training state on disk, None when there is none."""
-    path = run_dir / train.STATE_FILE
+    path = run_dir / STATE_FILE
     if not path.is_file():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
@@ -138,7 +139,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_state(megadepth, t
     assert process.wait(timeout=300) == -signal.SIGKILL, log.read_text()[-3000:]
     # The state of step 2 is intact; the half-written state of step 3 is only a temporary file.
     assert saved_step(run_dir) == 2
-    partial = list(run_dir.glob(f".{train.STATE_FILE}.*.tmp"))
+    partial = list(run_dir.glob(f".{STATE_FILE}.*.tmp"))
     assert len(partial) == 1 and partial[0].stat().st_size > 0
 
     assert train.main(args + ["--resume"]) == 0

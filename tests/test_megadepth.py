@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataloader.megadepth import (MegaDepth_SIFT, collate_skip_none, query_points, sift_points,
+from dataloader.collate import collate_skip_none
+from dataloader.megadepth import (MegaDepth_SIFT, query_points, sift_points,
                                   summarize_skips)
-from dataloader.transforms import load_image_rgb
+from utils.image import load_image_rgb
 from tools.synthetic import make_megadepth
 from utils.errors import SCFeatError
 from utils.geometry import epipolar_lines, point_line_distance

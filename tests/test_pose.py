@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import evaluate_pose
+import schemas
 from evaluation.pose import (PosePair, default_conf, evaluate_pair, load_pairs, pose_auc,
                              read_pairs_calibrated, read_scene_info, relative_pose_error,
                              resize_long_side, run_pose_evaluation, scale_intrinsics,
@@ -313,7 +314,7 @@ def test_a_checkpoint_method_runs(synthetic_set, tmp_path):
 
 def test_shipped_config_validates_and_points_where_the_readme_generates():
     from utils.config import load_config
-    conf = load_config("config/eval_megadepth1500.yaml", [], evaluate_pose.EVAL_SCHEMA)
+    conf = load_config("config/eval_megadepth1500.yaml", [], schemas.EVAL_POSE_SCHEMA)
     assert conf["layout"] == "gluefactory" and conf["estimator"] in ("opencv", "poselib")
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"python -m tools.synthetic megadepth1500 --out {conf['data_path']}" in readme

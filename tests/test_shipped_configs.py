@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import save_random_checkpoint
-from extraction import load_extract_config
-from train import load_train_config
+from schemas import load_extract_config, load_train_config
 from utils.config import is_none_word, read_yaml
 
 CONFIG = Path(__file__).resolve().parents[1] / "config"

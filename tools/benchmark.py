@@ -72,6 +72,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from utils.acceleration import TOLERANCE, accelerated  # noqa: E402
+from utils.cli import network_size, resolve_device  # noqa: E402
 from utils.errors import SCFeatError  # noqa: E402
 
 EXTRACT_CONFIG = "extract_hpatches.yaml"  # keypoint selection: its detector_config
@@ -83,17 +84,6 @@ GEMM_SAMPLES = 2  # matrix products per size between two timed extractions
 
 
 # ----------------------------------------------------------------------------- pure helpers
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"HxW"`` → ``(H, W)``, both positive multiples of 16 (the network's stride)."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise SCFeatError(f"size {text!r}: expected HEIGHTxWIDTH, e.g. 480x640")
-    height, width = (int(p) for p in parts)
-    if height < 32 or width < 32 or height % 16 or width % 16:
-        raise SCFeatError(f"size {text!r}: height and width must be multiples of 16, at least 32")
-    return height, width
-
 
 def summarize(seconds: Sequence[float]) -> dict:
     """Timings in seconds → ``{median_ms, min_ms, max_ms, n}``."""
@@ -321,7 +311,7 @@ def extraction_variants(args, device: torch.device, model: torch.nn.Module
 
 
 def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
-    from dataloader.transforms import to_tensor_normalized
+    from utils.image import to_tensor_normalized
     from utils.keypoints import generate_kpts_single, sample_descriptors
 
     height, width = args.size
@@ -479,7 +469,7 @@ def megadepth_dataset(path: Path, resize: tuple[int, int] | None = None):
 
 
 def training_batch(dataset, device: torch.device) -> dict:
-    from dataloader.megadepth import collate_skip_none
+    from dataloader.collate import collate_skip_none
     items = [item for item in (dataset[i] for i in range(len(dataset))) if item is not None]
     if len(items) < TRAIN_BATCH:
         raise SCFeatError("benchmark: the synthetic set has fewer than two usable pairs")
@@ -588,7 +578,7 @@ def run_steps(section: str, args, device: torch.device, step: Callable[[Stopwatc
 def bench_data(args, path: Path) -> tuple[list[dict], dict]:
     from torch.utils.data import DataLoader, RandomSampler
 
-    from dataloader.megadepth import collate_skip_none
+    from dataloader.collate import collate_skip_none
     dataset = megadepth_dataset(path)
     # 4 workers on a 2-core machine are measured on purpose: silence DataLoader's advice.
     warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
@@ -696,9 +686,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available")
-    parser.add_argument("--size", type=parse_size, default=(480, 640), metavar="HxW",
+    parser.add_argument("--size", type=network_size, default=(480, 640), metavar="HxW",
                         help="extraction and data-loading image size (default 480x640)")
-    parser.add_argument("--train-size", type=parse_size, default=None, metavar="HxW",
+    parser.add_argument("--train-size", type=network_size, default=None, metavar="HxW",
                         help="training-step image size (default 240x320 on CPU, --size on CUDA)")
     parser.add_argument("--repeat", type=int, default=3, help="timed extraction runs (default 3)")
     parser.add_argument("--train-repeat", type=int, default=None,
@@ -743,9 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.reference_ops:
         from model import blocks
         blocks.FUSED_CPU_INFERENCE = False
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SCFeatError("--device cuda: CUDA is not available")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device, "--device")
     if args.train_size is None:
         args.train_size = (240, 320) if device.type == "cpu" else args.size
     if args.train_repeat is None:

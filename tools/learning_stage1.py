@@ -136,7 +136,8 @@ def sift_epipolar_precision(image1: np.ndarray, image2: np.ndarray, fmat1: torch
 def held_out_data(out: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """Held-out synthetic MegaDepth pairs and HPatches sequences under ``<out>/data`` (made once
     per setting; the folder names carry the settings)."""
-    from tools.synthetic import make_hpatches, make_megadepth, parse_size
+    from tools.synthetic import make_hpatches, make_megadepth
+    from utils.cli import parse_size
 
     size, hpatches_size = parse_size(args.size), parse_size(args.hpatches_size)
     if size[0] % 16 or size[1] % 16:
@@ -157,7 +158,7 @@ def held_out_pairs(megadepth: Path) -> list[dict]:
     """Every held-out pair, without jitter: ``im1, im2`` (``1×3×H×W`` normalised), ``rgb1,
     rgb2`` (``H×W×3`` uint8), ``F1, F2`` (``3×3``)."""
     from dataloader.megadepth import MegaDepth_SIFT
-    from dataloader.transforms import load_image_rgb
+    from utils.image import load_image_rgb
 
     dataset = MegaDepth_SIFT({"data_path": str(megadepth), "mode": "val", "workers": 0})
     pairs = []
@@ -190,8 +191,8 @@ def hpatches_features(model: torch.nn.Module, hpatches: Path, sequences: list[st
     """Features of every image of ``sequences``: ``{(seq, k): (keypoints N×2, descriptors
     N×D)}`` with the network's own keypoints, and the same with SIFT keypoints."""
     from dataloader.hpatches import sift_keypoints
-    from dataloader.transforms import load_image_rgb, to_tensor_normalized
-    from extraction import is_textureless, make_detector, pad_to_multiple, select_features
+    from utils.image import load_image_rgb, to_tensor_normalized
+    from model.extractor import is_textureless, make_detector, pad_to_multiple, select_features
 
     detector = make_detector("generate_kpts_single", options)
     own, with_sift = {}, {}

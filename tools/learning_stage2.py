@@ -29,7 +29,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dataloader.transforms import normalize_imagenet, to_float_tensor
+from utils.cli import network_size
+from utils.image import normalize_imagenet, to_float_tensor
 from losses.keypoint import KeypointLoss, sample_keypoints
 from model.detnet import DetNet
 from model.f2r import ResUNet_F2R
@@ -415,16 +416,6 @@ def free_map_update_balance(experiment: Experiment, optimizer: str, lr: float, s
 
 # --------------------------------------------------------------------------- CLI
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise SCFeatError(f"--size: expected HxW (e.g. 64x96), got {text!r}") from None
-    if height < 32 or width < 32 or height % 16 or width % 16:
-        raise SCFeatError(f"--size: H and W must be multiples of 16 and at least 32, got {text!r}")
-    return height, width
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tools.learning_check stage2",
@@ -433,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "control.")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=parse_size, default=(64, 96), help="HxW (default 64x96)")
+    parser.add_argument("--size", type=network_size, default=(64, 96), help="HxW (default 64x96)")
     parser.add_argument("--reward", choices=("fmat", "posfeat"), default="fmat")
     parser.add_argument("--detector", choices=("detnet", "detnet-affine", "free"),
                         default="detnet", help="detnet: the real DetNet (default); "

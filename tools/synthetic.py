@@ -46,6 +46,7 @@ import cv2
 import numpy as np
 import torch
 
+from utils.cli import parse_size
 from utils.errors import SCFeatError
 from utils.geometry import fundamental_from_pose, relative_pose
 
@@ -84,17 +85,6 @@ def load_photo(name: str) -> np.ndarray:
     if image is None:
         raise SCFeatError(f"{path}: cannot read scikit-image's sample photograph {name!r}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"HxW"`` → ``(H, W)``; raises ``SCFeatError`` for anything else or sizes below 32."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise SCFeatError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 128x160")
-    height, width = (int(p) for p in parts)
-    if min(height, width) < 32 or max(height, width) > 4096:
-        raise SCFeatError(f"--size {text!r}: height and width must be between 32 and 4096")
-    return height, width
 
 
 @contextmanager

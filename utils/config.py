@@ -313,6 +313,15 @@ def load_config(path: str | Path, overrides: list[str] | tuple = (), schema: dic
     return validate(conf, full, str(path), lines, sources, inert_keys)
 
 
+def lookup(table: dict[str, Any], name: Any, key: str) -> Any:
+    """``table[name]``, or an error naming the config ``key`` and the valid names."""
+    if name in table:
+        return table[name]
+    close = difflib.get_close_matches(str(name), list(table), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise SCFeatError(f"{key}: unknown name '{name}'{hint} (expected one of {sorted(table)})")
+
+
 def is_none_word(value: Any) -> bool:
     """``None`` or the string ``'None'``: YAML reads the original's bare word ``None`` as a
     string, where the original meant "no value"."""

@@ -1,0 +1,43 @@
+"""Batching that drops unusable items and says why (every dataset's ``collate_fn``).
+
+A dataset returns ``None`` or ``{"skipped": "<cause>: <detail>"}`` for an item it cannot use;
+:func:`collate_skip_none` collates the others and lists the causes under the batch's
+``skipped`` key, so the trainer can count them (``dataloader.megadepth.summarize_skips``).
+"""
+from __future__ import annotations
+
+import logging
+
+from torch.utils.data import default_collate
+
+from utils.errors import SCFeatError
+
+log = logging.getLogger("scfeat.data")
+
+SAME_SIZE_KEYS = ("im1", "im2", "coord1", "coord2", "image")
+
+
+def _is_skipped(item: dict | None) -> bool:
+    return item is None or "skipped" in item
+
+
+def collate_skip_none(batch: list[dict | None]) -> dict:
+    """Collate the usable items → a batch dict whose ``skipped`` key lists the cause strings
+    (``"<cause>: <detail>"``) of the unusable ones (``{"skipped": ...}`` items; a bare ``None``
+    counts as ``"unusable item: the dataset returned None"``). When no item is usable the
+    result is ``{"skipped": [...]}`` with no other key."""
+    skipped = [("unusable item: the dataset returned None" if item is None else str(item["skipped"]))
+               for item in batch if _is_skipped(item)]
+    kept = [item for item in batch if not _is_skipped(item)]
+    if skipped:
+        log.debug("dropped %d of %d items from a batch", len(skipped), len(batch))
+    if not kept:
+        return {"skipped": skipped}
+    for key in SAME_SIZE_KEYS:
+        shapes = {tuple(item[key].shape) for item in kept if key in item}
+        if len(shapes) > 1:
+            raise SCFeatError(f"data: the images of one batch differ in size ({key}: "
+                              f"{sorted(shapes)}); set data.resize: [H, W] or data.batch_size: 1")
+    collated = default_collate(kept)
+    collated["skipped"] = skipped
+    return collated

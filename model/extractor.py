@@ -1,0 +1,176 @@
+"""Features of any image from a model: the per-image API behind
+``SCFeatModel.detect_and_describe`` and the selection step every extraction shares.
+
+:func:`select_features`: keypoints from the detector score map (``local_point``) or given
+(SIFT), descriptors bilinearly sampled from ``desc_map`` (the fused map before normalisation,
+as the original) or ``local_map`` and L2-normalised, scores from the map.
+
+Coordinates are pixels ``x, y`` of the image as given (pixel centres at integers).
+:func:`detect_and_describe` pads at the right and bottom (every pixel is kept) and crops the
+score map back to the input size before selection, so no keypoint comes from the padding.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import numpy as np
+import torch
+
+from utils.config import Spec, lookup, validate
+from utils.errors import SCFeatError
+from utils.image import to_tensor_normalized
+from utils.keypoints import NMS_MODES, THRESHOLD_MODES, generate_kpts_single, sample_descriptors
+
+PAD_MULTIPLE = 16  # the network's stride
+MIN_IMAGE_SIZE = 16  # smaller images would be mostly padding
+DESCRIPTOR_MAPS = ("desc_map", "local_map")
+DETECTORS = {"generate_kpts_single": generate_kpts_single}  # config name → keypoint selection
+
+Features = dict[str, torch.Tensor]
+Detector = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+# Detector options whose default (None, or a free string) cannot state the type or choices.
+DETECTOR_SPECS = {
+    # The original reads a falsy thr (false, 0, null) as "no threshold".
+    "thr": Spec(None, types=(float, bool, type(None))),
+    "use_nms": Spec(True, types=(bool, str), choices=NMS_MODES),
+    "thr_mod": Spec("abs", choices=THRESHOLD_MODES),
+}
+
+
+def detector_schema(name: str) -> dict:
+    """Schema of the options of the detector ``name`` (its ``default_conf``, typed)."""
+    defaults = lookup(DETECTORS, name, "detector").default_conf
+    return {key: DETECTOR_SPECS.get(key, value) for key, value in defaults.items()}
+
+
+def make_detector(name: str, options: dict, origin: str = "detector_config") -> Detector:
+    """The detector ``name`` with ``options`` (validated; defaults filled in) bound: a function
+    ``score_map 1×1×H×W → (keypoints N×2, scores N)``."""
+    options = validate(options, detector_schema(name), origin)
+    detector = functools.partial(DETECTORS[name], **options)
+    try:
+        detector(torch.zeros(3, 3))  # the detector's own value checks, before any work
+    except SCFeatError as error:
+        raise SCFeatError(f"{origin}: {error}") from None
+    return detector
+
+
+def is_textureless(image: torch.Tensor) -> bool:
+    """True when every channel of a ``C×H×W`` (or ``1×C×H×W``) image is constant.
+
+    Such an image has nothing to detect: the score map's only structure comes from the
+    convolutions' zero padding at the image border, and keypoints there would be noise.
+    """
+    flat = image.reshape(image.shape[-3], -1)
+    return bool((flat.amax(1) == flat.amin(1)).all())
+
+
+def select_features(outputs: dict[str, torch.Tensor], valid_hw: tuple[int, int], detector: Detector,
+                    descriptor_map: str = "desc_map", keypoints: torch.Tensor | None = None,
+                    textureless: bool = False) -> Features:
+    """Keypoints, scores and descriptors of one image from the network ``outputs`` (batch 1).
+
+    ``valid_hw``: the image's size inside the (possibly padded) network input; the score map is
+    cropped to it first, so the padding yields no keypoint. ``keypoints`` (``N×2`` pixels) replace
+    the detector's, each with score 1 (the original's ``use_sift``). ``textureless`` (see
+    :func:`is_textureless`): no keypoints at all. Returns ``keypoints`` ``N×2``, ``scores``
+    ``N``, ``descriptors`` ``N×D`` (unit norm), float32 on the outputs' device.
+    """
+    height, width = valid_hw
+    score_map = outputs["local_point"][:, :, :height, :width]
+    if textureless:
+        keypoints = score_map.new_zeros(0, 2)
+    if keypoints is None:
+        keypoints, scores = detector(score_map)
+    else:
+        keypoints = keypoints.to(score_map.device, torch.float32).reshape(-1, 2)
+        scores = keypoints.new_ones(len(keypoints))
+    input_hw = tuple(outputs["local_point"].shape[-2:])
+    descriptors = sample_descriptors(outputs[descriptor_map], keypoints, input_hw)
+    return {"keypoints": keypoints.float(), "scores": scores.float(),
+            "descriptors": descriptors.float()}
+
+
+def to_numpy(features: Features) -> dict[str, np.ndarray]:
+    """Tensors → contiguous float32 numpy arrays on the CPU."""
+    return {k: np.ascontiguousarray(v.detach().cpu().numpy(), dtype=np.float32)
+            for k, v in features.items()}
+
+
+def check_image(image: object) -> None:
+    """Raise a clear error unless ``image`` is an ``H×W×3`` uint8 RGB numpy array with
+    ``H, W >= MIN_IMAGE_SIZE``.
+
+    Only uint8 is accepted: a float image could hold 0..1 or 0..255, and guessing wrong would
+    silently give poor features.
+    """
+    where = "detect_and_describe: image"
+    if isinstance(image, torch.Tensor):
+        raise SCFeatError(f"{where} must be a numpy array H×W×3 uint8 RGB, got a torch tensor "
+                          f"(use tensor.cpu().numpy())")
+    if not isinstance(image, np.ndarray):
+        raise SCFeatError(f"{where} must be a numpy array H×W×3 uint8 RGB, got "
+                          f"{type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        hint = (" (grey image: np.stack([image] * 3, axis=-1))" if image.ndim == 2 else
+                " (RGBA: image[..., :3])" if image.ndim == 3 and image.shape[2] == 4 else "")
+        raise SCFeatError(f"{where} must have shape H×W×3 (RGB), got {image.shape}{hint}")
+    if image.dtype != np.uint8:
+        hint = (" (a float image in [0, 1]: (image * 255).round().astype(np.uint8))"
+                if np.issubdtype(image.dtype, np.floating) else "")
+        raise SCFeatError(f"{where} must be uint8 (0..255), got {image.dtype}{hint}")
+    if min(image.shape[:2]) < MIN_IMAGE_SIZE:
+        raise SCFeatError(f"{where} is {image.shape[0]}×{image.shape[1]}; the network needs at "
+                          f"least {MIN_IMAGE_SIZE}×{MIN_IMAGE_SIZE} pixels")
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int = PAD_MULTIPLE) -> np.ndarray:
+    """``H×W×3`` → ``H'×W'×3`` with H', W' the next multiples of ``multiple``, padded at the
+    right and bottom by replicating the last row and column.
+
+    Replicate rather than zero: black padding would put a strong artificial edge along the
+    image border, and since the detector normalises its maps over the whole image (peakiness,
+    instance norm), that edge would change the scores inside the image too.
+    """
+    height, width = image.shape[:2]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if pad_h == 0 and pad_w == 0:
+        return image
+    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def detect_and_describe(model: torch.nn.Module, image: np.ndarray,
+                        detector: str = "generate_kpts_single", descriptor_map: str = "desc_map",
+                        **detector_config) -> dict[str, np.ndarray]:
+    """Features of one ``H×W×3`` uint8 RGB image of any size (at least 16×16).
+
+    The image is padded at the right/bottom to a multiple of 16 (:func:`pad_to_multiple`),
+    ImageNet-normalised and run through ``model`` (in eval mode, on its device); keypoints are
+    selected by ``detector`` with ``detector_config`` (its ``default_conf`` otherwise, e.g.
+    ``num_pts=8192, thr=None`` for ``generate_kpts_single``) on the score map cropped to the
+    image. Returns numpy float32 ``keypoints`` ``N×2`` (``x, y`` in the input's pixels),
+    ``scores`` ``N`` and ``descriptors`` ``N×D`` (unit norm), best score first; ``N = 0`` for
+    an image without texture (:func:`is_textureless`).
+    """
+    check_image(image)
+    if descriptor_map not in DESCRIPTOR_MAPS:
+        raise SCFeatError(f"detect_and_describe: descriptor_map must be one of "
+                          f"{list(DESCRIPTOR_MAPS)}, got {descriptor_map!r}")
+    select = make_detector(detector, detector_config, origin="detect_and_describe")
+    tensor = to_tensor_normalized(pad_to_multiple(image))[None].to(model_device(model))
+    was_training = model.training
+    model.eval()  # BatchNorm must use its running statistics
+    try:
+        with torch.inference_mode():
+            outputs = model.extract(tensor)
+            features = select_features(outputs, image.shape[:2], select, descriptor_map,
+                                       textureless=is_textureless(tensor))
+            return to_numpy(features)
+    finally:
+        model.train(was_training)
