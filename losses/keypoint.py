@@ -31,6 +31,7 @@ from losses.keypoint_reward import (EIGHT, draw_index_sets, fundamental_error,
                                     fundamental_trial_errors, good_pair_mask, good_pairs,
                                     grid_candidates, grid_walk_size)
 from losses.keypoint_sampling import sample_keypoints
+from losses.temperature import temperature_at
 from utils.errors import SCFeatError
 from utils.geometry import normalize_coords, sample_features
 
@@ -278,78 +279,100 @@ class KeypointLoss(nn.Module):
         """
         conf, draws = self.conf, draws or {}
         score1, score2 = outputs1["local_point"], outputs2["local_point"]
-        height1, width1 = score1.shape[-2:]
+        keypoints1, logp1, accepted1 = self.propose(score1, draws.get("proposals1"),
+                                                    draws.get("accept1"))
+        keypoints2, logp2, accepted2 = self.propose(score2, draws.get("proposals2"),
+                                                    draws.get("accept2"))
+        temperature = temperature_at(epoch, conf["temperature_base"], conf["temperature_max"])
+        match = self.match(outputs1, outputs2, keypoints1, keypoints2, accepted1, accepted2,
+                           temperature)
+        scales = image_scales(batch, score1.shape[0], score1.device)
         height2, width2 = score2.shape[-2:]
-        keypoints1, logp1, accepted1 = sample_keypoints(
-            score1, conf["grid_size"], draws.get("proposals1"), draws.get("accept1"))
-        keypoints2, logp2, accepted2 = sample_keypoints(
-            score2, conf["grid_size"], draws.get("proposals2"), draws.get("accept2"))
-        if conf["border_margin"] > 0:
-            accepted1 = accepted1 & away_from_border(keypoints1, height1, width1,
-                                                     conf["border_margin"])
-            accepted2 = accepted2 & away_from_border(keypoints2, height2, width2,
-                                                     conf["border_margin"])
-
-        temperature = float(min(conf["temperature_base"] + epoch, conf["temperature_max"]))
-        normalize = conf["loss_distance"] == "cos"  # euc: raw descriptors, nothing else changes
-        with torch.set_grad_enabled(bool(conf["match_grad"]) and torch.is_grad_enabled()):
-            desc1 = sample_features(outputs1["local_map"],
-                                    normalize_coords(keypoints1, height1, width1), normalize)
-            desc2 = sample_features(outputs2["local_map"],
-                                    normalize_coords(keypoints2, height2, width2), normalize)
-            log_match = match_log_probabilities(desc1, desc2, temperature)  # B×N×M
-            match_prob = log_match.exp()
-            if conf["cor_detach"]:
-                match_prob = match_prob.detach()
-            acc1, acc2 = accepted1.to(log_match.dtype), accepted2.to(log_match.dtype)
-            # Σ over accepted pairs of P·log P and the row/column masses of P: B×N×M work is
-            # done once here, as (matrix × mask vector) products, never broadcast by autograd.
-            plogp_accepted = ((match_prob * log_match) @ acc2[..., None])[..., 0]  # B×N
-            plogp_sum = (acc1 * plogp_accepted).sum()
-            row_mass = (match_prob @ acc2[..., None])[..., 0]  # B×N: Σ_j acc2_j P_ij
-            col_mass = (acc1[:, None, :] @ match_prob)[:, 0]  # B×M: Σ_i acc1_i P_ij
-
-        batch_size = score1.shape[0]
-        scales = image_scales(batch, batch_size, score1.device)
         grid = (conf["grid_size"], height2 // conf["grid_size"], width2 // conf["grid_size"])
         terms = self.reward_terms(keypoints1, keypoints2, batch["F1"], batch["F2"], grid,
                                   scales, draws.get("fmat_error"))
         logp1_acc = torch.where(accepted1, logp1, torch.zeros_like(logp1))
         logp2_acc = torch.where(accepted2, logp2, torch.zeros_like(logp2))
         # Σ_accepted P·(log P + lp1_i + lp2_j), and the same sum over the good accepted pairs
-        accepted_sum = plogp_sum + (row_mass * logp1_acc).sum() + (col_mass * logp2_acc).sum()
-        good_index = terms["good_index"]
-        b, i, j = good_index.unbind(-1)
+        accepted_sum = (match["plogp_sum"] + (match["row_mass"] * logp1_acc).sum()
+                        + (match["col_mass"] * logp2_acc).sum())
+        b, i, j = terms["good_index"].unbind(-1)
         both = accepted1[b, i] & accepted2[b, j]
         b, i, j = b[both], i[both], j[both]
-        good_sum = (match_prob[b, i, j] * (log_match[b, i, j] + logp1[b, i] + logp2[b, j])).sum()
+        prob, log_match = match["prob"], match["log_match"]
+        good_sum = (prob[b, i, j] * (log_match[b, i, j] + logp1[b, i] + logp2[b, j])).sum()
         # reward = base on accepted pairs, + good_bonus on good ones
         reinforce = terms["base"] * accepted_sum + terms["good_bonus"] * good_sum
         fmat_error = terms["fmat_error"]
         penalty_scale = 1.0 if fmat_error is None else fmat_error
         kp_penalty = conf["kp_penalty"] * penalty_scale * (logp1_acc.sum() + logp2_acc.sum())
         loss = -reinforce - kp_penalty
-
-        components = self._components(match_prob.detach(), accepted1, accepted2, scales,
-                                      temperature)
-        accepted_pairs = (accepted1.sum(1) * accepted2.sum(1)).sum().clamp(min=1).float()
-        device = loss.device
-        components.update({
-            "reinforce": reinforce.detach().float(),
-            "kp_penalty": torch.as_tensor(kp_penalty, device=device).detach().float(),
-            "n_good": torch.tensor(float(b.numel()), device=device),
-            # what the detector learns to raise: good pairs among the accepted pairs
-            "good_fraction": b.numel() / accepted_pairs,
-            "n_good_all": torch.tensor(float(good_index.shape[0]), device=device),
-            "fmat_error": (torch.zeros((), device=device) if fmat_error is None
-                           else fmat_error.detach().float()),
-            "n_fmat_pairs": terms["n_fmat_pairs"].float(),
-        })
+        components = self._components(prob.detach(), accepted1, accepted2, scales, temperature)
+        components.update(self._reward_components(reinforce, kp_penalty, b.numel(), accepted1,
+                                                  accepted2, terms))
         return {"loss": loss, "components": components, "keypoints1": keypoints1,
                 "keypoints2": keypoints2, "logp1": logp1, "logp2": logp2,
                 "accepted1": accepted1, "accepted2": accepted2, "log_match": log_match,
-                "good_index": good_index, "fmat_error": fmat_error, "base": terms["base"],
-                "good_bonus": terms["good_bonus"], "temperature": temperature}
+                "good_index": terms["good_index"], "fmat_error": fmat_error,
+                "base": terms["base"], "good_bonus": terms["good_bonus"],
+                "temperature": temperature}
+
+    def propose(self, score: torch.Tensor, proposals: torch.Tensor | None = None,
+                accept: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`sample_keypoints` on a ``B×1×H×W`` score map, proposals nearer the border
+        than ``border_margin`` never accepted: ``keypoints B×N×2, logp B×N, accepted B×N``."""
+        keypoints, logp, accepted = sample_keypoints(score, self.conf["grid_size"], proposals,
+                                                     accept)
+        margin = self.conf["border_margin"]
+        if margin > 0:
+            accepted = accepted & away_from_border(keypoints, *score.shape[-2:], margin)
+        return keypoints, logp, accepted
+
+    def match(self, outputs1: dict, outputs2: dict, keypoints1: torch.Tensor,
+              keypoints2: torch.Tensor, accepted1: torch.Tensor, accepted2: torch.Tensor,
+              temperature: float) -> dict:
+        """Soft matches of the proposals' descriptors (sampled from ``local_map``): ``log_match``
+        (``B×N×M``), ``prob`` (P, detached with ``cor_detach``), and over the accepted pairs
+        ``plogp_sum`` (Σ P·log P), ``row_mass`` (``B×N``) and ``col_mass`` (``B×M``). The
+        ``B×N×M`` work is done once, as (matrix × mask vector) products, never broadcast by
+        autograd; a gradient flows only with ``match_grad``."""
+        conf = self.conf
+        normalize = conf["loss_distance"] == "cos"  # euc: raw descriptors, nothing else changes
+        with torch.set_grad_enabled(bool(conf["match_grad"]) and torch.is_grad_enabled()):
+            descriptors = [sample_features(outputs["local_map"],
+                                           normalize_coords(keypoints, *outputs["local_point"].shape[-2:]),
+                                           normalize)
+                           for outputs, keypoints in ((outputs1, keypoints1), (outputs2, keypoints2))]
+            log_match = match_log_probabilities(*descriptors, temperature)  # B×N×M
+            prob = log_match.exp()
+            if conf["cor_detach"]:
+                prob = prob.detach()
+            acc1, acc2 = accepted1.to(log_match.dtype), accepted2.to(log_match.dtype)
+            plogp_accepted = ((prob * log_match) @ acc2[..., None])[..., 0]  # B×N
+            return {"log_match": log_match, "prob": prob,
+                    "plogp_sum": (acc1 * plogp_accepted).sum(),
+                    "row_mass": (prob @ acc2[..., None])[..., 0],  # B×N: Σ_j acc2_j P_ij
+                    "col_mass": (acc1[:, None, :] @ prob)[:, 0]}  # B×M: Σ_i acc1_i P_ij
+
+    @staticmethod
+    def _reward_components(reinforce: torch.Tensor, kp_penalty, n_good: int,
+                           accepted1: torch.Tensor, accepted2: torch.Tensor, terms: dict) -> dict:
+        """Our monitoring components of the reward (no gradient)."""
+        device = reinforce.device
+        fmat_error = terms["fmat_error"]
+        accepted_pairs = (accepted1.sum(1) * accepted2.sum(1)).sum().clamp(min=1).float()
+        return {
+            "reinforce": reinforce.detach().float(),
+            "kp_penalty": torch.as_tensor(kp_penalty, device=device).detach().float(),
+            "n_good": torch.tensor(float(n_good), device=device),
+            # what the detector learns to raise: good pairs among the accepted pairs
+            "good_fraction": n_good / accepted_pairs,
+            "n_good_all": torch.tensor(float(terms["good_index"].shape[0]), device=device),
+            "fmat_error": (torch.zeros((), device=device) if fmat_error is None
+                           else fmat_error.detach().float()),
+            "n_fmat_pairs": terms["n_fmat_pairs"].float(),
+        }
 
     @staticmethod
     def _components(prob: torch.Tensor, accepted1: torch.Tensor, accepted2: torch.Tensor,

@@ -28,6 +28,7 @@ import copy
 import torch
 from torch import nn
 
+from losses.temperature import temperature_at  # noqa: F401  (re-exported)
 from losses.line_search import line_border_intersections, line_search_centres, sample_along_lines
 from losses.sampled_correlation import padded_table
 from losses.soft_argmax import soft_correspondence
@@ -40,12 +41,6 @@ from utils.geometry import (denormalize_coords, epipolar_lines, normalize_coords
 # Window-centre jitter: ±0.707·window_size per axis (the original's constant).
 JITTER_SCALE = 0.707
 CANNOT_RUN = "the original implementation cannot run it either (it fails with an error there)"
-
-
-def temperature_at(epoch: int, base: float, maximum: float) -> float:
-    """Softmax temperature ``min(base + epoch, maximum)``; ``epoch`` as the original trainer
-    passes it (1 in the first epoch)."""
-    return float(min(base + epoch, maximum))
 
 
 def merge_conf(defaults: dict, conf: dict, section: str) -> dict:
