@@ -1,6 +1,7 @@
 """The benchmark's measuring helpers (tools/benchmark.py) give the right numbers."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,26 @@ def test_profile_lists_the_costliest_operators_first():
     assert len(table) == 6 and table[1].startswith(ops[0]["op"][:20])
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--profile", "-1"])
+
+
+@pytest.mark.slow
+def test_training_benchmark_times_the_trainers_own_step(tmp_path, monkeypatch):
+    """The training rows come from ``training.step.TrainStep`` (the object the trainer runs):
+    its parts are timed inside it and add up to no more than the step."""
+    import training.step
+
+    calls = []
+    original = training.step.TrainStep.__call__
+    monkeypatch.setattr(training.step.TrainStep, "__call__",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--only", "train", "--train-size", "64x96", "--size", "64x96",
+                           "--train-repeat", "1", "--threads", "1", "--json", str(out)]) == 0
+    assert len(calls) == 4  # warm-up and one timed step per stage
+    report = json.loads(out.read_text())
+    for stage, loss in (("stage1", "loss: EpipolarLoss_Line2Window"), ("stage2", "loss: KeypointLoss")):
+        timings = report[stage]["timings"]
+        parts = ["forward (2 batches)", loss, "optimiser step", "backward (+ zero_grad, clipping)"]
+        assert all(timings[p]["median_ms"] >= 0 for p in parts)
+        assert sum(timings[p]["median_ms"] for p in parts) <= timings["step"]["median_ms"] * 1.001
+    assert "reward (in loss)" in report["stage2"]["timings"]

@@ -15,10 +15,11 @@ prints one table and writes the same figures as JSON (``--json``):
   square matrices, several sizes, the best size's median) and the fraction of it the forward
   reaches (GFLOP ÷ forward time ÷ GEMM GFLOP/s);
 * **stage-1 / stage-2 training steps** (``--train-size``, batch of 2 pairs from the synthetic
-  set): forward of both images as separate batches, ``Preprocess_Line2Window`` +
-  ``EpipolarLoss_Line2Window`` (stage 1) or ``KeypointLoss`` with its reward timed on its own
-  (stage 2), backward and the Adam step, with the settings of ``config/train_desc.yaml`` /
-  ``config/train_det.yaml``;
+  set): the trainer's own step (``training.step.TrainStep``, built as the trainer builds it from
+  ``config/train_desc.yaml`` / ``config/train_det.yaml``; stage 2 from a random stage-1
+  checkpoint), with its parts timed: the forward of both images as separate batches, the
+  preprocess step and each loss (stage 2: its reward on its own), the optimiser step, and
+  backward (what remains of the step);
 * **data loading**: ``MegaDepth_SIFT`` (mode train, batch 2) with 0, 2 and 4 workers on a
   synthetic set (``tools.synthetic.make_megadepth``) written to a temporary folder at
   ``--size``: pairs/s after the first batch, and the time to the first batch;
@@ -477,98 +478,109 @@ def training_batch(dataset, device: torch.device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def bench_stage1(args, device: torch.device, batch: dict) -> tuple[list[dict], dict]:
-    from registry import LOSSES, PREPROCESSORS
-    conf = load_config_file("train_desc.yaml")
-    model = build_network(device, conf["model_config"])
-    model.localheader.requires_grad_(False)
-    model.train()
-    optimizer = torch.optim.Adam(model.backbone.parameters(), lr=conf["optimal_lrs"][0])
-    preprocess = PREPROCESSORS[conf["preprocess_train"]](conf["preprocess_train_config"])
-    loss_name = conf["losses"][0]
-    loss_fn = LOSSES[loss_name](conf[f"{loss_name}_config"]).to(device)
+def timed(fn: Callable, label: str, holder: dict, device: torch.device) -> Callable:
+    """``fn`` that adds its own duration under ``label`` to ``holder['watch']``."""
+    def wrapper(*args, **kwargs):
+        synchronize(device)
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        synchronize(device)
+        holder["watch"].add(label, time.perf_counter() - start)
+        return result
+    return wrapper
+
+
+def trainer_step(config: Path | str, overrides: list[str], device: torch.device, holder: dict):
+    """The trainer's own step (:class:`training.step.TrainStep`) for a shipped training config,
+    on a network with random weights, its parts timed into ``holder['watch']``: the forward of
+    both images, the preprocess step, each loss (and the stage-2 reward inside it) and the
+    optimiser step; backward (with zero_grad and clipping) is what remains of the step."""
+    from schemas import TRAINABLE_MODULES, load_train_config
+    from training.loop import build_training_model
+    from training.setup import PairModel, build_optimizer, freeze_all_but, set_train_mode
+    from training.step import LossComposer, NonFiniteGuard, TrainStep
+
+    conf = load_train_config(config, overrides)
     torch.manual_seed(0)
+    model = build_training_model(conf).to(device)
+    trainable = conf["optimal_modules"]
+    freeze_all_but(model, trainable, TRAINABLE_MODULES)
+    set_train_mode(model, trainable, TRAINABLE_MODULES)
+    optimizer, _ = build_optimizer(model, conf)
+    composer = LossComposer(conf).to(device)
+    if composer.preprocess is not None:
+        composer.preprocess = timed(composer.preprocess, "loss: preprocess", holder, device)
+    for name, loss in zip(composer.names, composer.losses):
+        if hasattr(loss, "reward_terms"):
+            loss.reward_terms = timed(loss.reward_terms, "reward (in loss)", holder, device)
+        loss.forward = timed(loss.forward, f"loss: {name}", holder, device)
+    optimizer.step = timed(optimizer.step, "optimiser step", holder, device)
+    forward = timed(PairModel(model), "forward (2 batches)", holder, device)
+    guard = NonFiniteGuard(conf["max_nonfinite_steps"], Path(tempfile.gettempdir()), is_main=False)
+    clip = conf["clip_norm"] if conf["grad_clip"] else None
+    return TrainStep(composer, forward, optimizer, [getattr(model, n) for n in trainable], clip,
+                     guard, device)
 
-    def step(watch: Stopwatch) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        watch.start()
-        out1 = model(batch["im1"], with_detector=False)
-        out2 = model(batch["im2"], with_detector=False)
-        watch.lap("forward (2 batches)")
-        processed = preprocess(batch, out1, out2, 0)
-        loss, _ = loss_fn(batch, out1, out2, processed, 0)
-        watch.lap("loss (preprocess + loss)")
-        loss.backward()
-        watch.lap("backward")
-        optimizer.step()
-        watch.lap("Adam step")
 
-    return run_steps("stage 1", args, device, step)
+def bench_stage1(args, device: torch.device, batch: dict) -> tuple[list[dict], dict]:
+    holder: dict[str, Stopwatch] = {}
+    step = trainer_step(REPO_ROOT / "config" / "train_desc.yaml",
+                        ["model_config.backbone_config.pretrained=false"], device, holder)
+    return run_steps("stage 1", args, device, step, batch, holder)
 
 
 def bench_stage2(args, device: torch.device, batch: dict) -> tuple[list[dict], dict]:
-    from registry import LOSSES
-    conf = load_config_file("train_det.yaml")
-    model = build_network(device, load_config_file("train_desc.yaml")["model_config"])
-    model.backbone.requires_grad_(False).eval()  # frozen, BatchNorm statistics kept
-    model.localheader.train()
-    optimizer = torch.optim.Adam(model.localheader.parameters(), lr=conf["optimal_lrs"][0])
-    loss_name = conf["losses"][0]
-    loss_fn = LOSSES[loss_name](conf[f"{loss_name}_config"]).to(device)
-    torch.manual_seed(0)
+    """Stage 2 starts from a checkpoint: a random stage-1 network written to a temporary
+    folder (with its run's config.yaml, as train.py writes it)."""
+    from utils.checkpoint import atomic_save
+    from utils.config import read_yaml, save_config
+
     holder: dict[str, Stopwatch] = {}
-    reward_terms = loss_fn.reward_terms
+    desc = read_yaml(REPO_ROOT / "config" / "train_desc.yaml")
+    with tempfile.TemporaryDirectory(prefix="scfeat-bench-") as tmp:
+        folder = Path(tmp) / "run" / "000"
+        model = build_network(torch.device("cpu"), desc["model_config"])
+        for part in ("backbone", "localheader"):
+            atomic_save(getattr(model, part).state_dict(), folder / f"{part}.pth")
+        save_config({"model": desc["model"], "model_config": desc["model_config"]},
+                    folder.parent / "config.yaml")
+        step = trainer_step(REPO_ROOT / "config" / "train_det.yaml", [f"load_path={folder}"],
+                            device, holder)
+    return run_steps("stage 2", args, device, step, batch, holder)
 
-    def timed_reward(*a, **k):  # the reward, timed inside the loss's forward
-        synchronize(device)
-        start = time.perf_counter()
-        result = reward_terms(*a, **k)
-        synchronize(device)
-        holder["watch"].add("reward (in loss)", time.perf_counter() - start)
-        return result
 
-    loss_fn.reward_terms = timed_reward
-
-    def step(watch: Stopwatch) -> None:
+def run_steps(section: str, args, device: torch.device, step: Callable, batch: dict,
+              holder: dict) -> tuple[list[dict], dict]:
+    """A warm-up step, then ``--train-repeat`` timed steps of ``step`` (the trainer's)."""
+    def one_step(watch: Stopwatch) -> None:
         holder["watch"] = watch
-        optimizer.zero_grad(set_to_none=True)
         watch.start()
-        out1 = model(batch["im1"], with_detector=True)
-        out2 = model(batch["im2"], with_detector=True)
-        watch.lap("forward (2 batches)")
-        loss, _ = loss_fn(batch, out1, out2, {}, 0)
-        watch.lap("loss (KeypointLoss)")
-        loss.backward()
-        watch.lap("backward")
-        optimizer.step()
-        watch.lap("Adam step")
+        if step(batch, 1) is None:
+            raise SCFeatError(f"benchmark {section}: the loss was not finite")
+        watch.lap("step")
 
-    return run_steps("stage 2", args, device, step)
-
-
-def run_steps(section: str, args, device: torch.device, step: Callable[[Stopwatch], None]
-              ) -> tuple[list[dict], dict]:
     with PeakMemory(device) as memory:
-        warm = Stopwatch(device)
         start = time.perf_counter()
-        step(warm)  # warm-up
+        one_step(Stopwatch(device))  # warm-up
         warmup = time.perf_counter() - start
         watch = Stopwatch(device)
         for _ in range(args.train_repeat):
-            step(watch)
-    parts = [k for k in watch.times if k != "reward (in loss)"]
-    totals = [sum(watch.times[k][i] for k in parts) for i in range(args.train_repeat)]
+            one_step(watch)
     timings = {k: summarize(v) for k, v in watch.times.items()}
-    timings["step"] = summarize(totals)
+    parts = [k for k in timings if k not in ("step", "reward (in loss)")]
+    remaining = [watch.times["step"][i] - sum(watch.times[k][i] for k in parts)
+                 for i in range(args.train_repeat)]
+    timings["backward (+ zero_grad, clipping)"] = summarize(remaining)
     step_ms = timings["step"]["median_ms"]
-    rows = [row(section, "step", timings["step"], rate=f"{TRAIN_BATCH * 1000 / step_ms:.2f} pairs/s",
-                memory=memory.as_dict(), note=f"batch {TRAIN_BATCH} pairs at {args.train_size[0]}x"
-                                        f"{args.train_size[1]}, warm-up {1000 * warmup:.0f} ms")]
-    for name in [k for k in watch.times]:
+    rows = [row(section, "step (training.step.TrainStep)", timings["step"],
+                rate=f"{TRAIN_BATCH * 1000 / step_ms:.2f} pairs/s", memory=memory.as_dict(),
+                note=f"batch {TRAIN_BATCH} pairs at {args.train_size[0]}x{args.train_size[1]}, "
+                     f"warm-up {1000 * warmup:.0f} ms")]
+    for name in [k for k in timings if k != "step"]:
         rows.append(row(section, name, timings[name], share=timings[name]["median_ms"] / step_ms))
     report = {"timings": timings, "pairs_per_s": TRAIN_BATCH * 1000 / step_ms,
-              "loss_share": sum(timings[k]["median_ms"] for k in timings if k.startswith("loss")) / step_ms,
-              "memory": memory.as_dict(),
+              "loss_share": sum(timings[k]["median_ms"] for k in timings if k.startswith("loss"))
+              / step_ms, "memory": memory.as_dict(),
               "size": list(args.train_size), "batch_pairs": TRAIN_BATCH}
     return rows, report
 
