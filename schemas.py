@@ -188,9 +188,6 @@ def check_extract_config(conf: dict, origin: str) -> None:
             fail(f"key 'load_path': '{path}' does not exist (expected a checkpoint "
                  f"folder with {names})")
     data = conf["data_config_extract"]
-    if data["batch_size"] < 1 or data["workers"] < 0:
-        fail(f"key 'data_config_extract': expected batch_size >= 1 and workers >= 0, got "
-             f"batch_size={data['batch_size']}, workers={data['workers']}")
     if data["use_sift"] and not conf["use_sift"]:
         fail("key 'data_config_extract.use_sift' is true but 'use_sift' is false; set only the "
              "top-level 'use_sift'")

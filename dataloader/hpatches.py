@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from dataloader.collate import collate_skip_none
 from utils.image import load_image_rgb, to_tensor_normalized
-from utils.config import Spec
+from utils.config import Spec, section_config
 from utils.errors import SCFeatError
 
 logger = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ class HPatch_SIFT(Dataset):
     collate_fn = staticmethod(collate_skip_none)  # drops unusable items (None), lists them
     default_conf = {
         "data_path": "data/hpatches-sequences-release",
-        "batch_size": 1,
-        "workers": 4,
+        "batch_size": Spec(1, minimum=1),
+        "workers": Spec(4, minimum=0),
         "use_sift": False,
         "sift_max_pts": 0,  # 0: every SIFT keypoint, as the original's use_sift
         # The original's keys; its extraction ignores them (use_sift takes every SIFT point).
@@ -67,7 +67,7 @@ class HPatch_SIFT(Dataset):
     }
 
     def __init__(self, conf: dict):
-        self.conf = {**self.default_conf, **conf}
+        self.conf = section_config(self.default_conf, conf, "data_config_extract")
         self.root = Path(self.conf["data_path"])
         self.paths = list_hpatches_images(self.root)
 

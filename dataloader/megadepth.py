@@ -45,7 +45,7 @@ from torchvision.transforms import ColorJitter
 
 from dataloader.collate import collate_skip_none
 from utils.image import normalize_imagenet, to_float_tensor
-from utils.config import Spec
+from utils.config import Spec, section_config
 from utils.errors import SCFeatError
 from utils.geometry import fundamental_from_pose, relative_pose
 
@@ -370,6 +370,15 @@ def summarize_skips(causes: list[str]) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- dataset
 
+def resize_problem(resize: list | None) -> str | None:
+    """What is wrong with a ``resize`` value (``None`` or ``[H, W]``, positive multiples of 16)."""
+    if resize is None or (len(resize) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % 16 == 0
+            for v in resize)):
+        return None
+    return "must be null or [H, W] with positive multiples of 16"
+
+
 class MegaDepth_SIFT(Dataset):
     """Image pairs of MegaDepth (CAPS layout) with ground-truth epipolar geometry.
 
@@ -386,28 +395,24 @@ class MegaDepth_SIFT(Dataset):
     collate_fn = staticmethod(collate_skip_none)  # drops unusable items, lists their causes
     default_conf = {
         "data_path": "data/megadepth/train",
-        "mode": "train",
-        "num_pts": 2000,
-        "query_points": None,  # None | 'random' | 'sift' | 'mixed'
-        "random_percent": 0.5,
-        "rot_thr": 80,  # degrees; train mode only
-        "max_pairs_per_scene": 5000,  # per dense folder, seeded subsample
-        "resize": None,  # None (size on disk) or [H, W], multiples of 16
+        "mode": Spec("train", choices=MODES),
+        "num_pts": Spec(2000, minimum=1),
+        "query_points": Spec(None, types=(str, type(None)), choices=QUERY_POINT_MODES),
+        "random_percent": Spec(0.5, minimum=0, maximum=1),
+        "rot_thr": Spec(80, types=(float,), doc="degrees; train mode only"),
+        "max_pairs_per_scene": Spec(5000, minimum=1, doc="per dense folder, seeded subsample"),
+        "resize": Spec(None, types=(list, type(None)), check=resize_problem,
+                       doc="null (size on disk) or [H, W], multiples of 16"),
         "seed": 0,
-        "batch_size": 2,
-        "workers": 4,
+        "batch_size": Spec(2, minimum=1),
+        "workers": Spec(4, minimum=0),
         "shuffle": True,
         # The original's key (pruning of its loader's SIFT points); nothing reads it here.
         "prune_kp": Spec(False, inert=True),
     }
 
     def __init__(self, conf: dict) -> None:
-        unknown = sorted(set(conf) - set(self.default_conf))
-        if unknown:
-            raise SCFeatError(f"data: unknown key(s) {unknown} for MegaDepth_SIFT "
-                              f"(expected some of {sorted(self.default_conf)})")
-        self.conf = {**self.default_conf, **conf}
-        self._check_conf()
+        self.conf = section_config(self.default_conf, conf, "data")
         self.data_path = Path(self.conf["data_path"])
         self.train = self.conf["mode"] == "train"
         self.resize = tuple(self.conf["resize"]) if self.conf["resize"] is not None else None
@@ -416,28 +421,6 @@ class MegaDepth_SIFT(Dataset):
         self.dropped_at_index: collections.Counter = collections.Counter()
         self._logged_reasons: set[str] = set()
         self.pairs = self._build_index()
-
-    def _check_conf(self) -> None:
-        conf = self.conf
-        if conf["mode"] not in MODES:
-            raise SCFeatError(f"data.mode: expected one of {list(MODES)}, got {conf['mode']!r}")
-        if conf["query_points"] not in QUERY_POINT_MODES:
-            raise SCFeatError(f"data.query_points: expected one of {list(QUERY_POINT_MODES)}, "
-                              f"got {conf['query_points']!r}")
-        if not (isinstance(conf["num_pts"], int) and conf["num_pts"] >= 1):
-            raise SCFeatError(f"data.num_pts: expected a positive integer, got {conf['num_pts']!r}")
-        if not 0.0 <= conf["random_percent"] <= 1.0:
-            raise SCFeatError(f"data.random_percent: expected a value in [0, 1], "
-                              f"got {conf['random_percent']!r}")
-        if not (isinstance(conf["max_pairs_per_scene"], int) and conf["max_pairs_per_scene"] >= 1):
-            raise SCFeatError(f"data.max_pairs_per_scene: expected a positive integer, "
-                              f"got {conf['max_pairs_per_scene']!r}")
-        resize = conf["resize"]
-        if resize is not None and not (
-                isinstance(resize, (list, tuple)) and len(resize) == 2
-                and all(isinstance(v, int) and v > 0 and v % 16 == 0 for v in resize)):
-            raise SCFeatError(f"data.resize: expected null or [H, W] with positive multiples of "
-                              f"16, got {resize!r}")
 
     # ------------------------------------------------------------------ index
 

@@ -32,7 +32,7 @@ from losses.keypoint_reward import (EIGHT, draw_index_sets, fundamental_error,
                                     grid_candidates, grid_walk_size)
 from losses.keypoint_sampling import sample_keypoints
 from losses.temperature import temperature_at
-from utils.errors import SCFeatError
+from utils.config import Spec, section_config
 from utils.geometry import normalize_coords, sample_features
 
 __all__ = ["KeypointLoss", "match_log_probabilities", "image_scales", "sample_keypoints",
@@ -110,60 +110,32 @@ class KeypointLoss(nn.Module):
 
     needs_detector = True
     default_conf = {
-        "grid_size": 8,
-        "loss_distance": "cos",
-        "temperature_base": 60,
-        "temperature_max": 60,
-        "reward_config": {"reward_thr": 2.0, "rescale_thr": False},
+        "grid_size": Spec(8, minimum=1),
+        "loss_distance": Spec("cos", choices=LOSS_DISTANCES),
+        "temperature_base": Spec(60, types=(float,)),
+        "temperature_max": Spec(60, types=(float,)),
+        "reward_config": {"reward_thr": Spec(2.0, above=0, doc="pixels"),
+                          "rescale_thr": False},
         "cor_detach": True,
         "good_reward": 1.0,
         "bad_reward": -0.25,
         "kp_penalty": -0.001,
         "match_grad": False,
         # Our additions.
-        "reward": "fmat",
-        "fmat_trials": 100,
+        "reward": Spec("fmat", choices=REWARDS, doc="fmat: the original's F-error reward, "
+                                                      "posfeat: good_reward / bad_reward only"),
+        "fmat_trials": Spec(100, minimum=1),
         "fmat_seed": 0,
         # px: proposals closer to the image border are never accepted (no reward, no gradient);
         # 0 is the original. Without it the detector learns a border band (README, "border").
-        "border_margin": 0,
+        "border_margin": Spec(0, minimum=0),
     }
 
     def __init__(self, conf: dict | None = None):
         super().__init__()
-        conf = dict(conf or {})
-        reward_conf = dict(conf.get("reward_config") or {})
-        unknown = sorted(set(reward_conf) - set(self.default_conf["reward_config"]))
-        if unknown:
-            raise SCFeatError(f"reward_config: unknown key(s) {unknown}, expected only "
-                              f"{sorted(self.default_conf['reward_config'])}")
-        conf["reward_config"] = {**self.default_conf["reward_config"], **reward_conf}
-        self.conf = {**self.default_conf, **conf}
-        self._check_conf()
+        self.conf = section_config(self.default_conf, conf, "KeypointLoss_config")
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(int(self.conf["fmat_seed"]))
-
-    def _check_conf(self) -> None:
-        conf = self.conf
-        if conf["loss_distance"] not in LOSS_DISTANCES:
-            raise SCFeatError(f"loss_distance: expected one of {list(LOSS_DISTANCES)}, got "
-                              f"{conf['loss_distance']!r}")
-        if conf["reward"] not in REWARDS:
-            raise SCFeatError(f"reward: expected one of {list(REWARDS)} (fmat: the original's "
-                              f"F-error reward, posfeat: good_reward / bad_reward only), got "
-                              f"{conf['reward']!r}")
-        if not isinstance(conf["reward_config"]["rescale_thr"], bool):
-            raise SCFeatError(f"reward_config.rescale_thr: expected true or false, got "
-                              f"{conf['reward_config']['rescale_thr']!r}")
-        if not float(conf["reward_config"]["reward_thr"]) > 0:
-            raise SCFeatError(f"reward_config.reward_thr: expected a positive number of "
-                              f"pixels, got {conf['reward_config']['reward_thr']!r}")
-        for key in ("grid_size", "fmat_trials"):
-            if isinstance(conf[key], bool) or not isinstance(conf[key], int) or conf[key] < 1:
-                raise SCFeatError(f"{key}: expected a positive integer, got {conf[key]!r}")
-        margin = conf["border_margin"]
-        if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
-            raise SCFeatError(f"border_margin: expected a number of pixels >= 0, got {margin!r}")
 
     # ------------------------------------------------------------------ generator state
     def generator_state(self) -> torch.Tensor:

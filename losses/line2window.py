@@ -23,8 +23,6 @@ descriptor is dotted only with the map cells its bilinear taps touch
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -34,46 +32,14 @@ from losses.sampled_correlation import padded_table
 from losses.soft_argmax import soft_correspondence
 from losses.stage1_queries import RANDOM_SELECTS, draw_queries
 from losses.window import window_correspondence, window_offsets
-from utils.errors import SCFeatError
+from utils.config import Spec, section_config
 from utils.geometry import (denormalize_coords, epipolar_lines, normalize_coords,
                             point_line_distance, sample_features)
 
 # Window-centre jitter: ±0.707·window_size per axis (the original's constant).
 JITTER_SCALE = 0.707
-CANNOT_RUN = "the original implementation cannot run it either (it fails with an error there)"
-
-
-def merge_conf(defaults: dict, conf: dict, section: str) -> dict:
-    """``defaults`` updated by ``conf``, nested dicts merged key by key; an unknown key is an
-    error naming its dotted path under ``section``."""
-    merged = copy.deepcopy(defaults)
-    for key, value in conf.items():
-        path = f"{section}.{key}"
-        if key not in defaults:
-            raise SCFeatError(f"{path}: unknown key; expected one of {', '.join(defaults)}")
-        if isinstance(defaults[key], dict):
-            if not isinstance(value, dict):
-                raise SCFeatError(f"{path}: expected a mapping, got {value!r}")
-            merged[key] = merge_conf(defaults[key], value, path)
-        else:
-            merged[key] = value
-    return merged
-
-
-def require_number(conf: dict, key: str, path: str) -> float:
-    """``conf[key]`` as a float if it is a number (not a boolean), else an error naming
-    ``path``."""
-    value = conf[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SCFeatError(f"{path}: expected a number, got {value!r}")
-    return float(value)
-
-
-def require_bool(conf: dict, key: str, path: str) -> bool:
-    """``conf[key]`` if it is a boolean, else an error naming ``path``."""
-    if not isinstance(conf[key], bool):
-        raise SCFeatError(f"{path}: expected true or false, got {conf[key]!r}")
-    return conf[key]
+CANNOT_RUN = ("only this value runs: the original implementation cannot run it either (it "
+              "fails with an error there)")
 
 
 # --------------------------------------------------------------------------- loss weights
@@ -110,21 +76,29 @@ class Preprocess_Line2Window:  # noqa: N801  (config name)
     """
 
     default_conf = {
-        "kps_generator": "generate_kpts_regular_grid_random",
-        "kps_generator_config": {"grid_size": 16, "keep_spatial": True, "random_select": "random"},
-        "window_size": 0.1,
-        "loss_distance": "cos",
-        "use_nn_grid": False,
-        "use_line_search": True,
-        "line_search_config": {"line_step": 100, "use_nn": True, "loc_rand": True},
-        "temperature_base": 60,
-        "temperature_max": 60,
+        "kps_generator": Spec("generate_kpts_regular_grid_random",
+                              choices=("generate_kpts_regular_grid_random",), doc=CANNOT_RUN),
+        "kps_generator_config": {
+            "grid_size": Spec(16, minimum=1, doc="image pixels per query cell"),
+            "keep_spatial": True,
+            "random_select": Spec("random", choices=RANDOM_SELECTS, doc=CANNOT_RUN),
+        },
+        "window_size": Spec(0.1, above=0, maximum=1, doc="normalised half-width of the window"),
+        "loss_distance": Spec("cos", choices=("cos", "euc")),
+        "use_nn_grid": Spec(False, choices=(False,), doc=CANNOT_RUN),
+        "use_line_search": Spec(True, choices=(True,), doc=CANNOT_RUN),
+        "line_search_config": {
+            "line_step": Spec(100, minimum=2, doc="samples per epipolar line"),
+            "use_nn": True,
+            "loc_rand": Spec(True, choices=(True,), doc=CANNOT_RUN),
+        },
+        "temperature_base": Spec(60, types=(float,)),
+        "temperature_max": Spec(60, types=(float,)),
     }
     section = "preprocess_train_config"
 
     def __init__(self, conf: dict):
-        self.conf = merge_conf(self.default_conf, conf, self.section)
-        self._check()
+        self.conf = section_config(self.default_conf, conf, self.section)
         queries, search = self.conf["kps_generator_config"], self.conf["line_search_config"]
         self.grid_size = int(queries["grid_size"])
         self.random_select = queries["random_select"]
@@ -132,43 +106,6 @@ class Preprocess_Line2Window:  # noqa: N801  (config name)
         self.normalize_queries = self.conf["loss_distance"] == "cos"
         self.line_step = int(search["line_step"])
         self.use_nn = search["use_nn"]
-
-    def _check(self) -> None:
-        """Every key's type and range; options the original cannot run are refused."""
-        conf, sec = self.conf, self.section
-        queries, search = conf["kps_generator_config"], conf["line_search_config"]
-        if conf["kps_generator"] != "generate_kpts_regular_grid_random":
-            raise SCFeatError(f"{sec}.kps_generator: only 'generate_kpts_regular_grid_random' is "
-                              f"supported, got {conf['kps_generator']!r}; {CANNOT_RUN}")
-        grid_size = queries["grid_size"]
-        if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
-            raise SCFeatError(f"{sec}.kps_generator_config.grid_size: expected a positive integer "
-                              f"(image pixels per query cell), got {grid_size!r}")
-        require_bool(queries, "keep_spatial", f"{sec}.kps_generator_config.keep_spatial")
-        if queries["random_select"] not in RANDOM_SELECTS:
-            raise SCFeatError(f"{sec}.kps_generator_config.random_select: expected one of "
-                              f"{', '.join(RANDOM_SELECTS)}, got {queries['random_select']!r}; "
-                              f"{CANNOT_RUN}")
-        for key in ("temperature_base", "temperature_max"):
-            require_number(conf, key, f"{sec}.{key}")
-        if not 0 < require_number(conf, "window_size", f"{sec}.window_size") <= 1:
-            raise SCFeatError(f"{sec}.window_size: expected a value in (0, 1] (normalised "
-                              f"half-width of the window), got {conf['window_size']!r}")
-        if conf["loss_distance"] not in ("cos", "euc"):
-            raise SCFeatError(f"{sec}.loss_distance: expected 'cos' or 'euc', got "
-                              f"{conf['loss_distance']!r}")
-        if require_bool(conf, "use_nn_grid", f"{sec}.use_nn_grid"):
-            raise SCFeatError(f"{sec}.use_nn_grid: only false is supported; {CANNOT_RUN}")
-        if not require_bool(conf, "use_line_search", f"{sec}.use_line_search"):
-            raise SCFeatError(f"{sec}.use_line_search: only true is supported; {CANNOT_RUN}")
-        line_step = search["line_step"]
-        if isinstance(line_step, bool) or not isinstance(line_step, int) or line_step < 2:
-            raise SCFeatError(f"{sec}.line_search_config.line_step: expected an integer of at "
-                              f"least 2 (samples per epipolar line), got {line_step!r}")
-        require_bool(search, "use_nn", f"{sec}.line_search_config.use_nn")
-        if not require_bool(search, "loc_rand", f"{sec}.line_search_config.loc_rand"):
-            raise SCFeatError(f"{sec}.line_search_config.loc_rand: only true is supported; "
-                              f"{CANNOT_RUN}")
 
     def temperature(self, epoch: int) -> float:
         """``min(temperature_base + epoch, temperature_max)``."""
@@ -250,9 +187,9 @@ class EpipolarLoss_Line2Window(nn.Module):  # noqa: N801  (config name)
 
     needs_detector = False
     default_conf = {
-        "grid_cost_thr": 0.5,
-        "win_cost_thr": 0.1,
-        "use_std_as_weight": True,
+        "grid_cost_thr": Spec(0.5, above=0, doc="fraction of the shorter image side"),
+        "win_cost_thr": Spec(0.1, above=0, doc="fraction of the shorter image side"),
+        "use_std_as_weight": Spec(True, choices=(True,), doc=CANNOT_RUN),
         "weight_grid": 0.0,
         "weight_window": 1.0,
     }
@@ -260,16 +197,7 @@ class EpipolarLoss_Line2Window(nn.Module):  # noqa: N801  (config name)
 
     def __init__(self, conf: dict):
         super().__init__()
-        self.conf = merge_conf(self.default_conf, conf, self.section)
-        for key in ("weight_grid", "weight_window"):
-            require_number(self.conf, key, f"{self.section}.{key}")
-        for key in ("grid_cost_thr", "win_cost_thr"):
-            if not require_number(self.conf, key, f"{self.section}.{key}") > 0:
-                raise SCFeatError(f"{self.section}.{key}: expected a positive fraction of the "
-                                  f"shorter image side, got {self.conf[key]!r}")
-        if not require_bool(self.conf, "use_std_as_weight", f"{self.section}.use_std_as_weight"):
-            raise SCFeatError(f"{self.section}.use_std_as_weight: only true is supported; "
-                              f"{CANNOT_RUN}")
+        self.conf = section_config(self.default_conf, conf, self.section)
 
     @staticmethod
     def _term(cost: torch.Tensor, std: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -91,3 +91,22 @@ def test_parse_override_and_apply():
 
 def test_validate_without_file():
     assert validate({"name": "x"}, SCHEMA)["mode"] == "train"
+
+
+def test_spec_ranges_and_checks_name_the_key():
+    from utils.config import section_config
+
+    schema = {"n": Spec(1, minimum=1), "p": Spec(0.5, minimum=0, maximum=1),
+              "t": Spec(2.0, above=0), "mode": Spec("a", choices=("a", "b"), doc="a: this, b: that"),
+              "size": Spec(None, types=(list, type(None)),
+                       check=lambda v: None if v is None or len(v) == 2 else "must hold two values")}
+    assert section_config(schema, {}, "sec") == {"n": 1, "p": 0.5, "t": 2.0, "mode": "a", "size": None}
+    assert section_config(schema, {"n": 3, "p": 1, "size": [1, 2]}, "sec")["n"] == 3
+    for conf, message in [({"n": 0}, "sec: key 'n' must be at least 1, got 0"),
+                          ({"p": 1.5}, "key 'p' must be at most 1, got 1.5"),
+                          ({"t": 0}, "key 't' must be greater than 0, got 0"),
+                          ({"mode": "c"}, r"must be one of \['a', 'b'\], got 'c' \(a: this, b: that\)"),
+                          ({"size": [1]}, r"key 'size' must hold two values, got \[1\]"),
+                          ({"n": True}, "key 'n' must be an integer")]:
+        with pytest.raises(SCFeatError, match=message):
+            section_config(schema, conf, "sec")

@@ -282,29 +282,30 @@ ORIGINAL_PREPROCESS = {
 
 
 def test_default_confs_are_the_originals():
-    assert Preprocess_Line2Window.default_conf == ORIGINAL_PREPROCESS
+    assert Preprocess_Line2Window({}).conf == ORIGINAL_PREPROCESS
     assert Preprocess_Line2Window(ORIGINAL_PREPROCESS).conf == ORIGINAL_PREPROCESS
-    assert EpipolarLoss_Line2Window.default_conf == LOSS_CONF
+    assert EpipolarLoss_Line2Window({}).conf == LOSS_CONF
     assert EpipolarLoss_Line2Window.needs_detector is False
     # A partial nested section keeps the other nested defaults.
     conf = Preprocess_Line2Window({"line_search_config": {"use_nn": False}}).conf
     assert conf["line_search_config"] == {"line_step": 100, "use_nn": False, "loc_rand": True}
-    assert Preprocess_Line2Window.default_conf["line_search_config"]["use_nn"] is True
+    assert Preprocess_Line2Window({}).conf["line_search_config"]["use_nn"] is True
 
 
 @pytest.mark.parametrize("conf, key", [
-    ({"window_size": 0}, "preprocess_train_config.window_size"),
-    ({"window_size": "small"}, "preprocess_train_config.window_size: expected a number"),
-    ({"temperature_max": None}, "preprocess_train_config.temperature_max: expected a number"),
-    ({"line_search_config": {"line_step": 1}}, "line_search_config.line_step"),
+    ({"window_size": 0}, "preprocess_train_config: key 'window_size' must be greater than 0"),
+    ({"window_size": 1.5}, "key 'window_size' must be at most 1"),
+    ({"window_size": "small"}, "key 'window_size' must be a number"),
+    ({"temperature_max": None}, "key 'temperature_max' must be a number"),
+    ({"line_search_config": {"line_step": 1}}, "line_search_config.line_step' must be at least 2"),
     ({"kps_generator_config": {"grid_size": 0}}, "kps_generator_config.grid_size"),
     ({"kps_generator_config": {"grid_size": 16.5}}, "kps_generator_config.grid_size"),
     ({"kps_generator_config": {"keep_spatial": "yes"}}, "kps_generator_config.keep_spatial"),
-    ({"loss_distance": "l1"}, "preprocess_train_config.loss_distance"),
+    ({"loss_distance": "l1"}, "key .loss_distance. must be one of"),
     ({"line_search_config": {"use_nn": 1}}, "line_search_config.use_nn"),
-    ({"grid_size": 16}, "preprocess_train_config.grid_size: unknown key"),
-    ({"line_search_config": {"step": 3}}, "line_search_config.step: unknown key"),
-    ({"line_search_config": 100}, "line_search_config: expected a mapping"),
+    ({"grid_size": 16}, "key 'grid_size' is not a known key"),
+    ({"line_search_config": {"step": 3}}, "key 'line_search_config.step' is not a known key"),
+    ({"line_search_config": 100}, "key 'line_search_config' must be a mapping"),
 ])
 def test_bad_preprocess_config(conf, key):
     with pytest.raises(SCFeatError, match=key):
@@ -324,13 +325,13 @@ def test_options_the_original_cannot_run_are_refused(conf, key):
 
 
 def test_bad_loss_config():
-    with pytest.raises(SCFeatError, match="EpipolarLoss_Line2Window_config.win_cost_thr"):
+    with pytest.raises(SCFeatError, match="EpipolarLoss_Line2Window_config: key 'win_cost_thr'"):
         EpipolarLoss_Line2Window({"win_cost_thr": 0.0})
     with pytest.raises(SCFeatError, match="use_std_as_weight.*cannot run it either"):
         EpipolarLoss_Line2Window({"use_std_as_weight": False})
-    with pytest.raises(SCFeatError, match="weight_grid: expected a number"):
+    with pytest.raises(SCFeatError, match="key 'weight_grid' must be a number"):
         EpipolarLoss_Line2Window({"weight_grid": "1"})
-    with pytest.raises(SCFeatError, match="use_std: unknown key"):
+    with pytest.raises(SCFeatError, match="key 'use_std' is not a known key"):
         EpipolarLoss_Line2Window({"use_std": True})
 
 

@@ -107,7 +107,7 @@ def test_resize_scales_intrinsics(data_dir: Path) -> None:
     # the image scale KeypointLoss's rescale_thr reads: returned size ÷ size on disk
     assert item["scale1"] == item["scale2"] == pytest.approx(np.sqrt(scale.prod()))
     assert _dataset(data_dir, mode="test")[0]["scale1"] == 1.0
-    with pytest.raises(SCFeatError, match="data.resize.*multiples of 16"):
+    with pytest.raises(SCFeatError, match="key 'resize' must be null or \\[H, W\\] with positive multiples of 16"):
         _dataset(data_dir, resize=[60, 96])
 
 
@@ -260,9 +260,13 @@ def test_pair_naming_an_unknown_image(data_copy: Path) -> None:
 
 
 def test_unknown_config_key_and_bad_values(data_dir: Path) -> None:
-    with pytest.raises(SCFeatError, match="unknown key"):
+    with pytest.raises(SCFeatError, match="key 'image_size' is not a known key"):
         _dataset(data_dir, image_size=[64, 64])
-    with pytest.raises(SCFeatError, match="data.query_points"):
+    with pytest.raises(SCFeatError, match="data: key 'query_points' must be one of"):
         _dataset(data_dir, query_points="harris")
-    with pytest.raises(SCFeatError, match="data.mode"):
+    with pytest.raises(SCFeatError, match="data: key 'mode' must be one of"):
         _dataset(data_dir, mode="training")
+    with pytest.raises(SCFeatError, match="key 'random_percent' must be at most 1"):
+        _dataset(data_dir, random_percent=1.5)
+    with pytest.raises(SCFeatError, match="key 'num_pts' must be at least 1"):
+        _dataset(data_dir, num_pts=0)

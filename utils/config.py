@@ -30,7 +30,9 @@ log = logging.getLogger("scfeat.config")
 @dataclass
 class Spec:
     """Validation rule for one key: ``default`` (or :data:`REQUIRED`), allowed ``types`` (a
-    tuple; default: the default's type), allowed ``choices``. ``inert``: a key that the
+    tuple; default: the default's type), allowed ``choices`` (the error adds ``doc``), the range
+    ``minimum`` ≤ value ≤ ``maximum`` and ``above`` < value (numbers; ``None`` passes), and
+    ``check(value) -> problem or None`` for any other single-key rule. ``inert``: a key that the
     original's configs carry but that changes nothing (here, and in the original); it is
     accepted, and reported once at start-up when a config sets it."""
 
@@ -39,6 +41,10 @@ class Spec:
     choices: tuple = ()
     doc: str = ""
     inert: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None
+    check: Callable[[Any], str | None] | None = None
 
 
 @dataclass
@@ -221,6 +227,16 @@ class _Validator:
                 out[key] = copy.deepcopy(default)
         return out
 
+    def check_range(self, value: Any, rule: Spec, path: str) -> None:
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        if rule.minimum is not None and value < rule.minimum:
+            self.fail(path, f"must be at least {rule.minimum}, got {value!r}")
+        if rule.maximum is not None and value > rule.maximum:
+            self.fail(path, f"must be at most {rule.maximum}, got {value!r}")
+        if rule.above is not None and not value > rule.above:
+            self.fail(path, f"must be greater than {rule.above}, got {value!r}")
+
     def value(self, value: Any, rule: Any, path: str, root: dict) -> Any:
         if isinstance(rule, Dynamic):
             raw = value if isinstance(value, dict) else {}
@@ -231,7 +247,11 @@ class _Validator:
                 expected = " or ".join(TYPE_NAMES.get(t, t.__name__) for t in types)
                 self.fail(path, f"must be {expected}, got {_describe(value)}")
             if rule.choices and value not in rule.choices:
-                self.fail(path, f"must be one of {list(rule.choices)}, got {value!r}")
+                self.fail(path, f"must be one of {list(rule.choices)}, got {value!r}"
+                                + (f" ({rule.doc})" if rule.doc else ""))
+            self.check_range(value, rule, path)
+            if rule.check is not None and (problem := rule.check(value)):
+                self.fail(path, f"{problem}, got {value!r}")
             return value
         if rule is None:
             return value
@@ -280,6 +300,13 @@ def validate(conf: dict, schema: dict, origin: str = "config",
     if inert_keys is not None:
         inert_keys.extend(validator.inert_keys)
     return root
+
+
+def section_config(schema: dict, conf: dict | None, origin: str) -> dict:
+    """A class's config section (``conf``, partial or complete) checked against the class's
+    ``default_conf`` schema, every default filled in. The config loader has already applied the
+    same schema to a config file's section; this makes direct Python use just as safe."""
+    return validate(dict(conf or {}), schema, origin)
 
 
 def report_inert_keys(origin: str, keys: list[str]) -> None:
