@@ -2,10 +2,11 @@
 
 A dataset returns ``None`` or ``{"skipped": "<cause>: <detail>"}`` for an item it cannot use;
 :func:`collate_skip_none` collates the others and lists the causes under the batch's
-``skipped`` key, so the trainer can count them (``dataloader.megadepth.summarize_skips``).
+``skipped`` key, so the trainer can count them (:func:`summarize_skips`).
 """
 from __future__ import annotations
 
+import collections
 import logging
 
 from torch.utils.data import default_collate
@@ -41,3 +42,10 @@ def collate_skip_none(batch: list[dict | None]) -> dict:
     collated = default_collate(kept)
     collated["skipped"] = skipped
     return collated
+
+
+def summarize_skips(causes: list[str]) -> dict[str, int]:
+    """Cause strings (``"<cause>: <detail>"``) → ``{cause: count}``, most frequent first, the
+    cause being the text before the first ``':'``."""
+    counts = collections.Counter(cause.split(":", 1)[0].strip() for cause in causes)
+    return dict(counts.most_common())

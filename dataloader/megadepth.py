@@ -24,7 +24,9 @@ The loader never trains on garbage and never stops on one bad pair:
   size ``img_cam.txt`` gives ``{"skipped": "<cause>: <detail>"}`` from ``__getitem__``;
   ``collate_skip_none`` drops such items and lists their cause strings under the batch's
   ``skipped`` key (the only key when no item was usable), so that the trainer can count causes
-  across DataLoader workers (:func:`summarize_skips`).
+  across DataLoader workers (:func:`dataloader.collate.summarize_skips`). The file records and
+  cause names are in :mod:`dataloader.megadepth_layout`, the pair checks in
+  :mod:`dataloader.pair_geometry`, the query points in :mod:`dataloader.query_points`.
 """
 from __future__ import annotations
 
@@ -32,9 +34,7 @@ import collections
 import io
 import logging
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -44,307 +44,23 @@ from torch.utils.data import Dataset
 from torchvision.transforms import ColorJitter
 
 from dataloader.collate import collate_skip_none
-from utils.image import normalize_imagenet, to_float_tensor
+from dataloader.megadepth_layout import (DEGENERATE_F, DUPLICATE_PAIR, EPIPOLAR_MISS,
+                                         EXAMPLES_PER_CAUSE, MISSING_IMAGE, SELF_PAIR,
+                                         SIZE_MISMATCH, TRUNCATED_IMAGE, UNDECODABLE_IMAGE,
+                                         UNREADABLE_IMAGE, CameraRecord, PairLine, PairRecord,
+                                         find_aligned_folders, missing_part, read_img_cam,
+                                         read_pairs)
+from dataloader.pair_geometry import (MAX_FUNDAMENTAL_ENTRY, epipolar_lines_miss,
+                                      image_scale, pair_fundamentals, rotation_angles_deg,
+                                      scale_intrinsics)
+from dataloader.query_points import QUERY_POINT_MODES, query_points
 from utils.config import Spec, section_config
 from utils.errors import SCFeatError
-from utils.geometry import fundamental_from_pose, relative_pose
+from utils.image import normalize_imagenet, to_float_tensor
 
 log = logging.getLogger("scfeat.data")
 
 MODES = ("train", "val", "test")
-QUERY_POINT_MODES = (None, "random", "sift", "mixed")
-IMG_CAM_FORMAT = "name w h fx fy cx cy r11 r12 r13 r21 r22 r23 r31 r32 r33 t1 t2 t3"
-MAX_FUNDAMENTAL_ENTRY = 1e12  # |F/F[2,2]| beyond this means F[2,2] ≈ 0: unusable normalisation
-ROTATION_TOLERANCE = 1e-2  # max |RᵀR - I| and |det R - 1| for a rotation matrix
-EXAMPLES_PER_CAUSE = 3  # places named in each index-time log line
-
-# Index-time causes (keys of ``dropped_at_index``). Filters asked for by the config are logged
-# at INFO, data faults at WARNING.
-INVALID_SIZE = "invalid image size in img_cam.txt"
-NONFINITE_INTRINSICS = "non-finite intrinsics"
-SINGULAR_INTRINSICS = "singular intrinsics (fx or fy <= 0)"
-NOT_ROTATION = "not a rotation matrix (RtR != I or det != 1)"
-NONFINITE_TRANSLATION = "non-finite translation"
-LISTED_TWICE = "image listed twice in img_cam.txt"
-SELF_PAIR = "self pair"
-DUPLICATE_PAIR = "duplicate pair (repeated or reversed)"
-DEGENERATE_F = "degenerate fundamental matrix (F[2,2] ~ 0 or no baseline)"
-EPIPOLAR_MISS = "epipolar lines miss the other image"
-
-# Load-time causes (the prefix of the strings in ``item['skipped']``).
-MISSING_IMAGE = "missing image"
-UNREADABLE_IMAGE = "unreadable image"
-TRUNCATED_IMAGE = "truncated image"
-UNDECODABLE_IMAGE = "undecodable image"
-SIZE_MISMATCH = "image size differs from img_cam.txt"
-
-
-@dataclass(frozen=True, slots=True)
-class CameraRecord:
-    """One line of ``img_cam.txt``: image size, intrinsics ``K`` (3×3) and world→camera ``pose``
-    (4×4), both float64; ``source`` is ``file:line``."""
-    width: int
-    height: int
-    K: np.ndarray
-    pose: np.ndarray
-    source: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class PairRecord:
-    """One usable pair: its ``aligned`` folder (absolute and relative to ``data_path``) and cameras."""
-    folder: Path
-    rel_folder: str
-    name1: str
-    name2: str
-    camera1: CameraRecord
-    camera2: CameraRecord
-
-
-class PairLine(NamedTuple):
-    """One line of ``pairs.txt``."""
-    line: int
-    name1: str
-    name2: str
-
-
-# ----------------------------------------------------------------------------- index files
-
-def _data_lines(path: Path) -> list[tuple[int, list[str]]]:
-    """``(line number, tokens)`` of the non-blank lines of ``path`` not starting with ``#``
-    (lines end at ``\\n`` only, so the numbers match an editor's)."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as error:
-        raise SCFeatError(f"{path}: cannot read the file ({error})") from None
-    except UnicodeDecodeError as error:
-        line = error.object[:error.start].count(b"\n") + 1
-        raise SCFeatError(f"{path}:{line}: not UTF-8 text (byte {error.object[error.start]:#04x}); "
-                          f"expected a text file") from None
-    lines = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        stripped = line.strip()
-        if stripped and not stripped.startswith("#"):
-            lines.append((number, stripped.split()))
-    return lines
-
-
-def _camera_fault(values: np.ndarray) -> str | None:
-    """The index-time cause that makes a parsed ``img_cam.txt`` line unusable, or ``None``."""
-    width, height = values[0], values[1]
-    if not (np.isfinite(width) and np.isfinite(height) and width == int(width)
-            and height == int(height) and width >= 1 and height >= 1):
-        return INVALID_SIZE
-    fx, fy, cx, cy = values[2:6]
-    if not np.isfinite(values[2:6]).all():
-        return NONFINITE_INTRINSICS
-    if fx <= 0 or fy <= 0:
-        return SINGULAR_INTRINSICS
-    rotation = values[6:15].reshape(3, 3)
-    if not np.isfinite(rotation).all():
-        return NOT_ROTATION
-    with np.errstate(all="ignore"):
-        orthogonal = np.abs(rotation @ rotation.T - np.eye(3)).max() <= ROTATION_TOLERANCE
-        if not (orthogonal and abs(np.linalg.det(rotation) - 1) <= ROTATION_TOLERANCE):
-            return NOT_ROTATION
-    if not np.isfinite(values[15:18]).all():
-        return NONFINITE_TRANSLATION
-    return None
-
-
-def read_img_cam(path: Path) -> tuple[dict[str, CameraRecord], dict[str, tuple[str, str]]]:
-    """Parse ``img_cam.txt`` → ``(cameras, rejected)``: ``{name: CameraRecord}`` for the usable
-    lines and ``{name: (cause, 'file:line')}`` for the parseable but unusable ones (see the
-    module docstring). ``SCFeatError`` naming ``file:line`` on a wrong token count or a
-    non-number; a missing or non-UTF-8 file is an ``SCFeatError`` too."""
-    path = Path(path)
-    if not path.is_file():
-        raise SCFeatError(f"{path}: img_cam.txt not found (expected one line per image: "
-                          f"{IMG_CAM_FORMAT})")
-    cameras: dict[str, CameraRecord] = {}
-    rejected: dict[str, tuple[str, str]] = {}
-    for number, tokens in _data_lines(path):
-        where = f"{path}:{number}"
-        if len(tokens) != 19:
-            raise SCFeatError(f"{where}: expected 19 values ({IMG_CAM_FORMAT}), got {len(tokens)}")
-        try:
-            values = np.array([float(token) for token in tokens[1:]], dtype=np.float64)
-        except ValueError:
-            bad = next(t for t in tokens[1:] if not _is_float(t))
-            raise SCFeatError(f"{where}: {bad!r} is not a number (expected {IMG_CAM_FORMAT})") from None
-        name = tokens[0]
-        if name in cameras or name in rejected:
-            first = cameras.pop(name).source if name in cameras else rejected[name][1]
-            rejected[name] = (LISTED_TWICE, f"{first} and line {number}")
-            continue
-        fault = _camera_fault(values)
-        if fault is not None:
-            rejected[name] = (fault, where)
-            continue
-        fx, fy, cx, cy = values[2:6]
-        pose = np.eye(4)
-        pose[:3, :3], pose[:3, 3] = values[6:15].reshape(3, 3), values[15:18]
-        K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
-        cameras[name] = CameraRecord(int(values[0]), int(values[1]), K, pose, where)
-    return cameras, rejected
-
-
-def _is_float(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
-
-
-def read_pairs(path: Path) -> list[PairLine]:
-    """Parse ``pairs.txt`` → ``[PairLine(line, name1, name2)]`` in file order;
-    ``SCFeatError`` naming ``file:line`` when a line does not hold exactly two names. Which
-    pairs are usable is decided by the dataset."""
-    path = Path(path)
-    if not path.is_file():
-        raise SCFeatError(f"{path}: pairs.txt not found (expected one 'name1 name2' per line)")
-    pairs = []
-    for number, tokens in _data_lines(path):
-        if len(tokens) != 2:
-            raise SCFeatError(f"{path}:{number}: expected two image names 'name1 name2', "
-                              f"got {len(tokens)} values")
-        pairs.append(PairLine(number, tokens[0], tokens[1]))
-    return pairs
-
-
-def find_aligned_folders(data_path: Path) -> list[Path]:
-    """``<data_path>/<scene>/<*dense*>/aligned`` folders, sorted. A scene folder without a dense
-    folder, or a dense folder without ``aligned``, is skipped with a warning; none at all is an
-    error."""
-    data_path = Path(data_path)
-    if not data_path.is_dir():
-        raise SCFeatError(f"{data_path}: MegaDepth data folder not found (data.data_path)")
-    folders = []
-    for scene in sorted(p for p in data_path.iterdir() if p.is_dir()):
-        dense = sorted(p for p in scene.iterdir() if p.is_dir() and "dense" in p.name)
-        if not dense:
-            log.warning("%s: no folder whose name contains 'dense'; scene skipped", scene)
-        for folder in dense:
-            aligned = folder / "aligned"
-            if not aligned.is_dir():
-                log.warning("%s: folder not found; %s skipped", aligned, folder)
-                continue
-            folders.append(aligned)
-    if not folders:
-        raise SCFeatError(f"{data_path}: no <scene>/<dense*>/aligned folders (expected the CAPS "
-                          f"MegaDepth layout <scene>/<dense>/aligned/{{images/, img_cam.txt, "
-                          f"pairs.txt}})")
-    return folders
-
-
-def _missing_part(folder: Path) -> str | None:
-    """Why an aligned folder cannot be used (a message naming the missing part), or ``None``."""
-    if not (folder / "img_cam.txt").is_file():
-        return (f"{folder / 'img_cam.txt'}: img_cam.txt not found (expected one line per image: "
-                f"{IMG_CAM_FORMAT})")
-    if not (folder / "pairs.txt").is_file():
-        return f"{folder / 'pairs.txt'}: pairs.txt not found (expected one 'name1 name2' per line)"
-    if not (folder / "images").is_dir():
-        return f"{folder / 'images'}: images folder not found"
-    return None
-
-
-# ----------------------------------------------------------------------------- geometry
-
-def rotation_angles_deg(rotations: np.ndarray) -> np.ndarray:
-    """Rotation angles (degrees) of ``...×3×3`` rotation matrices → ``...``."""
-    cos = (np.trace(rotations, axis1=-2, axis2=-1) - 1.0) / 2.0
-    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
-
-
-def scale_intrinsics(K: np.ndarray, scale_x: float, scale_y: float) -> np.ndarray:
-    """Intrinsics of an image resized by ``scale_x, scale_y`` (pixel centres at integers, as
-    cv2.resize: ``x' = (x + 0.5)·s - 0.5``) → 3×3."""
-    scaling = np.array([[scale_x, 0.0, (scale_x - 1) / 2],
-                        [0.0, scale_y, (scale_y - 1) / 2],
-                        [0.0, 0.0, 1.0]])
-    return scaling @ K
-
-
-def image_scale(on_disk: "CameraRecord", returned: "CameraRecord") -> float:
-    """The returned image's size ÷ its size on disk, ``sqrt(scale_x · scale_y)`` (1 without
-    ``resize``)."""
-    return float(np.sqrt(returned.width / on_disk.width * returned.height / on_disk.height))
-
-
-def pair_fundamentals(K1: np.ndarray, K2: np.ndarray, pose1: np.ndarray,
-                      pose2: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """``F1`` (image 1 → lines in image 2) and ``F2`` (the reverse) for ``N×3×3`` intrinsics and
-    ``N×4×4`` world→camera poses (float64) → two ``N×3×3`` float64 tensors, each ÷ its [2, 2]."""
-    K1, K2 = torch.from_numpy(K1), torch.from_numpy(K2)
-    rel12 = relative_pose(torch.from_numpy(pose1), torch.from_numpy(pose2))
-    rel21 = torch.linalg.inv(rel12)
-    fmat1 = fundamental_from_pose(K1, K2, rel12[:, :3, :3], rel12[:, :3, 3])
-    fmat2 = fundamental_from_pose(K2, K1, rel21[:, :3, :3], rel21[:, :3, 3])
-    return fmat1, fmat2
-
-
-def _rectangle(sizes: np.ndarray) -> np.ndarray:
-    """Homogeneous corners ``N×4×3`` of the pixel extents ``[-0.5, w-0.5]×[-0.5, h-0.5]`` of
-    images of ``sizes`` ``N×2`` (``w, h``)."""
-    w, h = sizes[:, 0] - 0.5, sizes[:, 1] - 0.5
-    lo, one = np.full_like(w, -0.5), np.ones_like(w)
-    return np.stack([np.stack([lo, lo, one], -1), np.stack([w, lo, one], -1),
-                     np.stack([lo, h, one], -1), np.stack([w, h, one], -1)], 1)
-
-
-def _lines_reach(fmat: np.ndarray, sizes_from: np.ndarray, sizes_to: np.ndarray) -> np.ndarray:
-    """Whether at least one of the epipolar lines ``F·x`` of the 4 corners and the centre of
-    the source images crosses the target image's rectangle → ``N`` bool."""
-    corners = _rectangle(sizes_from)
-    centre = np.concatenate([(sizes_from - 1) / 2, np.ones((len(sizes_from), 1))], 1)[:, None]
-    lines = np.concatenate([corners, centre], 1) @ fmat.transpose(0, 2, 1)  # N×5×3
-    values = lines @ _rectangle(sizes_to).transpose(0, 2, 1)  # N×5×4: line at each corner
-    # A line crosses the rectangle iff its sign is not the same strict sign at all 4 corners.
-    return ((values.min(-1) <= 0) & (values.max(-1) >= 0)).any(-1)
-
-
-def epipolar_lines_miss(fmat1: np.ndarray, fmat2: np.ndarray, sizes1: np.ndarray,
-                        sizes2: np.ndarray) -> np.ndarray:
-    """Pairs (``N×3×3`` F1, F2; ``N×2`` image sizes ``w, h``) where no epipolar line of image
-    1's corners and centre crosses image 2 (by ``F1``), or none of image 2's crosses image 1
-    (by ``F2``) → ``N`` bool. Cheap index-time check for a pose that is far off."""
-    return ~(_lines_reach(fmat1, sizes1, sizes2) & _lines_reach(fmat2, sizes2, sizes1))
-
-
-# ----------------------------------------------------------------------------- query points
-
-def random_points(count: int, height: int, width: int) -> torch.Tensor:
-    """``count×2`` pixel ``x, y`` uniform over the image (torch's RNG, so worker seeding applies)."""
-    return torch.rand(count, 2) * torch.tensor([width - 1.0, height - 1.0])
-
-
-def sift_points(image_rgb: np.ndarray, count: int) -> torch.Tensor:
-    """Up to ``count`` SIFT keypoint locations ``≤count×2`` (pixel ``x, y``), strongest first."""
-    if count <= 0:
-        return torch.zeros(0, 2)
-    gray = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY)
-    keypoints = cv2.SIFT_create(nfeatures=count).detect(gray, None)
-    keypoints = sorted(keypoints, key=lambda kp: -kp.response)[:count]
-    if not keypoints:
-        return torch.zeros(0, 2)
-    height, width = gray.shape
-    coords = torch.tensor([kp.pt for kp in keypoints], dtype=torch.float32)
-    return torch.minimum(coords.clamp(min=0), torch.tensor([width - 1.0, height - 1.0]))
-
-
-def query_points(image_rgb: np.ndarray, mode: str, count: int, random_percent: float) -> torch.Tensor:
-    """Exactly ``count×2`` query points (float32 pixel ``x, y``) by ``mode`` ('random', 'sift' or
-    'mixed': ``round(random_percent·count)`` random, the rest SIFT). A SIFT shortfall (flat or
-    tiny images) is filled with random points so batches always stack."""
-    height, width = image_rgb.shape[:2]
-    num_random = {"random": count, "sift": 0}.get(mode, int(round(random_percent * count)))
-    sift = sift_points(image_rgb, count - num_random)
-    coords = torch.cat([sift, random_points(count - len(sift), height, width)])
-    return coords.float()
-
-
 def _jpeg_complete(data: bytes) -> bool:
     """Whether JPEG ``data`` is whole: it ends with the end-of-image marker (trailing padding
     allowed) or, when something follows it, PIL decodes it without running out of data. Some
@@ -357,15 +73,6 @@ def _jpeg_complete(data: bytes) -> bool:
     except Exception:  # noqa: BLE001 - PIL raises many types on bad data; all mean "not whole"
         return False
     return True
-
-
-# ----------------------------------------------------------------------------- batching
-
-def summarize_skips(causes: list[str]) -> dict[str, int]:
-    """Cause strings (``"<cause>: <detail>"``) → ``{cause: count}``, most frequent first, the
-    cause being the text before the first ``':'``."""
-    counts = collections.Counter(cause.split(":", 1)[0].strip() for cause in causes)
-    return dict(counts.most_common())
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -428,7 +135,7 @@ class MegaDepth_SIFT(Dataset):
         folders = find_aligned_folders(self.data_path)
         usable_folders, problems = [], []
         for folder in folders:
-            problem = _missing_part(folder)
+            problem = missing_part(folder)
             if problem is None:
                 usable_folders.append(folder)
             else:

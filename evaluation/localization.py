@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataloader.megadepth import CameraRecord
+from dataloader.megadepth_layout import CameraRecord
 from evaluation.matching import match_numpy, method_label
 from evaluation.reconstruction import (COLMAP_PIXEL_OFFSET, _pycolmap, build_database,
                                        camera_centre, colmap_camera, extract_features,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataloader.megadepth import CameraRecord, read_img_cam
+from dataloader.megadepth_layout import CameraRecord, read_img_cam
 from evaluation.matching import (cached_features, check_method, files_signature, match_numpy,
                                  method_label, method_signature, read_feature_file, read_rgb)
 from utils.errors import SCFeatError

@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataloader import megadepth
-from dataloader.megadepth import MegaDepth_SIFT, summarize_skips
+from dataloader.pair_geometry import epipolar_lines_miss
+from dataloader.collate import summarize_skips
+from dataloader.megadepth import MegaDepth_SIFT
 from tools.synthetic import make_megadepth
 from utils.errors import SCFeatError
 from utils.geometry import fundamental_from_pose, relative_pose
@@ -349,4 +350,4 @@ def test_pair_whose_epipolar_lines_miss_the_other_image(data: Path, caplog) -> N
     rectified = np.array([[0, 0, 0], [0, 0, -1], [0, 1, 0.0]])
     at_infinity = np.array([[0, 0, 0], [0, 0, 0], [0, 0, 1.0]])
     fmats = np.stack([rectified, at_infinity])
-    assert megadepth.epipolar_lines_miss(fmats, fmats, sizes, sizes).tolist() == [False, True]
+    assert epipolar_lines_miss(fmats, fmats, sizes, sizes).tolist() == [False, True]

@@ -14,8 +14,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from dataloader.megadepth import (CameraRecord, MegaDepth_SIFT, PairLine, read_img_cam,
-                                  read_pairs)
+from dataloader.megadepth import MegaDepth_SIFT
+from dataloader.megadepth_layout import CameraRecord, PairLine, read_img_cam, read_pairs
 from utils.config import Spec, apply_overrides, load_config, parse_override
 from utils.errors import SCFeatError
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataloader.collate import collate_skip_none
-from dataloader.megadepth import (MegaDepth_SIFT, query_points, sift_points,
-                                  summarize_skips)
+from dataloader.collate import collate_skip_none, summarize_skips
+from dataloader.megadepth import MegaDepth_SIFT
+from dataloader.query_points import query_points, sift_points
 from utils.image import load_image_rgb
 from tools.synthetic import make_megadepth
 from utils.errors import SCFeatError

@@ -245,7 +245,7 @@ def test_synthetic_set_has_both_layouts_with_the_same_pairs(synthetic_set):
         assert pair.R == pytest.approx(other.R, abs=1e-9) and pair.t == pytest.approx(other.t, abs=1e-9)
         assert pair.K0 == pytest.approx(other.K0) and pair.K1 == pytest.approx(other.K1)
     # The ground truth is consistent with the rendered poses file (img_cam.txt layout).
-    from dataloader.megadepth import read_img_cam
+    from dataloader.megadepth_layout import read_img_cam
     cameras, _ = read_img_cam(synthetic_set / "poses" / "synth_0000.txt")
     pair = glue[0]
     pose0, pose1 = (cameras[p.name].pose for p in (pair.path0, pair.path1))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import reconstruct
-from dataloader.megadepth import CameraRecord
+from dataloader.megadepth_layout import CameraRecord
 from evaluation.reconstruction import (build_database, exhaustive_matches, list_images,
                                        pose_errors, read_ground_truth,
                                        reconstruction_statistics, run_mapper)

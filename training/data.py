@@ -13,7 +13,7 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dataloader.megadepth import summarize_skips
+from dataloader.collate import summarize_skips
 from dataloader.sampler import ResumableSampler
 from utils.errors import SCFeatError
 
