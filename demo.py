@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from utils.atomic import atomic_open
+from utils.atomic import write_json
 from utils.checkpoint import checkpoint_files, is_checkpoint
 from utils.cli import resolve_device, run_cli, setup_logging
 from utils.files import files_signature
@@ -169,12 +169,6 @@ def check_settings(out: Path, settings: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-def write_json(path: Path, value: dict) -> None:
-    """Write ``value`` as JSON atomically (temp file + rename)."""
-    with atomic_open(path, "w") as handle:
-        json.dump(value, handle, indent=2)
-
 
 def stamp_matches(folder: Path, signature: str) -> bool:
     path = folder / STAMP_FILE

@@ -12,15 +12,14 @@ reference images are triangulated with their known poses, every ``--query-every`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from evaluation.localization import AACHEN_THRESHOLDS, localize_scene, summarize
 from evaluation.matching import check_method, method_label
-from evaluation.reconstruction import add_feature_arguments, quiet_colmap
-from utils.cli import resolve_device, run_cli, setup_logging
-from utils.atomic import atomic_open
+from evaluation.reconstruction import add_feature_arguments, colmap_cli
+from utils.cli import resolve_device
+from utils.atomic import write_json
 from utils.errors import SCFeatError
 
 
@@ -59,17 +58,14 @@ def localize(args) -> int:
                                   args.seed)
     label = method_label(method)
     summary = summarize(records)
-    with atomic_open(Path(args.out) / f"{label}.json", "w") as handle:
-        json.dump({"summary": summary, "queries": records}, handle, indent=1)
+    write_json(Path(args.out) / f"{label}.json", {"summary": summary, "queries": records})
     print(format_summary(label, summary))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
-    quiet_colmap()
-    return run_cli(lambda: localize(args))
+    return colmap_cli(lambda: localize(args))
 
 
 if __name__ == "__main__":

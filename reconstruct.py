@@ -12,13 +12,12 @@ after a similarity alignment. The measures go to ``<out>/<method>.json`` too. Se
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from evaluation.reconstruction import add_feature_arguments, quiet_colmap, run_reconstruction
-from utils.cli import resolve_device, run_cli, setup_logging
-from utils.atomic import atomic_open
+from evaluation.reconstruction import add_feature_arguments, colmap_cli, run_reconstruction
+from utils.cli import resolve_device
+from utils.atomic import write_json
 
 MEASURES = [("registered", "registered images", "{:d}"), ("points3D", "3-D points", "{:d}"),
             ("observations", "observations", "{:d}"),
@@ -53,17 +52,14 @@ def reconstruct(args) -> int:
     statistics = run_reconstruction(args.images, args.features, args.out, args.gt,
                                     args.max_keypoints, args.ratio,
                                     resolve_device(args.device, "--device"), args.seed)
-    with atomic_open(Path(args.out) / f"{statistics['method']}.json", "w") as handle:
-        json.dump(statistics, handle, indent=1)
+    write_json(Path(args.out) / f"{statistics['method']}.json", statistics)
     print(format_measures(statistics))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
-    quiet_colmap()
-    return run_cli(lambda: reconstruct(args))
+    return colmap_cli(lambda: reconstruct(args))
 
 
 if __name__ == "__main__":

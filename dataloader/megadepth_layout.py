@@ -127,11 +127,7 @@ def read_img_cam(path: Path) -> tuple[dict[str, CameraRecord], dict[str, tuple[s
         where = f"{path}:{number}"
         if len(tokens) != 19:
             raise SCFeatError(f"{where}: expected 19 values ({IMG_CAM_FORMAT}), got {len(tokens)}")
-        try:
-            values = np.array([float(token) for token in tokens[1:]], dtype=np.float64)
-        except ValueError:
-            bad = next(t for t in tokens[1:] if not _is_float(t))
-            raise SCFeatError(f"{where}: {bad!r} is not a number (expected {IMG_CAM_FORMAT})") from None
+        values = parse_numbers(tokens[1:], where, IMG_CAM_FORMAT)
         name = tokens[0]
         if name in cameras or name in rejected:
             first = cameras.pop(name).source if name in cameras else rejected[name][1]
@@ -149,12 +145,16 @@ def read_img_cam(path: Path) -> tuple[dict[str, CameraRecord], dict[str, tuple[s
     return cameras, rejected
 
 
-def _is_float(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
+def parse_numbers(tokens: list[str], where: str, expected: str) -> np.ndarray:
+    """The tokens of a text line as float64, or an error naming ``where`` (``file:line``), the
+    first token that is not a number and the ``expected`` layout."""
+    values = []
+    for token in tokens:
+        try:
+            values.append(float(token))
+        except ValueError:
+            raise SCFeatError(f"{where}: {token!r} is not a number (expected {expected})") from None
+    return np.array(values, dtype=np.float64)
 
 
 def read_pairs(path: Path) -> list[PairLine]:

@@ -34,11 +34,12 @@ import cv2
 import numpy as np
 import torch
 
+from dataloader.megadepth_layout import parse_numbers
 from evaluation.matching import (cached_features, check_method, files_signature, match_numpy,
                                  method_label, method_signature, read_feature_file, read_rgb,
                                  require_files)
 from utils.cli import resolve_device
-from utils.atomic import atomic_open, atomic_target
+from utils.atomic import atomic_target, write_json
 from utils.errors import SCFeatError
 
 logger = logging.getLogger(__name__)
@@ -94,22 +95,6 @@ class PosePair:
 # loaders
 # ---------------------------------------------------------------------------------------------
 
-def _numbers(tokens: list[str], where: str, expected: str) -> np.ndarray:
-    try:
-        return np.array([float(token) for token in tokens], dtype=np.float64)
-    except ValueError:
-        bad = next(t for t in tokens if not _is_number(t))
-        raise SCFeatError(f"{where}: {bad!r} is not a number (expected {expected})") from None
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
-
-
 def _check_pose_values(K0: np.ndarray, K1: np.ndarray, R: np.ndarray, t: np.ndarray,
                        where: str) -> None:
     """Finite values, positive focal lengths and a rotation ``R``; else an error at ``where``."""
@@ -142,7 +127,7 @@ def read_pairs_calibrated(path: str | Path, image_root: str | Path) -> list[Pose
         where = f"{path}:{number}"
         if len(tokens) != 32:
             raise SCFeatError(f"{where}: expected 32 values ({PAIRS_FORMAT}), got {len(tokens)}")
-        values = _numbers(tokens[2:], where, PAIRS_FORMAT)
+        values = parse_numbers(tokens[2:], where, PAIRS_FORMAT)
         K0, K1, R = values[:9].reshape(3, 3), values[9:18].reshape(3, 3), values[18:27].reshape(3, 3)
         t = values[27:30]
         _check_pose_values(K0, K1, R, t, where)
@@ -480,9 +465,8 @@ def evaluate_method(method: str, pairs: list[PosePair], index_files: list[Path],
     logger.info("%s: evaluating %d pairs", label, len(pairs))
     cv2.setRNGSeed(conf["seed"])  # OpenCV's RANSAC draws from the global generator
     records = evaluate_matches(pairs, feature_files, conf, device)
-    with atomic_open(cache_path, "w") as handle:
-        json.dump({"protocol": PROTOCOL_VERSION, "method": method, "settings": settings,
-                   "records": records}, handle)
+    write_json(cache_path, {"protocol": PROTOCOL_VERSION, "method": method,
+                            "settings": settings, "records": records}, indent=None)
     return records, cache_path
 
 
@@ -575,9 +559,9 @@ def run_pose_evaluation(conf: dict, print_fn: Callable[[str], None] = print) -> 
         all_records[label], summaries[label] = records, summarize(records)
     print_fn(format_table(summaries))
     if conf["output_json"]:
-        with atomic_open(conf["output_json"], "w") as handle:
-            json.dump({"protocol": PROTOCOL_VERSION, "config": conf, "summaries": summaries,
-                       "records": all_records}, handle, indent=1, default=str)
+        write_json(conf["output_json"], {"protocol": PROTOCOL_VERSION, "config": conf,
+                                         "summaries": summaries, "records": all_records},
+                   default=str)
         print_fn(f"results: {conf['output_json']}")
     if conf["output_plot"]:
         plot_cumulative_errors(all_records, conf["output_plot"])

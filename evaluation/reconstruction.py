@@ -24,6 +24,7 @@ import torch
 from dataloader.megadepth_layout import CameraRecord, read_img_cam
 from evaluation.matching import (cached_features, check_method, files_signature, match_numpy,
                                  method_label, method_signature, read_feature_file, read_rgb)
+from utils.cli import run_cli, setup_logging
 from utils.errors import SCFeatError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,14 @@ def quiet_colmap() -> None:
     """COLMAP logs only warnings and errors (its INFO lines run to hundreds per scene)."""
     pycolmap = _pycolmap()
     pycolmap.logging.minloglevel = int(pycolmap.logging.WARNING)
+
+
+def colmap_cli(work) -> int:
+    """What ``reconstruct.py`` and ``localize.py`` share around their work: logging, COLMAP's
+    log level and the exit codes of :func:`utils.cli.run_cli`."""
+    setup_logging()
+    quiet_colmap()
+    return run_cli(work)
 
 
 def add_feature_arguments(parser) -> None:

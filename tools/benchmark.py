@@ -73,7 +73,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from utils.acceleration import TOLERANCE, accelerated  # noqa: E402
-from utils.cli import network_size, resolve_device  # noqa: E402
+from utils.cli import network_size, resolve_device, run_cli  # noqa: E402
 from utils.errors import SCFeatError  # noqa: E402
 
 EXTRACT_CONFIG = "extract_hpatches.yaml"  # keypoint selection: its detector_config
@@ -798,8 +798,4 @@ def _json_default(value):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SCFeatError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))

@@ -13,6 +13,7 @@ import importlib
 import sys
 from typing import Sequence
 
+from utils.cli import run_cli
 from utils.errors import SCFeatError
 
 COMMANDS = {"stage1": "tools.learning_stage1", "stage2": "tools.learning_stage2"}
@@ -34,8 +35,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SCFeatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))

@@ -38,7 +38,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils.atomic import atomic_open
+from utils.atomic import atomic_open, write_json
 from utils.errors import SCFeatError
 
 log = logging.getLogger("scfeat.learning_stage1")
@@ -330,9 +330,7 @@ def cached(out: Path, name: str, key: str, compute) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "w") as handle:
-        json.dump(result, handle, indent=1)
+    write_json(path, result)
     return result
 
 
@@ -476,9 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_table(rows))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=1)
+        write_json(args.json, rows)
     if args.plot is not None:
         plot_curve(rows, args.plot, f"stage 1 from random weights, held-out synthetic data "
                                     f"(seed {args.seed})")

@@ -6,6 +6,7 @@ half-written one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -36,6 +37,12 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         yield handle
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_json(path: str | Path, value, indent: int | None = 1, default=None) -> None:
+    """``value`` as JSON in ``path``, atomically (``default``: as for ``json.dump``)."""
+    with atomic_open(path, "w") as handle:
+        json.dump(value, handle, indent=indent, default=default)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
