@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import demo
+from utils.checkpoint import is_checkpoint
 
 TINY = ["--steps", "2", "--size", "64x96", "--hpatches-size", "96x128", "--sequences", "2",
         "--device", "cpu"]
@@ -71,7 +72,7 @@ def test_first_run_trains_extracts_and_evaluates(demo_run):
     assert global_step(ckpts / "demo-descriptor") == 2       # --steps 2 over the 2 epochs
     assert global_step(ckpts / "demo-keypoint") == 1         # stage 2: steps // 2
     for folder in ("demo-descriptor/002", "demo-keypoint/001", "demo-untrained/000"):
-        assert demo.is_checkpoint(ckpts / folder), folder
+        assert is_checkpoint(ckpts / folder), folder
     assert (ckpts / "demo-untrained" / "config.yaml").is_file()
     # The untrained network: stage 1's random initialisation (same seed), with BatchNorm
     # statistics estimated on the training data instead of the initial mean 0 / variance 1.

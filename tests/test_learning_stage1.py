@@ -70,9 +70,9 @@ def write_run(folder: Path, data: Path) -> None:
 
 @pytest.mark.slow
 def test_stage1_table_on_a_tiny_run(tmp_path, megadepth, monkeypatch, capsys):
-    import demo
+    from tools import demo_stages
 
-    monkeypatch.setattr(demo, "BATCHNORM_BATCHES", 2)  # the calibration's batch count
+    monkeypatch.setattr(demo_stages, "BATCHNORM_BATCHES", 2)  # the calibration's batch count
     checkpoint = tmp_path / "run" / "002"
     write_run(checkpoint, megadepth)
     out = tmp_path / "out"

@@ -18,7 +18,7 @@
 
 Reference rows: ``untrained`` is the random initialisation the run started from (the run's
 model settings and seed) with BatchNorm statistics estimated on its training data by the
-demo's :func:`demo.make_untrained`; ``sift`` is OpenCV SIFT (keypoints and descriptors).
+demo's :func:`tools.demo_stages.make_untrained`; ``sift`` is OpenCV SIFT (keypoints and descriptors).
 
 Results of each network are cached under ``--out`` (keyed by the checkpoint files and the
 settings), so checkpoints of a running training can be evaluated as they appear. ``--plot``
@@ -297,8 +297,8 @@ def run_config(folder: Path) -> dict:
 
 def untrained_network(out: Path, folder: Path, train_data: str | None) -> Network:
     """The random initialisation of ``folder``'s run (its model settings and seed), BatchNorm
-    statistics estimated on its training data (or ``train_data``) by ``demo.make_untrained``."""
-    import demo
+    statistics estimated on its training data (or ``train_data``) by ``tools.demo_stages.make_untrained``."""
+    from tools import demo_stages
 
     conf = run_config(folder)
     data = dict(conf.get("data_config_train") or {})
@@ -311,7 +311,7 @@ def untrained_network(out: Path, folder: Path, train_data: str | None) -> Networ
     conf = {**conf, "data_config_train": {**data, "workers": 0}}
     key = hashlib.sha1(json.dumps([conf["model_config"], conf.get("seed"), data["data_path"]],
                                   sort_keys=True, default=str).encode()).hexdigest()[:10]
-    calibrated = demo.make_untrained(out / "untrained" / key, conf, demo.DemoResult())
+    calibrated = demo_stages.make_untrained(out / "untrained" / key, conf, demo_stages.DemoResult())
     return Network("untrained", calibrated, 0)
 
 

@@ -7,7 +7,7 @@ a viewpoint sequence in the HPatches layout with ``tools.synthetic.make_hpatches
 size chosen so that the photograph is not rescaled (the sequence generator covers 1.4× the
 output size, so the output is about 1/1.4 of the photograph; sizes are multiples of 16, so the
 extraction crops nothing). The networks' features come from the demo's extraction
-(``demo.extract``: ``config/demo/extract.yaml``), the evaluation is ``evaluation.hpatches``
+(``tools.demo_stages.extract``: ``config/demo/extract.yaml``), the evaluation is ``evaluation.hpatches``
 (D2-Net protocol, MMA@1..10) with OpenCV SIFT beside; the table also gives each method's share of
 keypoints within ``BORDER_PX`` px of the image border (a collapsed detector puts most there).
 """
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args(argv)
-    import demo
+    from tools import demo_stages
     from evaluation.hpatches import run_evaluation
 
     try:
@@ -128,8 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               f"{list(HELD_OUT_PHOTOS)}")
         sequences = make_sequences(args.out / f"sequences-s{args.seed}-{'-'.join(photos)}",
                                    photos, args.seed)
-        result = demo.DemoResult()
-        features = {label: demo.extract(label, folder, f"photos-{label}", args.out, sequences,
+        result = demo_stages.DemoResult()
+        features = {label: demo_stages.extract(label, folder, f"photos-{label}", args.out, sequences,
                                         args.device, result)
                     for label, folder in checkpoints.items()}
         methods = ["sift"] + [{"name": label, "features": str(path), "postfix": "scfeat"}
