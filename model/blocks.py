@@ -1,10 +1,15 @@
 """Small building blocks shared by the F2R backbone."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
+
+from model.lowres_conv import upsample_conv3x3
 
 
 class ConvBlock(nn.Module):
@@ -20,7 +25,22 @@ class ConvBlock(nn.Module):
         self.gn = nn.GroupNorm(32, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.elu(self.gn(self.conv(x)), inplace=True)
+        return self.activate(self.conv(x))
+
+    def activate(self, y: torch.Tensor) -> torch.Tensor:
+        """GroupNorm → ELU of the convolution's output ``y``."""
+        return F.elu(self.gn(y), inplace=True)
+
+    def upsample_forward(self, x: torch.Tensor, size: tuple[int, int], align_corners: bool
+                         ) -> torch.Tensor:
+        """``forward(interpolate(x, size, bilinear))``; the 3×3 convolution of the upsampled
+        map computed at ``x``'s resolution (:func:`model.lowres_conv.upsample_conv3x3`) where
+        :func:`lowres_conv_path` allows it."""
+        if lowres_conv_path(x) and self.conv.kernel_size == (3, 3):
+            return self.activate(upsample_conv3x3(x, self.conv.weight, self.conv.bias, size,
+                                                  align_corners, LOWRES_CHUNK))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+        return self.forward(x)
 
 
 class UpBlock(nn.Module):
@@ -31,8 +51,8 @@ class UpBlock(nn.Module):
         self.conv = ConvBlock(in_channels, out_channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-        return self.conv(x)
+        size = (2 * x.shape[-2], 2 * x.shape[-1])  # what scale_factor=2 gives
+        return self.conv.upsample_forward(x, size, align_corners=True)
 
 
 class ResizeBlock(nn.Module):
@@ -44,7 +64,7 @@ class ResizeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if tuple(x.shape[-2:]) != tuple(size):
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            return self.conv.upsample_forward(x, tuple(size), align_corners=False)
         return self.conv(x)
 
 
@@ -95,7 +115,51 @@ def channelwise_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 # Switch for A/B comparisons (tools/benchmark.py, tests); off when this torch build lacks the
 # private oneDNN fused-convolution op (it is not a public API).
-FUSED_CPU_INFERENCE = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+_FUSED_AVAILABLE = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+FUSED_CPU_INFERENCE = _FUSED_AVAILABLE
+
+# Every "bilinear upsample → 3×3 convolution" (UpBlock, ResizeBlock, the detector's conv2 on
+# up(f)) computed at the low resolution (model/lowres_conv.py), in eval and train mode, forward
+# and backward: the same numbers up to floating-point reassociation, 1.5–9× faster per layer on
+# the CPU (README, Performance). CPU only: on CUDA the direct ops stay until measured there.
+LOWRES_CONV = True
+# Output blocks (rows, columns) of the banded interpolation products: one block for the
+# decoder's maps (≤ 120×160 at 480×640), 20 for the detector's full-resolution map.
+LOWRES_CHUNK = (120, 160)
+
+
+def use_reference_ops(flag: bool = True) -> None:
+    """Select the original composition of ops (``True``: no fused CPU inference path, every
+    upsampled map convolved at full resolution) or this implementation's rewrites (``False``,
+    the default). For before/after comparisons (``tools/benchmark.py --reference-ops``) and
+    the command-line tools; both give the same outputs up to float32 rounding."""
+    global FUSED_CPU_INFERENCE, LOWRES_CONV
+    FUSED_CPU_INFERENCE = _FUSED_AVAILABLE and not flag
+    LOWRES_CONV = not flag
+
+
+@contextmanager
+def reference_ops(flag: bool = True) -> Iterator[None]:
+    """:func:`use_reference_ops` for the ``with`` block, the previous settings restored after."""
+    saved = FUSED_CPU_INFERENCE, LOWRES_CONV
+    use_reference_ops(flag)
+    try:
+        yield
+    finally:
+        _restore(*saved)
+
+
+def _restore(fused: bool, lowres: bool) -> None:
+    global FUSED_CPU_INFERENCE, LOWRES_CONV
+    FUSED_CPU_INFERENCE, LOWRES_CONV = fused, lowres
+
+
+def lowres_conv_path(x: torch.Tensor) -> bool:
+    """Whether the low-resolution "upsample → 3×3 convolution" may run on ``x``: a float32 or
+    float64 CPU tensor, CPU autocast off (bf16 rounding of the interpolation weights would
+    differ from the direct ops'), and :data:`LOWRES_CONV` set. Autograd may be on."""
+    return (LOWRES_CONV and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def cpu_inference_path(x: torch.Tensor) -> bool:

@@ -28,15 +28,30 @@ def test_flop_count_of_convolutions_and_matmul_is_the_hand_count():
 
 
 def test_detector_flops_are_its_convolutions():
-    """The detector's inference path (conv3 as a matrix product) counts as its four convs."""
+    """The detector's inference path (conv3 as a matrix product) counts as its four convs with
+    the reference ops; with the low-resolution rewrite, conv2's up(f) part counts as what
+    model.lowres_conv runs (its GEMM and banded interpolation products), far less."""
+    from model import blocks
+    from model.lowres_conv import upsample_conv3x3
+
     h, w = 16, 24  # feature map; the image is 4× larger
     header = DetNet({"in_channels": 192}).eval()
-    with torch.inference_mode():
-        flops, score = count_flops(header, torch.rand(1, 192, h, w), torch.randn(1, 3, 4 * h, 4 * w))
+    features, image = torch.rand(1, 192, h, w), torch.randn(1, 3, 4 * h, 4 * w)
+    with torch.inference_mode(), blocks.reference_ops():
+        flops, score = count_flops(header, features, image)
     full = 16 * h * w
-    expected = 2 * (192 * 9 * 192 * h * w + 3 * 9 * 64 * full + 256 * 9 * 128 * full + 128 * full)
+    f_part = 2 * 192 * 9 * 128 * full
+    expected = 2 * (192 * 9 * 192 * h * w + 3 * 9 * 64 * full + 64 * 9 * 128 * full + 128 * full)
     assert score.shape == (1, 1, 4 * h, 4 * w)
-    assert flops == expected
+    assert flops == expected + f_part
+    with torch.inference_mode():
+        flops_lowres, _ = count_flops(header, features, image)
+        lowres, _ = count_flops(upsample_conv3x3, torch.rand(1, 192, h, w),
+                                torch.randn(128, 192, 3, 3), None, (4 * h, 4 * w), False,
+                                blocks.LOWRES_CHUNK)
+    assert lowres >= 2 * 9 * 128 * 192 * h * w  # the GEMM at the low resolution is counted
+    assert flops_lowres == expected + lowres
+    assert lowres < f_part / 3
 
 
 def test_efficiency_and_summaries():

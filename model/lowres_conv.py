@@ -1,0 +1,173 @@
+"""A 3×3 convolution of a bilinearly upsampled map, computed at the low resolution, exactly.
+
+Five layers of the network convolve a bilinearly upsampled map (``upconv3``, ``upconv2``,
+``side2``, ``side3`` and the detector's ``conv2`` on ``up(f)``). With ``U_H``, ``U_W`` the
+interpolation matrices of the two axes (``up(x) = U_H · x · U_Wᵀ`` per channel; their rows sum to
+one) and ``W_t`` the ``Cout×Cin`` weight of tap ``t = (dy, dx)``, the zero-padded convolution is
+
+    conv(up(x)) = Σ_t S_dy U_H (W_t · x) U_Wᵀ S_dxᵀ + bias,
+
+``S_d`` shifting by ``d − 1`` rows with zero fill. So the channels are mixed first, by one GEMM
+at the low resolution (``9·Cout`` output channels, 4× or 16× fewer pixels than the direct
+convolution), and what remains is a separable linear map of ``Cout``-channel maps: along the
+width ``Σ_dx (W_t·x) · (S_dx U_W)ᵀ`` and along the height ``Σ_dy (S_dy U_H) · (…)``.
+
+Two ways to apply the separable part (both exact, both differentiable by autograd, so the weight
+gradient comes for free):
+
+* :func:`upsample_conv3x3` — dense shifted interpolation matrices (any size, either
+  ``align_corners``), two matrix products. Cheap while the maps are moderate (the decoder).
+* :func:`upsample_conv3x3_polyphase` — ``align_corners=False`` and an integer factor ``s``:
+  output ``s·k + r`` of the shifted interpolation depends on low-resolution ``k−1, k, k+1`` only,
+  with weights that depend on ``r`` but not on ``k``, so each axis is one strided transposed
+  convolution (a ``3s``-tap kernel, three input channels ``dx`` or ``dy``). The few output
+  rows/columns where the interpolation's edge clamp or the convolution's zero padding matter
+  (the first and last ``s``) are recomputed from thin strips with the dense matrices.
+
+:func:`upsample_conv3x3_reference` is the direct ``F.interpolate → F.conv2d`` composition.
+
+Everything here is a pure function of tensors; which layer uses which form is decided in
+:mod:`model.blocks` (:func:`model.blocks.lowres_conv_path`) and :mod:`model.detnet`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- matrices
+
+@functools.lru_cache(maxsize=256)
+def interpolation_matrix(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype,
+                         device: torch.device) -> torch.Tensor:
+    """``n_out×n_in`` matrix ``U`` of 1-D bilinear (linear) interpolation from ``n_in`` to
+    ``n_out`` samples, exactly the weights ``F.interpolate(mode="bilinear", size=…)`` uses
+    (obtained by interpolating the identity in ``dtype``)."""
+    eye = torch.eye(n_in, dtype=dtype, device=device).view(1, n_in, 1, n_in)
+    with torch.no_grad():
+        rows = F.interpolate(eye, size=(1, n_out), mode="bilinear", align_corners=align_corners)
+    return rows.view(n_in, n_out).t().contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def shifted_interpolation_matrices(n_in: int, n_out: int, align_corners: bool,
+                                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``3×n_in×n_out`` tensor ``M`` with ``M[d, j, J] = U[J + d − 1, j]`` (zero where
+    ``J + d − 1`` is outside ``[0, n_out)``): interpolation followed by the 3-tap shift ``d`` of
+    a zero-padded convolution, as a right factor (``row · M[d]``)."""
+    u_t = interpolation_matrix(n_in, n_out, align_corners, dtype, device).t()  # n_in×n_out
+    m = u_t.new_zeros(3, n_in, n_out)
+    m[1] = u_t
+    m[0, :, 1:] = u_t[:, :-1]  # output J reads up[J − 1]
+    m[2, :, :-1] = u_t[:, 1:]  # output J reads up[J + 1]
+    return m
+
+
+@functools.lru_cache(maxsize=256)
+def band_chunks(n_in: int, n_out: int, align_corners: bool, chunk: int
+                ) -> tuple[tuple[int, int, int, int], ...]:
+    """Output chunks ``(a, b, lo, hi)`` of at most ``chunk`` samples along one axis, each with
+    the range ``[lo, hi)`` of low-resolution samples its shifted interpolation reads (the
+    nonzero rows of ``M[:, :, a:b]``, :func:`shifted_interpolation_matrices`)."""
+    m = shifted_interpolation_matrices(n_in, n_out, align_corners, torch.float64,
+                                       torch.device("cpu"))
+    reads = (m != 0).any(dim=0)  # n_in×n_out
+    chunks = []
+    for a in range(0, n_out, chunk):
+        b = min(a + chunk, n_out)
+        rows = torch.nonzero(reads[:, a:b].any(dim=1)).flatten()
+        chunks.append((a, b, int(rows[0]), int(rows[-1]) + 1))
+    return tuple(chunks)
+
+
+# ----------------------------------------------------------------------------- the operators
+
+def upsample_conv3x3_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               size: tuple[int, int], align_corners: bool) -> torch.Tensor:
+    """The direct composition: ``conv2d(interpolate(x, size, bilinear), weight, bias, pad 1)``.
+
+    ``x`` ``B×Cin×h×w``, ``weight`` ``Cout×Cin×3×3`` → ``B×Cout×H×W`` (``size = (H, W)``)."""
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+def mix_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """The nine taps' channel mixes at the low resolution, one GEMM:
+    ``x`` ``B×Cin×h×w`` → ``B×3×Cout×3×h×w`` indexed ``[b, dx, c, dy, i, j]`` =
+    ``Σ_ci weight[c, ci, dy, dx] · x[b, ci, i, j]``, plus ``bias[c]`` on the centre tap
+    (``dy = dx = 1``, which no zero padding touches; the interpolation's rows sum to one, so it
+    reaches every output once)."""
+    batch, cin, h, w = x.shape
+    cout = weight.shape[0]
+    mix = weight.permute(3, 0, 2, 1).reshape(9 * cout, cin)  # rows ordered (dx, c, dy)
+    y = torch.matmul(mix, x.reshape(batch, cin, h * w)).view(batch, 3, cout, 3, h, w)
+    if bias is not None:
+        if _needs_grad(y, bias):
+            tap = bias.new_zeros(3, 1, 3)
+            tap[1, 0, 1] = 1.0
+            y = y + (tap * bias.view(1, cout, 1)).view(3, cout, 3, 1, 1)
+        else:
+            y[:, 1, :, 1] += bias.view(1, cout, 1, 1)
+    return y
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     size: tuple[int, int], align_corners: bool,
+                     chunk: tuple[int, int] | None = None) -> torch.Tensor:
+    """:func:`upsample_conv3x3_reference` with the channels mixed at the low resolution and the
+    interpolation-and-shift done by matrix products: ``B×Cin×h×w → B×Cout×H×W``.
+
+    ``out[b, c] = Σ_dy M_H[dy]ᵀ · (Σ_dx Y[b, dx, c, dy] · M_W[dx])`` with ``Y`` =
+    :func:`mix_channels` (bias on its centre tap) and ``M`` =
+    :func:`shifted_interpolation_matrices`. The matrices are banded: with ``chunk = (ch, cw)``
+    the output is computed in ``ch×cw`` blocks, each from the few low-resolution rows and
+    columns it reads (:func:`band_chunks`), so the work after the GEMM
+    (``2·9·Cout·Cin·h·w``) is about ``2·Cout·W·(3h·3(cw/s + 2) + H·3(ch/s + 2))``
+    (``s`` the factor); ``None`` is one block (dense matrices).
+
+    Without autograd the blocks are written straight into the output; with it they are
+    concatenated (every step is a matrix product or a copy, so autograd gives the input,
+    weight and bias gradients).
+    """
+    batch, _, h, w = x.shape
+    height, width = size
+    cout = weight.shape[0]
+    ch, cw = chunk or (height, width)
+    grad = _needs_grad(x, weight, bias)
+    y = mix_channels(x, weight, bias)  # [b, dx, c, dy, i, j]
+    m_w = shifted_interpolation_matrices(w, width, align_corners, x.dtype, x.device)  # 3×w×W
+    m_h = shifted_interpolation_matrices(h, height, align_corners, x.dtype, x.device)  # 3×h×H
+    m_h = m_h.permute(2, 1, 0)  # H×h×3: [I, i, dy]
+    rows = band_chunks(h, height, align_corners, ch)
+    out = None if grad else x.new_empty(batch, cout, height, width)
+    columns = []
+    for a, b, lo, hi in band_chunks(w, width, align_corners, cw):
+        # Width: rows (b, c, i, dy), columns (dx, j) → T[b·c, (i, dy), J] for J in [a, b).
+        k = hi - lo
+        piece = y[..., lo:hi].permute(0, 2, 4, 3, 1, 5).reshape(batch, cout * h * 3, 3 * k)
+        t = torch.matmul(piece, m_w[:, lo:hi, a:b].reshape(3 * k, b - a))
+        t = t.view(batch * cout, h * 3, b - a)
+        blocks = []
+        for ra, rb, rlo, rhi in rows:
+            # Height: out[b, c, I, J] = Σ_(i, dy) M_H[I, i, dy] · T[b, c, (i, dy), J].
+            mat = m_h[ra:rb, rlo:rhi].reshape(rb - ra, 3 * (rhi - rlo))
+            mat = mat.expand(batch * cout, *mat.shape)
+            if grad:
+                blocks.append(torch.bmm(mat, t[:, 3 * rlo:3 * rhi]))
+            else:
+                target = out.view(batch * cout, height, width)[:, ra:rb, a:b]
+                torch.bmm(mat, t[:, 3 * rlo:3 * rhi], out=target)
+        if grad:
+            columns.append(torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0])
+    if grad:
+        out = torch.cat(columns, dim=2) if len(columns) > 1 else columns[0]
+        out = out.view(batch, cout, height, width)
+    return out
