@@ -12,17 +12,19 @@ at the low resolution (``9·Cout`` output channels, 4× or 16× fewer pixels tha
 convolution), and what remains is a separable linear map of ``Cout``-channel maps: along the
 width ``Σ_dx (W_t·x) · (S_dx U_W)ᵀ`` and along the height ``Σ_dy (S_dy U_H) · (…)``.
 
-Two ways to apply the separable part (both exact, both differentiable by autograd, so the weight
-gradient comes for free):
+:func:`upsample_conv3x3` applies the separable part as matrix products with the shifted
+interpolation matrices ``M[d] = (S_d U)ᵀ`` (:func:`shifted_interpolation_matrices`; taken from
+``F.interpolate`` itself, so any size and either ``align_corners``, the edge clamp and the zero
+padding included). These matrices are banded — for ``align_corners=False`` and an integer factor
+``s`` (the polyphase structure) output ``s·k + r`` reads only low-resolution ``k−1, k, k+1`` —
+so large outputs are computed in blocks, each from the few low-resolution rows and columns it
+reads (:func:`band_chunks`). Every step is a GEMM or a copy: exact up to floating-point
+reassociation, and differentiable by autograd (input, weight and bias gradients for free).
 
-* :func:`upsample_conv3x3` — dense shifted interpolation matrices (any size, either
-  ``align_corners``), two matrix products. Cheap while the maps are moderate (the decoder).
-* :func:`upsample_conv3x3_polyphase` — ``align_corners=False`` and an integer factor ``s``:
-  output ``s·k + r`` of the shifted interpolation depends on low-resolution ``k−1, k, k+1`` only,
-  with weights that depend on ``r`` but not on ``k``, so each axis is one strided transposed
-  convolution (a ``3s``-tap kernel, three input channels ``dx`` or ``dy``). The few output
-  rows/columns where the interpolation's edge clamp or the convolution's zero padding matter
-  (the first and last ``s``) are recomputed from thin strips with the dense matrices.
+A polyphase form with strided transposed convolutions (a ``3s``-tap kernel per axis) was also
+tried: exact as well, but oneDNN's convolutions with 3 input channels run far below the GEMM's
+speed (the detector's ``f`` part at 480×640 took 0.8 s that way, the banded products 0.35 s),
+so it is not kept.
 
 :func:`upsample_conv3x3_reference` is the direct ``F.interpolate → F.conv2d`` composition.
 
@@ -45,10 +47,11 @@ def interpolation_matrix(n_in: int, n_out: int, align_corners: bool, dtype: torc
     """``n_out×n_in`` matrix ``U`` of 1-D bilinear (linear) interpolation from ``n_in`` to
     ``n_out`` samples, exactly the weights ``F.interpolate(mode="bilinear", size=…)`` uses
     (obtained by interpolating the identity in ``dtype``)."""
-    eye = torch.eye(n_in, dtype=dtype, device=device).view(1, n_in, 1, n_in)
-    with torch.no_grad():
+    # Normal tensors even when first asked for under inference_mode: the cache serves training.
+    with torch.inference_mode(False), torch.no_grad():
+        eye = torch.eye(n_in, dtype=dtype, device=device).view(1, n_in, 1, n_in)
         rows = F.interpolate(eye, size=(1, n_out), mode="bilinear", align_corners=align_corners)
-    return rows.view(n_in, n_out).t().contiguous()
+        return rows.view(n_in, n_out).t().contiguous()
 
 
 @functools.lru_cache(maxsize=256)
@@ -58,11 +61,12 @@ def shifted_interpolation_matrices(n_in: int, n_out: int, align_corners: bool,
     ``J + d − 1`` is outside ``[0, n_out)``): interpolation followed by the 3-tap shift ``d`` of
     a zero-padded convolution, as a right factor (``row · M[d]``)."""
     u_t = interpolation_matrix(n_in, n_out, align_corners, dtype, device).t()  # n_in×n_out
-    m = u_t.new_zeros(3, n_in, n_out)
-    m[1] = u_t
-    m[0, :, 1:] = u_t[:, :-1]  # output J reads up[J − 1]
-    m[2, :, :-1] = u_t[:, 1:]  # output J reads up[J + 1]
-    return m
+    with torch.inference_mode(False), torch.no_grad():
+        m = u_t.new_zeros(3, n_in, n_out)
+        m[1] = u_t
+        m[0, :, 1:] = u_t[:, :-1]  # output J reads up[J − 1]
+        m[2, :, :-1] = u_t[:, 1:]  # output J reads up[J + 1]
+        return m
 
 
 @functools.lru_cache(maxsize=256)
