@@ -3,6 +3,8 @@ training. CPU only: amp runs bf16 autocast on the CPU; torch.compile is replaced
 real compilation of the network takes minutes on two cores; the benchmark checks it on CUDA)."""
 from __future__ import annotations
 
+import pytest
+
 import re
 
 import numpy as np
@@ -65,6 +67,7 @@ def test_compile_wraps_the_function_with_torch_compile(monkeypatch):
     assert compiled == [module, module] and run_amp(torch.ones(1))[0] == "compiled"
 
 
+@pytest.mark.slow
 def test_extraction_under_amp_is_within_the_stated_tolerance():
     """The network in eval mode on a 64×96 photograph crop: the score map and the descriptors
     at the float32 keypoints, bf16 autocast against float32 eager."""
@@ -98,6 +101,7 @@ def spy_on_accelerated(monkeypatch, module) -> list[tuple[bool, bool]]:
     return calls
 
 
+@pytest.mark.slow
 def test_extraction_and_training_take_the_options(tmp_path, megadepth, monkeypatch):
     """``amp=true`` (config key) reaches the extraction run, ``--amp`` (flag) the trainer; both
     produce valid outputs."""

@@ -125,6 +125,7 @@ def test_fused_encoder_counts_the_same_flops(monkeypatch):
     assert counts[0] == counts[1] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_image", [True, False])
 def test_fused_cpu_inference_path_equals_reference_ops(monkeypatch, with_image):
     """The path the benchmark times (eval, no autograd, CPU) gives the reference ops' outputs

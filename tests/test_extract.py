@@ -143,6 +143,7 @@ def test_api_on_a_16_multiple_image_equals_the_extraction(npz_run, hpatches, mod
         np.testing.assert_allclose(features[key], value, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_zero_texture_image_gives_an_empty_valid_feature_file(model_and_checkpoint, photo,
                                                               tmp_path):
     """A constant image has nothing to detect: its npz holds 0 keypoints (0×2, 0, 0×128
@@ -174,6 +175,7 @@ def test_zero_texture_image_gives_an_empty_valid_feature_file(model_and_checkpoi
     assert len(model.detect_and_describe(image)["keypoints"]) > 0
 
 
+@pytest.mark.slow
 def test_api_pads_an_odd_image_and_keeps_keypoints_inside(model_and_checkpoint, photo):
     model, _ = model_and_checkpoint
     image = np.ascontiguousarray(photo[200:245, 150:211])  # 45×61 → padded to 48×64
@@ -226,6 +228,7 @@ def test_api_rejects_bad_options(model_and_checkpoint):
         model.detect_and_describe(image, descriptor_map="global_map")
 
 
+@pytest.mark.slow
 def test_h5_from_the_cli_matches_the_npz_files(npz_run, hpatches, model_and_checkpoint,
                                                tmp_path, capsys):
     out_npz, _ = npz_run
@@ -323,6 +326,7 @@ def test_cuda_asked_without_cuda():
         resolve_device("cuda")
 
 
+@pytest.mark.slow
 def test_cli_bad_key_exits_2_without_traceback(model_and_checkpoint, tmp_path):
     config = tmp_path / "extract.yaml"
     config.write_text(CONFIG.read_text().replace("  num_pts: 8192", "  num_ptz: 8192"))

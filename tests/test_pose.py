@@ -297,6 +297,7 @@ def test_cli_rejects_bad_config_values(tmp_path, capsys):
     assert "eval_megadepth1500.yaml" in err and "methods[0]" in err and "not a checkpoint" in err
 
 
+@pytest.mark.slow
 def test_a_checkpoint_method_runs(synthetic_set, tmp_path):
     from conftest import save_random_checkpoint
     checkpoint = tmp_path / "run" / "000"
