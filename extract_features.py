@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 from extraction import output_dir, run_extraction
+from model.blocks import use_reference_ops
 from schemas import FEATURE_FORMATS, load_extract_config
 from utils import acceleration
 from utils.cli import add_log_file, config_parser, run_cli, setup_logging
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def extract(args) -> int:
+    use_reference_ops(args.reference_ops)
     overrides = list(args.overrides) + ([f"format={args.format}"] if args.format else []) \
         + acceleration.flag_overrides(args)
     inert: list[str] = []

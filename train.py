@@ -18,6 +18,7 @@ import sys
 
 import torch.distributed as dist
 
+from model.blocks import use_reference_ops
 from schemas import load_train_config
 from training.loop import run_training
 from utils import acceleration
@@ -35,6 +36,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def train(args) -> int:
+    use_reference_ops(args.reference_ops)
     overrides = list(args.overrides) + acceleration.flag_overrides(args)
     inert: list[str] = []
     conf = load_train_config(args.config, overrides, inert)

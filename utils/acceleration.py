@@ -21,11 +21,17 @@ TOLERANCE = {"amp": 5e-2, "compile": 1e-3}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--amp`` and ``--compile``: shorthands for the config keys ``amp=true`` and
-    ``compile=true`` of ``train.py`` and ``extract_features.py``."""
+    ``compile=true`` of ``train.py`` and ``extract_features.py``; ``--reference-ops``: the
+    original composition of operators (``model.blocks.use_reference_ops``, applied by the
+    script)."""
     parser.add_argument("--amp", action="store_true",
                         help="bf16 autocast for the network, for CUDA (the same as amp=true)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network, for CUDA (the same as compile=true)")
+    parser.add_argument("--reference-ops", action="store_true",
+                        help="run the original composition of operators (no fused CPU inference, "
+                             "upsampled maps convolved at full resolution): same numbers up to "
+                             "float32 rounding, slower; for comparisons")
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
