@@ -164,11 +164,11 @@ def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             # Height: out[b, c, I, J] = Σ_(i, dy) M_H[I, i, dy] · T[b, c, (i, dy), J].
             mat = m_h[ra:rb, rlo:rhi].reshape(rb - ra, 3 * (rhi - rlo))
             mat = mat.expand(batch * cout, *mat.shape)
+            block = torch.bmm(mat, t[:, 3 * rlo:3 * rhi])
             if grad:
-                blocks.append(torch.bmm(mat, t[:, 3 * rlo:3 * rhi]))
-            else:
-                target = out.view(batch * cout, height, width)[:, ra:rb, a:b]
-                torch.bmm(mat, t[:, 3 * rlo:3 * rhi], out=target)
+                blocks.append(block)
+            else:  # (bmm's out= into the strided block would run one GEMM per channel)
+                out.view(batch * cout, height, width)[:, ra:rb, a:b].copy_(block)
         if grad:
             columns.append(torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0])
     if grad:

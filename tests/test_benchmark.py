@@ -189,3 +189,33 @@ def test_training_benchmark_times_the_trainers_own_step(tmp_path, monkeypatch):
         assert all(timings[p]["median_ms"] >= 0 for p in parts)
         assert sum(timings[p]["median_ms"] for p in parts) <= timings["step"]["median_ms"] * 1.001
     assert "reward (in loss)" in report["stage2"]["timings"]
+
+
+def test_layer_table_compares_direct_and_rewritten():
+    from tools.benchmark_layers import bench_layers, format_layers
+    rows = bench_layers(32, 48, repeat=1)
+    assert [r["layer"] for r in rows][:4] == ["upconv3", "upconv2", "side3", "side2"]
+    for r in rows:
+        assert 0 < r["lowres_gflop"] < r["direct_gflop"]
+        assert r["max_rel_diff"] < 1e-5
+        assert r["direct_ms"] > 0 and r["lowres_ms"] > 0
+    assert rows[-1]["size"] == [32, 48] and rows[-1]["low"] == [8, 12]
+    assert len(format_layers(rows).splitlines()) == 2 + len(rows) + 1
+
+
+def test_extraction_times_reference_ops_and_ours_side_by_side(tmp_path):
+    """One run, the same weights and image: both variants timed, their executed GFLOP, the
+    speed-up row, the outputs equal within the stated tolerance, the per-layer table."""
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--only", "extraction", "--size", "32x48", "--repeat", "1",
+                           "--json", str(out)]) == 0
+    report = json.loads(out.read_text())["extraction"]
+    variants = report["variants"]
+    assert list(variants) == ["reference ops", "fp32 eager"]
+    assert variants["fp32 eager"]["gflop"] < variants["reference ops"]["gflop"]
+    assert variants["reference ops"]["difference"]["within_tolerance"]
+    assert report["speedup"]["forward"]["median"] > 0
+    assert report["speedup"]["gflop"] == pytest.approx(variants["fp32 eager"]["gflop"])
+    assert len(report["layers"]) == 5
+    from model import blocks
+    assert blocks.LOWRES_CONV and blocks.FUSED_CPU_INFERENCE == blocks._FUSED_AVAILABLE

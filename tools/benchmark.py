@@ -2,18 +2,24 @@
 
 ``python -m tools.benchmark [--device cpu|cuda] [--size 480x640] [--train-size 240x320]
 [--repeat 3] [--train-repeat 2] [--data-pairs 48] [--threads N] [--only extraction,train,data]
-[--json out.json] [--amp] [--compile] [--reference-ops] [--thp] [--profile N]``
+[--json out.json] [--amp] [--compile] [--reference-ops] [--no-layers] [--thp] [--profile N]``
 
 prints one table and writes the same figures as JSON (``--json``):
 
-* **extraction** (``--size``, one image, ``--repeat`` timed runs after a warm-up): the network
-  forward (``model.extract`` under ``inference_mode``), keypoint selection
-  (``generate_kpts_single`` with the settings of ``config/extract_hpatches.yaml``), descriptor
-  sampling (``sample_descriptors`` on ``desc_map``), the copy to numpy and the whole path (their
-  sum), in ms per image (median, and the minimum), images/s; GFLOP per image counted by ``torch.utils.flop_counter`` during
-  the warm-up; the fp32 GEMM throughput measured between the timed runs (``torch.matmul`` of
-  square matrices, several sizes, the best size's median) and the fraction of it the forward
-  reaches (GFLOP ÷ forward time ÷ GEMM GFLOP/s);
+* **extraction** (``--size``, one image, ``--repeat`` timed rounds after a warm-up), side by
+  side on the same weights and image: the original composition of ops ("reference ops",
+  :func:`model.blocks.use_reference_ops`) and this implementation's ("fp32 eager": the fused CPU
+  inference path and the low-resolution upsample→conv of ``model/lowres_conv.py``), each round
+  running every variant once in turn: the network forward (``model.extract`` under
+  ``inference_mode``), keypoint selection (``generate_kpts_single`` with the settings of
+  ``config/extract_hpatches.yaml``), descriptor sampling (``sample_descriptors`` on
+  ``desc_map``), the copy to numpy and the whole path (their sum), in ms per image (median, and
+  the minimum), images/s; the GFLOP each variant executes, counted by ``torch.utils.flop_counter``
+  during its warm-up; the speed-up (reference-ops time ÷ ours); the fp32 GEMM throughput
+  measured between the rounds (``torch.matmul`` of square matrices, several sizes, the best
+  size's median) and the fraction of it each forward reaches (executed GFLOP ÷ forward time ÷
+  GEMM GFLOP/s); and (``--layers``, default on) the time of each of the five
+  upsample→conv layers, direct against rewritten (:mod:`tools.benchmark_layers`);
 * **stage-1 / stage-2 training steps** (``--train-size``, batch of 2 pairs from the synthetic
   set): the trainer's own step (``training.step.TrainStep``, built as the trainer builds it from
   ``config/train_desc.yaml`` / ``config/train_det.yaml``; stage 2 from a random stage-1
@@ -39,9 +45,10 @@ largest value, and the largest difference of a unit descriptor's component); the
 ``amp`` / ``compile`` options of extraction and training. Both are meant for CUDA; on the CPU they run (slowly: AVX2 has no bf16 arithmetic, and compilation takes
 minutes on two cores) and the table says so. ``--thp`` restarts the benchmark with
 ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator then asks for transparent huge pages,
-which saves most page faults of the large full-resolution tensors); ``--reference-ops`` turns
-off the networks' fused CPU inference path (``model.blocks.FUSED_CPU_INFERENCE``) for
-before/after comparisons.
+which saves most page faults of the large full-resolution tensors); ``--reference-ops`` runs the
+original composition of ops everywhere (``model.blocks.use_reference_ops(True)``: no fused CPU
+inference path, every upsampled map convolved at full resolution), for before/after
+comparisons of the training steps.
 
 The default settings take about four minutes on two CPU cores shared with other work (load
 average 4); a busier machine takes longer. On a shared machine, two threads stall at every
@@ -297,10 +304,23 @@ def load_config_file(name: str) -> dict:
 
 # ----------------------------------------------------------------------------- extraction
 
+REFERENCE_OPS_TOLERANCE = 1e-4  # this implementation's rewrites vs the original composition
+
+
 def extraction_variants(args, device: torch.device, model: torch.nn.Module
                         ) -> list[tuple[str, Callable, str]]:
-    """``(name, extract function, note)``: float32 eager, then ``--amp`` / ``--compile``."""
-    variants = [("fp32 eager", model.extract, "")]
+    """``(name, extract function, note)``: the original composition of ops ("reference ops":
+    no fused inference path, every upsampled map convolved at full resolution), float32 eager
+    (this implementation's ops; the base of the comparisons), then ``--amp`` / ``--compile``.
+    With ``--reference-ops`` the reference ops are the only float32 variant."""
+    from model import blocks
+
+    def extract_reference(image: torch.Tensor) -> dict:
+        with blocks.reference_ops():
+            return model.extract(image)
+
+    variants = [] if args.reference_ops else [("reference ops", extract_reference, "reference ops")]
+    variants.append(("fp32 eager", model.extract, ""))
     cpu_note = " (on CPU: for checking only, not a meaningful timing)" if device.type == "cpu" else ""
     if args.amp:
         variants.append(("bf16 autocast", accelerated(model.extract, device, amp=True),
@@ -312,8 +332,14 @@ def extraction_variants(args, device: torch.device, model: torch.nn.Module
 
 
 def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
+    """The variants of :func:`extraction_variants` on the same weights and image: one warm-up
+    each (GFLOP counted for the float32 ones: what each executes; peak memory), then
+    ``--repeat`` rounds in which every variant runs once, in turn (the same machine load for
+    all), with the GEMM sampled between rounds. Then the speed-up of this implementation's ops
+    over the reference ops and, with ``--layers``, the per-layer table
+    (:mod:`tools.benchmark_layers`)."""
     from utils.image import to_tensor_normalized
-    from utils.keypoints import generate_kpts_single, sample_descriptors
+    from utils.keypoints import generate_kpts_single
 
     height, width = args.size
     model = build_network(device).eval()
@@ -322,19 +348,79 @@ def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
     detect = functools.partial(generate_kpts_single, **detector_config)
     rows, report = [], {"size": [height, width], "detector": detector_config, "variants": {}}
     gemm_times: dict[int, list[float]] = {n: [] for n in gemm_sizes(device)}
-    reference = None
-    for name, extract, note in extraction_variants(args, device, model):
-        watch = Stopwatch(device)
-        with PeakMemory(device) as memory, torch.inference_mode():
-            watch.start()
-            if name == "fp32 eager":
-                flops, outputs = count_flops(extract, image)  # the warm-up run
-            else:
-                flops, outputs = None, extract(image)  # warm-up (compilation)
-            warmup = watch.lap("warm-up")
-            for _ in range(args.repeat):
-                for n in gemm_times:  # GEMM between the runs: the same machine load
-                    gemm_times[n] += [measure_gemm(device, n) for _ in range(GEMM_SAMPLES)]
+    variants = extraction_variants(args, device, model)
+    watches, entries, results = time_variants(variants, image, detect, args.repeat, gemm_times,
+                                              device)
+    base = results["fp32 eager"]
+    for name, _, note in variants:
+        entry = entries[name]
+        entry["timings"] = {k: summarize(v) for k, v in watches[name].times.items() if k != "warm-up"}
+        entry["keypoints"] = int(len(results[name]["keypoints"]))
+        if name != "fp32 eager":
+            tolerance = (REFERENCE_OPS_TOLERANCE if note == "reference ops"
+                         else TOLERANCE[note.split()[0]])
+            entry["difference"] = variant_difference(base, results[name]["outputs"],
+                                                     (height, width), tolerance)
+        report["variants"][name] = entry
+    del results, base
+    if args.profile:
+        report["profile"] = profile_forward(model, image, args.profile)
+    gemm = gemm_summary(gemm_times)
+    report["gemm"] = gemm
+    base_gflop = entries["fp32 eager"]["gflop"]
+    for name, entry in report["variants"].items():
+        gflop = entry.get("gflop", base_gflop)
+        forward = entry["timings"]["forward"]
+        entry["efficiency"] = efficiency(gflop, forward["median_ms"] / 1000, gemm["median_gflops"])
+        entry["efficiency_best"] = efficiency(gflop, forward["min_ms"] / 1000, gemm["best_gflops"])
+        rows.extend(extraction_rows(name, entry, gflop, gemm))
+    if "reference ops" in report["variants"]:
+        report["speedup"] = speedup(report["variants"]["reference ops"],
+                                    report["variants"]["fp32 eager"])
+        rows.append(speedup_row(report["speedup"]))
+    rows.append(row("extraction", f"fp32 GEMM {gemm['reference_size']}³ (between runs)", None,
+                    rate=f"{gemm['median_gflops']:.1f} GFLOP/s",
+                    note="sizes " + ", ".join(f"{n}: {v['median_gflops']:.1f} med / "
+                                              f"{v['best_gflops']:.1f} best"
+                                              for n, v in gemm["sizes"].items())))
+    if args.layers:
+        from tools.benchmark_layers import bench_layers
+        report["layers"] = bench_layers(height, width, repeat=max(args.repeat, 3),
+                                        device=device.type)
+    return rows, report
+
+
+def time_variants(variants: list[tuple[str, Callable, str]], image: torch.Tensor,
+                  detect: Callable, repeat: int, gemm_times: dict[int, list[float]],
+                  device: torch.device) -> tuple[dict, dict, dict]:
+    """Warm up each variant (counting the GFLOP of the float32 ones, peak memory), then
+    ``repeat`` rounds, each running every variant's whole extraction path once in turn, the
+    GEMM sampled before each round. Returns the per-variant stopwatches, entries (warm-up,
+    memory, GFLOP) and last results (outputs, keypoints, descriptors)."""
+    from utils.keypoints import sample_descriptors
+    height, width = image.shape[-2:]
+    watches = {name: Stopwatch(device) for name, _, _ in variants}
+    entries: dict[str, dict] = {}
+    results: dict[str, dict] = {}
+    with torch.inference_mode():
+        for name, extract, note in variants:  # warm-up (compilation), FLOP count, memory
+            watch = watches[name]
+            with PeakMemory(device) as memory:
+                watch.start()
+                if note.split(" (")[0] in ("", "reference ops"):
+                    flops, outputs = count_flops(extract, image)
+                else:
+                    flops, outputs = None, extract(image)
+                warmup = watch.lap("warm-up")
+            entries[name] = {"warmup_ms": 1000 * warmup, "memory": memory.as_dict(), "note": note}
+            if flops is not None:
+                entries[name]["gflop"] = flops / 1e9
+            del outputs
+        for _ in range(repeat):
+            for n in gemm_times:  # GEMM between the rounds: the same machine load
+                gemm_times[n] += [measure_gemm(device, n) for _ in range(GEMM_SAMPLES)]
+            for name, extract, _ in variants:
+                watch = watches[name]
                 watch.start()
                 outputs = extract(image)
                 watch.lap("forward")
@@ -345,35 +431,30 @@ def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
                 features = [t.float().cpu().numpy() for t in (keypoints, scores, descriptors)]
                 watch.lap("to numpy")
                 watch.add("whole path", sum(watch.times[k][-1] for k in EXTRACTION_STAGES))
-            del features
-        timings = {k: summarize(v) for k, v in watch.times.items() if k != "warm-up"}
-        entry = {"timings": timings, "warmup_ms": 1000 * warmup, "keypoints": int(len(keypoints)),
-                 "memory": memory.as_dict(), "note": note}
-        if flops is not None:
-            entry["gflop"] = flops / 1e9
-        if reference is None:
-            reference = {"outputs": outputs, "keypoints": keypoints, "descriptors": descriptors,
-                         "gflop": flops / 1e9}
-        else:
-            entry["difference"] = variant_difference(reference, outputs, (height, width),
-                                                     TOLERANCE[note.split()[0]])
-        report["variants"][name] = entry
-    if args.profile:
-        report["profile"] = profile_forward(model, image, args.profile)
-    gemm = gemm_summary(gemm_times)
-    report["gemm"] = gemm
-    gflop = reference["gflop"]
-    for name, entry in report["variants"].items():
-        forward = entry["timings"]["forward"]
-        entry["efficiency"] = efficiency(gflop, forward["median_ms"] / 1000, gemm["median_gflops"])
-        entry["efficiency_best"] = efficiency(gflop, forward["min_ms"] / 1000, gemm["best_gflops"])
-        rows.extend(extraction_rows(name, entry, gflop, gemm))
-    rows.append(row("extraction", f"fp32 GEMM {gemm['reference_size']}³ (between runs)", None,
-                    rate=f"{gemm['median_gflops']:.1f} GFLOP/s",
-                    note="sizes " + ", ".join(f"{n}: {v['median_gflops']:.1f} med / "
-                                              f"{v['best_gflops']:.1f} best"
-                                              for n, v in gemm["sizes"].items())))
-    return rows, report
+                results[name] = {"outputs": outputs, "keypoints": keypoints,
+                                 "descriptors": descriptors}
+                del features
+    return watches, entries, results
+
+
+def speedup(reference: dict, ours: dict) -> dict:
+    """Reference-ops time ÷ this implementation's time (forward and whole path; medians, and
+    the minima), with the GFLOP each executes."""
+    out = {}
+    for part in ("forward", "whole path"):
+        r, o = reference["timings"][part], ours["timings"][part]
+        out[part] = {"median": r["median_ms"] / o["median_ms"], "min": r["min_ms"] / o["min_ms"]}
+    out["gflop_reference"] = reference.get("gflop")
+    out["gflop"] = ours.get("gflop")
+    return out
+
+
+def speedup_row(speed: dict) -> dict:
+    return row("extraction", "speed-up: reference ops → fp32 eager", None,
+               rate=f"{speed['forward']['median']:.2f}× forward",
+               note=f"whole path {speed['whole path']['median']:.2f}× (medians; minima: forward "
+                    f"{speed['forward']['min']:.2f}×, whole path {speed['whole path']['min']:.2f}×); "
+                    f"GFLOP executed {speed['gflop_reference']:.1f} → {speed['gflop']:.1f}")
 
 
 def profile_forward(model: torch.nn.Module, image: torch.Tensor, top: int) -> list[dict]:
@@ -421,7 +502,7 @@ def extraction_rows(name: str, entry: dict, gflop: float, gemm: dict) -> list[di
     out = [row("extraction", f"{name}: forward", t["forward"],
                rate=f"{1000 / t['forward']['median_ms']:.2f} img/s",
                share=t["forward"]["median_ms"] / whole, memory=entry["memory"],
-               note=f"{gflop:.1f} GFLOP/img, {gflop / (t['forward']['median_ms'] / 1000):.1f} GFLOP/s, "
+               note=f"{gflop:.1f} GFLOP/img executed, {gflop / (t['forward']['median_ms'] / 1000):.1f} GFLOP/s, "
                     f"{100 * entry['efficiency']:.0f}% of GEMM (best runs: "
                     f"{100 * entry['efficiency_best']:.0f}%)"),
            row("extraction", f"{name}: keypoints", t["keypoints"],
@@ -685,6 +766,7 @@ def environment(device: torch.device) -> dict:
             "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     from model import blocks
     info["fused_cpu_inference"] = blocks.FUSED_CPU_INFERENCE
+    info["lowres_conv"] = blocks.LOWRES_CONV
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         # cuDNN convolutions use TF32 by default: "fp32" forwards can beat the fp32 GEMM.
@@ -714,8 +796,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--amp", action="store_true", help="add a bf16-autocast extraction run")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile extraction run")
     parser.add_argument("--reference-ops", action="store_true",
-                        help="disable the fused CPU inference path of the networks "
-                             "(model.blocks.FUSED_CPU_INFERENCE), for before/after comparisons")
+                        help="run the networks' original composition of ops everywhere "
+                             "(model.blocks.use_reference_ops: no fused CPU inference path, no "
+                             "low-resolution upsample→conv), for before/after comparisons of the "
+                             "training steps; without it the extraction part times both side by side")
+    parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
+                        help="per-layer table of the five upsample→conv layers, direct vs "
+                             "rewritten, in the extraction part (default on)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N operators that take most of one extraction "
                              "forward (torch.profiler)")
@@ -744,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.reference_ops:
         from model import blocks
-        blocks.FUSED_CPU_INFERENCE = False
+        blocks.use_reference_ops(True)
     device = resolve_device(args.device, "--device")
     if args.train_size is None:
         args.train_size = (240, 320) if device.type == "cpu" else args.size
@@ -778,6 +865,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f", load average {load[0]:.2f} at start / {env['load_average_end'][0]:.2f} at end"
              if load else "") + f", {env['seconds']:.0f} s")
     print(format_table(rows))
+    if report.get("extraction", {}).get("layers"):
+        from tools.benchmark_layers import format_layers
+        print(f"\nupsample → 3×3 conv per layer at {args.size[0]}x{args.size[1]}, no autograd "
+              f"(tools/benchmark_layers.py):")
+        print(format_layers(report["extraction"]["layers"]))
     if report.get("extraction", {}).get("profile"):
         print(f"\nwhere one extraction forward spends its time ({args.size[0]}x{args.size[1]}, "
               f"fp32 eager):")
