@@ -201,6 +201,10 @@ def test_layer_table_compares_direct_and_rewritten():
         assert r["direct_ms"] > 0 and r["lowres_ms"] > 0
     assert rows[-1]["size"] == [32, 48] and rows[-1]["low"] == [8, 12]
     assert len(format_layers(rows).splitlines()) == 2 + len(rows) + 1
+    trained = bench_layers(32, 48, repeat=1, backward=True)  # forward and backward
+    for r, f in zip(trained, rows):
+        assert r["direct_gflop"] > 2 * f["direct_gflop"] and r["lowres_gflop"] > f["lowres_gflop"]
+        assert r["lowres_gflop"] < r["direct_gflop"] and r["max_rel_diff"] < 1e-5
 
 
 def test_extraction_times_reference_ops_and_ours_side_by_side(tmp_path):

@@ -3,8 +3,8 @@ the direct composition (``F.interpolate`` then ``F.conv2d``, what the reference 
 the low-resolution rewrite (:func:`model.lowres_conv.upsample_conv3x3`, what the network runs
 on the CPU by default), without autograd, at the layers' shapes for one ``H×W`` image.
 
-``python -m tools.benchmark_layers [--size 480x640] [--repeat 5] [--threads N]`` prints the
-table; ``tools/benchmark.py`` includes it in its extraction section. The two forms alternate
+``python -m tools.benchmark_layers [--size 480x640] [--repeat 5] [--threads N] [--backward]``
+prints the table (``--backward``: forward and backward, as in training); ``tools/benchmark.py`` includes it in its extraction section. The two forms alternate
 within each repeat (the same machine load for both); the table gives medians, GFLOP counted by
 ``torch.utils.flop_counter`` (what each form executes), and the largest difference between the
 two outputs relative to the output's largest value.
@@ -52,9 +52,12 @@ def _flops(fn, *args) -> int:
     return counter.get_total_flops()
 
 
-def bench_layers(height: int, width: int, repeat: int = 5, device: str = "cpu") -> list[dict]:
+def bench_layers(height: int, width: int, repeat: int = 5, device: str = "cpu",
+                 backward: bool = False) -> list[dict]:
     """One dict per layer: ``direct_ms`` / ``lowres_ms`` (medians over ``repeat`` runs after a
-    warm-up), ``speedup``, ``direct_gflop`` / ``lowres_gflop`` and ``max_rel_diff``."""
+    warm-up), ``speedup``, ``direct_gflop`` / ``lowres_gflop`` and ``max_rel_diff``. With
+    ``backward`` each run is forward and backward (gradients of the input, weight and bias, as
+    in training) and the GFLOP count both."""
     rows = []
     generator = torch.Generator().manual_seed(0)
     for spec in layer_shapes(height, width):
@@ -62,11 +65,14 @@ def bench_layers(height: int, width: int, repeat: int = 5, device: str = "cpu") 
         weight = (torch.randn(spec["cout"], spec["cin"], 3, 3, generator=generator)
                   / (3 * spec["cin"] ** 0.5)).to(device)
         bias = torch.randn(spec["cout"], generator=generator).to(device)
+        if backward:
+            for tensor in (x, weight, bias):
+                tensor.requires_grad_()
         args = (x, weight, bias, spec["size"], spec["align_corners"])
-        direct = lambda: upsample_conv3x3_reference(*args)  # noqa: E731
-        lowres = lambda: upsample_conv3x3(*args, blocks.LOWRES_CHUNK)  # noqa: E731
+        direct = _with_backward(lambda: upsample_conv3x3_reference(*args), backward)
+        lowres = _with_backward(lambda: upsample_conv3x3(*args, blocks.LOWRES_CHUNK), backward)
         times: dict[str, list[float]] = {"direct": [], "lowres": []}
-        with torch.inference_mode():
+        with torch.inference_mode(not backward):
             expected, got = direct(), lowres()  # warm-up
             difference = float((got - expected).abs().max() / expected.abs().max())
             flops = {"direct": _flops(direct), "lowres": _flops(lowres)}
@@ -89,6 +95,19 @@ def bench_layers(height: int, width: int, repeat: int = 5, device: str = "cpu") 
                      "direct_gflop": flops["direct"] / 1e9, "lowres_gflop": flops["lowres"] / 1e9,
                      "max_rel_diff": difference})
     return rows
+
+
+def _with_backward(forward, backward: bool):
+    """``forward`` itself, or forward then backward of the output's sum (returning the output,
+    detached)."""
+    if not backward:
+        return forward
+
+    def step() -> torch.Tensor:
+        out = forward()
+        out.sum().backward()
+        return out.detach()
+    return step
 
 
 def format_layers(rows: list[dict]) -> str:
@@ -116,12 +135,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=network_size, default=(480, 640), metavar="HxW")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--backward", action="store_true",
+                        help="time forward and backward (input, weight and bias gradients)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"upsample → 3×3 conv per layer at {args.size[0]}x{args.size[1]}, "
+          f"{'forward and backward' if args.backward else 'no autograd'}, "
           f"{torch.get_num_threads()} threads, medians of {args.repeat}:")
-    print(format_layers(bench_layers(*args.size, repeat=args.repeat)))
+    print(format_layers(bench_layers(*args.size, repeat=args.repeat, backward=args.backward)))
     return 0
 
 
