@@ -137,7 +137,7 @@ def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     (``2·9·Cout·Cin·h·w``) is about ``2·Cout·W·(3h·3(cw/s + 2) + H·3(ch/s + 2))``
     (``s`` the factor); ``None`` is one block (dense matrices).
 
-    Without autograd the blocks are written straight into the output; with it they are
+    Without autograd each block is copied into a preallocated output; with it the blocks are
     concatenated (every step is a matrix product or a copy, so autograd gives the input,
     weight and bias gradients).
     """
