@@ -131,3 +131,31 @@ def test_importing_model_pulls_in_no_data_loss_training_or_script_module():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == []
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(root: Path = REPO_ROOT) -> list[str]:
+    """Functions of the project (tests included) longer than :data:`MAX_FUNCTION_LINES` whose
+    docstring does not say why (a sentence starting with ``Long because``)."""
+    found = []
+    for path in [*project_modules(root).values(), *sorted((root / "tests").rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES and "Long because" not in (ast.get_docstring(node) or ""):
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_long_function_finder_sees_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "mod.py").write_text(f"def long():\n{body}\n\n\ndef excused():\n"
+                                     f"    '''Long because it must be.'''\n{body}\n")
+    (tmp_path / "tests").mkdir()
+    assert long_functions(tmp_path) == [f"mod.py:1 long ({MAX_FUNCTION_LINES + 1} lines)"]
+
+
+def test_no_function_is_longer_than_80_lines_without_a_reason():
+    assert long_functions() == []
