@@ -110,7 +110,7 @@ def channelwise_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 # on the CPU (``cpu_inference_path``): BatchNorm folded into the preceding convolution, ReLU and
 # residual additions done by oneDNN as post-ops of the convolution, instance norms and PReLUs
 # applied in place. The results equal the reference ops' up to float32 rounding (the fixture
-# tests in tests/test_model.py run this path); training, autograd, autocast and CUDA always take
+# tests in tests/parity/test_model.py run this path); training, autograd, autocast and CUDA always take
 # the reference ops.
 
 # Switch for A/B comparisons (tools/benchmark.py, tests); off when this torch build lacks the

@@ -13,7 +13,7 @@ import torch
 
 from registry import build_model
 
-FIXTURE = Path(__file__).parent / "fixtures" / "f2r_detnet_compact.npz"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "f2r_detnet_compact.npz"
 MAPS = ("global_map", "desc_map", "local_map", "local_map_first", "score")
 MODEL_CONFIG = {"backbone": "ResUNet_F2R",
                 "backbone_config": {"encoder": "resnet50", "pretrained": False,

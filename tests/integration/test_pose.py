@@ -317,5 +317,5 @@ def test_shipped_config_validates_and_points_where_the_readme_generates():
     from utils.config import load_config
     conf = load_config("config/eval_megadepth1500.yaml", [], schemas.EVAL_POSE_SCHEMA)
     assert conf["layout"] == "gluefactory" and conf["estimator"] in ("opencv", "poselib")
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert f"python -m tools.synthetic megadepth1500 --out {conf['data_path']}" in readme

@@ -15,7 +15,7 @@ import train
 from tools.synthetic import make_hpatches
 from utils.checkpoint import load_state_dict_file
 
-ORIGINAL = Path(__file__).resolve().parent / "fixtures" / "original_configs"
+ORIGINAL = Path(__file__).resolve().parents[1] / "fixtures" / "original_configs"
 
 pytestmark = pytest.mark.slow
 

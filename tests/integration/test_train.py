@@ -17,7 +17,7 @@ import train
 from conftest import save_random_checkpoint
 from utils.checkpoint import load_state_dict_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DESC_CONFIG = str(REPO / "config" / "demo" / "train_desc.yaml")
 
 

@@ -24,9 +24,9 @@ from losses.line2window import EpipolarLoss_Line2Window, Preprocess_Line2Window
 from losses.stage1_queries import draw_queries, random_pixel_queries, regular_random_queries
 from utils.geometry import denormalize_coords, epipolar_lines
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SHARED = Path(os.environ.get("SCFEAT_REFERENCE",
-                             Path(__file__).resolve().parents[2] / "shared" / "reference"))
+                             Path(__file__).resolve().parents[3] / "shared" / "reference"))
 BASE_FILE, OPTIONS_FILE = "line2window_reference.npz", "line2window_options_reference.npz"
 
 # case → (preprocess overrides, loss overrides, epoch); settings of line2window_reference

@@ -19,7 +19,7 @@ import train
 from training.run_state import STATE_FILE
 from utils.checkpoint import load_state_dict_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DESC_CONFIG = str(REPO / "config" / "demo" / "train_desc.yaml")
 STEPS = 4
 RUN = "demo-descriptor"

@@ -11,7 +11,7 @@ from schemas import EXTRACT_SCHEMA, TRAIN_SCHEMA, load_extract_config, load_trai
 from utils.config import Dynamic, Spec
 from utils.errors import SCFeatError
 
-CONFIG = Path(__file__).resolve().parents[1] / "config"
+CONFIG = Path(__file__).resolve().parents[2] / "config"
 
 
 def wrong_value(rule):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SKIPPED_DIRS = {"tests", ".git", ".ci", "docs", "config"}
 
 # Package → the project packages it may import (besides itself). utils is the bottom layer.

@@ -14,7 +14,7 @@ import torch
 from losses.keypoint import KeypointLoss, away_from_border
 from utils.config import read_yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BORDER_PX = 8
 
 

@@ -10,7 +10,7 @@ import torch
 
 from losses.keypoint import KeypointLoss
 
-FIXTURE = Path(__file__).parent / "fixtures" / "keypoint_loss_reference.npz"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "keypoint_loss_reference.npz"
 CASES = ("a1", "a2", "b1", "b2", "b2mix", "t1", "g1", "e1")
 NO_FMAT_ERROR = ("a1", "a2", "t1", "e1")
 SETTINGS = {"t1": {"temperature_base": 50, "temperature_max": 60},

@@ -25,7 +25,7 @@ from utils.config import save_config
 from utils.errors import SCFeatError
 from utils.keypoints import generate_kpts_single, sample_descriptors
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = REPO_ROOT / "config" / "extract_hpatches.yaml"
 NUM_PTS = 256
 # image name → (size, top-left corner in the photo); crops 96×128 and 80×112

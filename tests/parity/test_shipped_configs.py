@@ -10,8 +10,8 @@ from conftest import save_random_checkpoint
 from schemas import load_extract_config, load_train_config
 from utils.config import is_none_word, read_yaml
 
-CONFIG = Path(__file__).resolve().parents[1] / "config"
-ORIGINAL = Path(__file__).resolve().parent / "fixtures" / "original_configs"
+CONFIG = Path(__file__).resolve().parents[2] / "config"
+ORIGINAL = Path(__file__).resolve().parents[1] / "fixtures" / "original_configs"
 # Keys whose values the shipped files set on purpose (the README says why).
 OUR_VALUES = {"data_config_train.resize", "val_config.data_config_val.resize"}
 

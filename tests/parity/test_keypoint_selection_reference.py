@@ -10,7 +10,7 @@ import torch
 
 from utils.keypoints import generate_kpts_single, select_keypoints
 
-FIXTURE = Path(__file__).parent / "fixtures" / "keypoint_selection_reference.npz"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "keypoint_selection_reference.npz"
 CASES = {
     "nms_r1": ("crafted", {"nms_radius": 1, "thr": None, "num_pts": None}),
     "nms_r2": ("crafted", {"nms_radius": 2, "thr": False, "num_pts": None}),
