@@ -46,13 +46,13 @@ def val_schema(root: dict, raw: dict) -> dict:
 TRAIN_SCHEMA = {
     "checkpoint_name": Spec(types=(str,)),
     "output_root": "ckpts",
-    "epoch": 10,
-    "epoch_step": 10000,
-    "lr_decay_step": 9,
+    "epoch": Spec(10, minimum=1),
+    "epoch_step": Spec(10000, minimum=1),
+    "lr_decay_step": Spec(9, minimum=1),
     "lr_decay_factor": 0.1,
-    "log_freq": 1000,
-    "save_freq": Spec(100, doc="refresh the current epoch's weight folder every N steps (the "
-                               "original's fixed 100)"),
+    "log_freq": Spec(1000, minimum=1),
+    "save_freq": Spec(100, minimum=1, doc="refresh the current epoch's weight folder every N "
+                                          "steps (the original's fixed 100)"),
     "grad_clip": False,
     "clip_norm": 10.0,
     "test_kp": Spec(False, inert=True),
@@ -75,9 +75,9 @@ TRAIN_SCHEMA = {
     "seed": 0,
     "device": Spec("auto", choices=DEVICE_CHOICES),
     "deterministic": False,
-    "max_nonfinite_steps": 10,
-    "max_steps_this_run": Spec(None, types=(int, type(None))),
-    "max_unusable_fraction": 0.5,
+    "max_nonfinite_steps": Spec(10, minimum=0),
+    "max_steps_this_run": Spec(None, types=(int, type(None)), minimum=1),
+    "max_unusable_fraction": Spec(0.5, minimum=0, maximum=1),
     "amp": Spec(False, doc="bf16 autocast for the network (CUDA; see utils/acceleration.py)"),
     "compile": Spec(False, doc="torch.compile the network (CUDA; see utils/acceleration.py)"),
 }
@@ -119,9 +119,6 @@ def check_train_config(conf: dict, origin: str) -> None:
              f"{len(conf['optimal_modules'])} optimal_modules")
     if conf["preprocess_train"] is not None:
         lookup(PREPROCESSORS, conf["preprocess_train"], "preprocess_train")
-    for key in ("epoch", "epoch_step", "lr_decay_step", "log_freq", "save_freq"):
-        if conf[key] <= 0:
-            fail(f"key '{key}' must be positive, got {conf[key]}")
     if conf["load_path"] is not None:
         folder = Path(conf["load_path"])
         for path in checkpoint_files(folder):

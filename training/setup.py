@@ -8,7 +8,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from utils.cli import resolve_device
-from utils.errors import SCFeatError
 
 
 def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
@@ -70,9 +69,7 @@ def set_train_mode(model: nn.Module, trainable: list[str], parts: tuple[str, ...
 def build_optimizer(model: nn.Module, conf: dict):
     """One parameter group per ``optimal_modules`` entry with its ``optimal_lrs`` rate, and the
     step decay (``lr_decay_step`` epochs, ``lr_decay_factor``): ``(optimizer, scheduler)``."""
-    optimizer_cls = getattr(torch.optim, conf["optimizer"], None)
-    if optimizer_cls is None:
-        raise SCFeatError(f"optimizer: torch.optim has no '{conf['optimizer']}'")
+    optimizer_cls = getattr(torch.optim, conf["optimizer"])  # a choice of the schema
     groups = [{"params": list(getattr(model, name).parameters()), "lr": lr}
               for name, lr in zip(conf["optimal_modules"], conf["optimal_lrs"])]
     optimizer = optimizer_cls(groups)

@@ -81,3 +81,11 @@ def test_keypoint_loss_keys_with_wrong_type(checkpoint):
                        ("KeypointLoss_config.cor_detach", "1")]:
         with pytest.raises(SCFeatError, match=rf"key '{key}'"):
             load_train_config(CONFIG / "train_det.yaml", [f"load_path={checkpoint}", f"{key}={value}"])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("epoch_step", 0, "must be at least 1"), ("save_freq", -1, "must be at least 1"),
+    ("max_unusable_fraction", 1.5, "must be at most 1")])
+def test_out_of_range_training_values_name_the_key(key, value, message):
+    with pytest.raises(SCFeatError, match=f"key '{key}' {message}"):
+        load_train_config(CONFIG / "train_desc.yaml", [f"{key}={value}"])
