@@ -14,13 +14,13 @@ import torch.nn as nn
 
 from registry import DATASETS, build_model
 from model.scfeat import SCFeatModel
-from schemas import TRAINABLE_MODULES
 from training.data import BatchSource, make_loader, to_device
 from training.run_state import Progress, RunFolder, seed_everything
 from training.setup import (PairModel, build_optimizer, freeze_all_but, set_train_mode,
                             setup_distributed, wrap_distributed)
 from training.step import LossComposer, NonFiniteGuard, TrainStep
 from utils.acceleration import accelerated
+from utils.checkpoint import CHECKPOINT_PARTS as TRAINABLE_MODULES
 from utils.cli import setup_logging
 from utils.config import save_config
 from utils.errors import SCFeatError
@@ -246,7 +246,7 @@ class Trainer:
 
 
 def run_training(conf: dict, config_path: str, resume: bool = False) -> Trainer:
-    """Train with a loaded config (:func:`schemas.load_train_config`); returns the trainer
+    """Train with a loaded config (``schemas.load_train_config``); returns the trainer
     (``stop_requested`` tells whether it stopped early, ``state_path`` where it saved)."""
     trainer = Trainer(conf, config_path, resume)
     trainer.fit()
