@@ -827,11 +827,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1"}
         argv = list(sys.argv[1:] if argv is None else argv)
         os.execve(sys.executable, [sys.executable, "-m", "tools.benchmark", *argv], env)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.reference_ops:
-        from model import blocks
-        blocks.use_reference_ops(True)
+    from model import blocks
+
+    # Thread count and operator choice for this run only: in-process callers (tests) keep theirs.
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        with blocks.reference_ops(args.reference_ops):
+            return run_benchmark(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    """The parts of ``args.only``, the table and the JSON (see the module docstring)."""
     device = resolve_device(args.device, "--device")
     if args.train_size is None:
         args.train_size = (240, 320) if device.type == "cpu" else args.size

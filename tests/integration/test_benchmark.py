@@ -179,8 +179,11 @@ def test_training_benchmark_times_the_trainers_own_step(tmp_path, monkeypatch):
     monkeypatch.setattr(training.step.TrainStep, "__call__",
                         lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
     assert benchmark.main(["--only", "train", "--train-size", "64x96", "--size", "64x96",
                            "--train-repeat", "1", "--threads", "1", "--json", str(out)]) == 0
+    # --threads is for this run only: a later in-process run must not inherit it
+    assert torch.get_num_threads() == threads
     assert len(calls) == 4  # warm-up and one timed step per stage
     report = json.loads(out.read_text())
     for stage, loss in (("stage1", "loss: EpipolarLoss_Line2Window"), ("stage2", "loss: KeypointLoss")):
