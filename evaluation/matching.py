@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from utils.atomic import atomic_open
+from utils.checkpoint import checkpoint_files
 from utils.files import files_signature
 from utils.errors import SCFeatError
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILES = ("backbone.pth", "localheader.pth")
 SIFT = "sift"
 
 # image (H×W×3 uint8 RGB) → (keypoints N×2 float64, descriptors N×D float32, unit norm)
@@ -100,11 +100,11 @@ def check_method(entry: object, origin: str) -> str:
         return SIFT
     if not isinstance(entry, str) or not entry:
         raise SCFeatError(f"{origin}: expected 'sift' or a checkpoint folder, got {entry!r}")
-    folder = Path(entry)
-    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    files = checkpoint_files(entry)
+    missing = [path.name for path in files if not path.is_file()]
     if missing:
-        raise SCFeatError(f"{origin}: '{folder}' is not a checkpoint folder (expected 'sift' or "
-                          f"a folder with {' and '.join(CHECKPOINT_FILES)}; missing "
+        raise SCFeatError(f"{origin}: '{Path(entry)}' is not a checkpoint folder (expected 'sift' "
+                          f"or a folder with {' and '.join(p.name for p in files)}; missing "
                           f"{', '.join(missing)})")
     return entry
 
@@ -123,8 +123,7 @@ def method_signature(method: str, extra: str = "") -> str:
     run's ``config.yaml``), or OpenCV's version for SIFT; plus ``extra``."""
     if method == SIFT:
         return files_signature([], f"{extra}\nsift opencv-{cv2.__version__}")
-    folder = Path(method)
-    sources = [folder / name for name in CHECKPOINT_FILES] + [folder.parent / "config.yaml"]
+    sources = checkpoint_files(method) + [Path(method).parent / "config.yaml"]
     return files_signature([p for p in sources if p.is_file()], f"{extra}\ncheckpoint")
 
 

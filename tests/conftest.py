@@ -66,12 +66,11 @@ def save_random_checkpoint(folder: Path, seed: int = 0) -> None:
     import torch
 
     from registry import build_model
-    from utils.checkpoint import atomic_save
+    from utils.checkpoint import save_checkpoint
     from utils.config import save_config
 
     torch.manual_seed(seed)
     model_config = {"backbone_config": {"pretrained": False}}
     model = build_model("SCFeatModel", model_config)
-    atomic_save(model.backbone.state_dict(), folder / "backbone.pth")
-    atomic_save(model.localheader.state_dict(), folder / "localheader.pth")
+    save_checkpoint(model, folder)
     save_config({"model": "SCFeatModel", "model_config": model_config}, folder.parent / "config.yaml")

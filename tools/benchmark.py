@@ -552,11 +552,11 @@ def megadepth_dataset(path: Path, resize: tuple[int, int] | None = None):
 
 def training_batch(dataset, device: torch.device) -> dict:
     from dataloader.collate import collate_skip_none
+    from training.data import to_device
     items = [item for item in (dataset[i] for i in range(len(dataset))) if item is not None]
     if len(items) < TRAIN_BATCH:
         raise SCFeatError("benchmark: the synthetic set has fewer than two usable pairs")
-    batch = collate_skip_none(items[:TRAIN_BATCH])
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return to_device(collate_skip_none(items[:TRAIN_BATCH]), device)
 
 
 def timed(fn: Callable, label: str, holder: dict, device: torch.device) -> Callable:
@@ -613,7 +613,7 @@ def bench_stage1(args, device: torch.device, batch: dict) -> tuple[list[dict], d
 def bench_stage2(args, device: torch.device, batch: dict) -> tuple[list[dict], dict]:
     """Stage 2 starts from a checkpoint: a random stage-1 network written to a temporary
     folder (with its run's config.yaml, as train.py writes it)."""
-    from utils.checkpoint import atomic_save
+    from utils.checkpoint import save_checkpoint
     from utils.config import read_yaml, save_config
 
     holder: dict[str, Stopwatch] = {}
@@ -621,8 +621,7 @@ def bench_stage2(args, device: torch.device, batch: dict) -> tuple[list[dict], d
     with tempfile.TemporaryDirectory(prefix="scfeat-bench-") as tmp:
         folder = Path(tmp) / "run" / "000"
         model = build_network(torch.device("cpu"), desc["model_config"])
-        for part in ("backbone", "localheader"):
-            atomic_save(getattr(model, part).state_dict(), folder / f"{part}.pth")
+        save_checkpoint(model, folder)
         save_config({"model": desc["model"], "model_config": desc["model_config"]},
                     folder.parent / "config.yaml")
         step = trainer_step(REPO_ROOT / "config" / "train_det.yaml", [f"load_path={folder}"],

@@ -221,7 +221,7 @@ def make_untrained(out: Path, desc_conf: dict, result: DemoResult) -> Path:
     from torch.optim.swa_utils import update_bn
 
     from registry import build_model
-    from utils.checkpoint import atomic_save
+    from utils.checkpoint import save_checkpoint
     from utils.config import read_yaml, save_config
 
     run_dir = out / "ckpts" / UNTRAINED_RUN
@@ -240,8 +240,7 @@ def make_untrained(out: Path, desc_conf: dict, result: DemoResult) -> Path:
         model = build_model(desc_conf["model"], model_config)
     # Cumulative averages over the batches, then eval mode; no gradient, no weight change.
     update_bn(training_images(desc_conf, BATCHNORM_BATCHES), model.backbone)
-    atomic_save(model.backbone.state_dict(), folder / "backbone.pth")
-    atomic_save(model.localheader.state_dict(), folder / "localheader.pth")
+    save_checkpoint(model, folder)
     # config.yaml last: with it, the folder is complete (every file is written atomically).
     save_config({"model": desc_conf["model"], "model_config": model_config,
                  "seed": desc_conf["seed"], "batchnorm_statistics": statistics},

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from utils.atomic import remove_stale_temporaries
-from utils.checkpoint import CHECKPOINT_PARTS, atomic_save
+from utils.checkpoint import atomic_save, save_checkpoint
 from utils.errors import SCFeatError
 
 log = logging.getLogger("scfeat.train")
@@ -108,9 +108,7 @@ class RunFolder:
         epoch e's folder, refreshed every ``save_freq`` steps and at the epoch's end."""
         if not self.is_main:
             return
-        folder = self.path / f"{epoch:03d}"
-        for part in CHECKPOINT_PARTS:
-            atomic_save(getattr(model, part).state_dict(), folder / f"{part}.pth")
+        save_checkpoint(model, self.path / f"{epoch:03d}")
 
     def save_state(self, modules: dict[str, nn.Module | torch.optim.Optimizer | object],
                    progress: Progress) -> None:

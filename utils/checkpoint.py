@@ -41,6 +41,13 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise SCFeatError(f"cannot write '{path}': {exc.strerror or exc}{previous}") from None
 
 
+def save_checkpoint(model: nn.Module, folder: str | Path) -> None:
+    """The model's ``backbone`` and ``localheader`` ``state_dict``s as a checkpoint folder
+    (:func:`checkpoint_files`), each file written atomically."""
+    for part, path in zip(CHECKPOINT_PARTS, checkpoint_files(folder)):
+        atomic_save(getattr(model, part).state_dict(), path)
+
+
 def load_state_dict_file(path: str | Path, map_location: str = "cpu") -> dict:
     """Read a ``state_dict`` saved with ``torch.save``; a clear error when absent or corrupt."""
     path = Path(path)

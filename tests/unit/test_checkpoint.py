@@ -50,3 +50,19 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(SCFeatError, match="expected a state_dict"):
         load_state_dict_file(tmp_path / "list.pth")
+
+
+def test_save_checkpoint_writes_both_parts(tmp_path):
+    from utils.checkpoint import checkpoint_files, is_checkpoint, save_checkpoint
+
+    model = torch.nn.Module()
+    model.backbone, model.localheader = torch.nn.Linear(2, 3), torch.nn.Conv2d(1, 1, 3)
+    folder = tmp_path / "run" / "001"
+    assert not is_checkpoint(folder)
+    save_checkpoint(model, folder)
+    assert is_checkpoint(folder)
+    assert [p.name for p in checkpoint_files(folder)] == ["backbone.pth", "localheader.pth"]
+    for part, path in zip(("backbone", "localheader"), checkpoint_files(folder)):
+        state = load_state_dict_file(path)
+        assert state.keys() == getattr(model, part).state_dict().keys()
+        assert all(torch.equal(state[k], v) for k, v in getattr(model, part).state_dict().items())
