@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from utils.atomic import atomic_open, write_json
+from utils.cli import setup_logging
 from utils.errors import SCFeatError
 
 log = logging.getLogger("scfeat.learning_stage1")
@@ -465,7 +466,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         with torch.no_grad():  # scoped: main() is also called in-process (tests)
             rows = run(args)
