@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from tools.demo_stages import (DESC_CONFIG, DET_CONFIG, REPO, DemoResult, banner, evaluate, extract,
-                               format_seconds, load_train_config, make_data, make_untrained,
+                               format_seconds, make_data, make_untrained,
                                train_stage, yaml_str)
 from utils.atomic import write_json
 from utils.cli import resolve_device, run_cli, setup_logging
@@ -143,6 +143,7 @@ def check_settings(out: Path, settings: dict) -> None:
 
 def run_demo(args: argparse.Namespace) -> DemoResult:
     """All stages; raises ``SCFeatError`` or ``KeyboardInterrupt``."""
+    from schemas import load_train_config  # late: --help and option errors stay fast
     from utils.errors import SCFeatError
 
     size, hpatches_size = parse_sizes(args)
@@ -164,13 +165,14 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     epochs = load_train_config(DESC_CONFIG, common)["epoch"]
     desc_overrides = common + [f"epoch_step={math.ceil(args.steps / epochs)}"]
     desc_conf = load_train_config(DESC_CONFIG, desc_overrides)
-    stage1 = train_stage("stage 1: descriptors", DESC_CONFIG, desc_overrides, None, result)
+    stage1 = train_stage("stage 1: descriptors", DESC_CONFIG, desc_conf, None, result)
 
     banner(3, total, f"stage 2: detector ({DET_CONFIG.relative_to(REPO)}) on {device}")
     det_epochs = load_train_config(DET_CONFIG, common + [f"load_path={yaml_str(stage1)}"])["epoch"]
     det_overrides = common + [f"load_path={yaml_str(stage1)}",
                               f"epoch_step={math.ceil(max(1, args.steps // 2) / det_epochs)}"]
-    stage2 = train_stage("stage 2: detector", DET_CONFIG, det_overrides, stage1, result)
+    det_conf = load_train_config(DET_CONFIG, det_overrides)
+    stage2 = train_stage("stage 2: detector", DET_CONFIG, det_conf, stage1, result)
 
     banner(4, total, "features of the untrained network")
     untrained_ckpt = make_untrained(out, desc_conf, result)

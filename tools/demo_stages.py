@@ -122,15 +122,10 @@ def make_data(out: Path, size: tuple[int, int], hpatches_size: tuple[int, int], 
     return megadepth, hpatches
 
 
-def load_train_config(config: Path, overrides: list[str]) -> dict:
-    from schemas import load_train_config as load
-
-    return load(config, overrides)
-
-
-def train_stage(name: str, config: Path, overrides: list[str], source: Path | None,
+def train_stage(name: str, config: Path, conf: dict, source: Path | None,
                 result: DemoResult) -> Path:
-    """Run (or continue, or reuse) one training stage; returns its last epoch folder.
+    """Run (or continue, or reuse) one training stage of ``conf`` (loaded from ``config`` by
+    ``schemas.load_train_config``); returns its last epoch folder.
 
     ``source``: the checkpoint the stage starts from (stage 2); a finished run that the demo
     made from other weights (its ``demo_stamp.json`` says so) is trained again.
@@ -138,7 +133,6 @@ def train_stage(name: str, config: Path, overrides: list[str], source: Path | No
     from training.loop import run_training
     from training.run_state import STATE_FILE
 
-    conf = load_train_config(config, overrides)
     run_dir = Path(conf["output_root"]) / conf["checkpoint_name"]
     final = run_dir / f"{conf['epoch']:03d}"
     steps = conf["epoch"] * conf["epoch_step"]
