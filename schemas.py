@@ -100,6 +100,19 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple = (),
     return conf
 
 
+def check_load_path(load_path: str, example: str, fail) -> None:
+    """``load_path`` is a checkpoint folder with both parts (``fail(message)`` otherwise)."""
+    folder = Path(load_path)
+    names = " and ".join(path.name for path in checkpoint_files(folder))
+    if not folder.is_dir():
+        fail(f"key 'load_path': checkpoint folder '{folder}' does not exist (expected a folder "
+             f"with {names}, e.g. {example})")
+    for path in checkpoint_files(folder):
+        if not path.is_file():
+            fail(f"key 'load_path': '{path}' does not exist (expected a checkpoint folder "
+                 f"with {names})")
+
+
 def check_train_config(conf: dict, origin: str) -> None:
     """The training rules that span keys (a per-key schema cannot express them)."""
     def fail(message: str) -> None:
@@ -117,14 +130,8 @@ def check_train_config(conf: dict, origin: str) -> None:
     if len(conf["optimal_lrs"]) != len(conf["optimal_modules"]):
         fail(f"key 'optimal_lrs' has {len(conf['optimal_lrs'])} entries for "
              f"{len(conf['optimal_modules'])} optimal_modules")
-    if conf["preprocess_train"] is not None:
-        lookup(PREPROCESSORS, conf["preprocess_train"], "preprocess_train")
     if conf["load_path"] is not None:
-        folder = Path(conf["load_path"])
-        for path in checkpoint_files(folder):
-            if not path.is_file():
-                fail(f"key 'load_path': '{path}' does not exist (expected a checkpoint "
-                     f"folder such as ckpts/descriptor-100k/010)")
+        check_load_path(conf["load_path"], "ckpts/descriptor-100k/010", fail)
 
 
 # -------------------------------------------------------------------------------- extraction
@@ -175,15 +182,7 @@ def check_extract_config(conf: dict, origin: str) -> None:
         fail("key 'output_root' must be a non-empty folder name")
     if not conf["postfix"] or any(c in conf["postfix"] for c in "/\\"):
         fail(f"key 'postfix' must be a non-empty file suffix without '/', got {conf['postfix']!r}")
-    folder = Path(conf["load_path"])
-    names = " and ".join(path.name for path in checkpoint_files(folder))
-    if not folder.is_dir():
-        fail(f"key 'load_path': checkpoint folder '{folder}' does not exist (expected a folder "
-             f"with {names}, e.g. ckpts/keypoint-1k/001)")
-    for path in checkpoint_files(folder):
-        if not path.is_file():
-            fail(f"key 'load_path': '{path}' does not exist (expected a checkpoint "
-                 f"folder with {names})")
+    check_load_path(conf["load_path"], "ckpts/keypoint-1k/001", fail)
     data = conf["data_config_extract"]
     if data["use_sift"] and not conf["use_sift"]:
         fail("key 'data_config_extract.use_sift' is true but 'use_sift' is false; set only the "

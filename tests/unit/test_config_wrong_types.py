@@ -89,3 +89,15 @@ def test_keypoint_loss_keys_with_wrong_type(checkpoint):
 def test_out_of_range_training_values_name_the_key(key, value, message):
     with pytest.raises(SCFeatError, match=f"key '{key}' {message}"):
         load_train_config(CONFIG / "train_desc.yaml", [f"{key}={value}"])
+
+
+def test_load_path_must_hold_both_checkpoint_parts(tmp_path):
+    folder = tmp_path / "run" / "001"
+    folder.mkdir(parents=True)
+    (folder / "backbone.pth").write_bytes(b"")
+    with pytest.raises(SCFeatError, match=r"key 'load_path': '.*localheader\.pth' does not exist"):
+        load_train_config(CONFIG / "train_desc.yaml", [f"load_path={folder}"])
+    with pytest.raises(SCFeatError, match=r"key 'load_path': checkpoint folder '.*missing' does not "
+                                          r"exist \(expected a folder with backbone\.pth and "
+                                          r"localheader\.pth, e\.g\. ckpts/descriptor-100k/010\)"):
+        load_train_config(CONFIG / "train_desc.yaml", [f"load_path={tmp_path / 'missing'}"])
