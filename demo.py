@@ -17,8 +17,8 @@
 the config's epochs, rounded up to a multiple of them), stage 2 runs N // 2 (at least 1). The
 defaults take about 3 minutes on 2 idle CPU cores (most of it stage 1, about 1.4 s a step) and
 write about 0.9 GB, mostly the training states. Stage 1 keeps improving up to about 200 steps
-and then flattens (measured on held-out data over a long run: README, "Stage 1 over a long CPU
-run"), so ``--steps 200`` gives the better descriptors in about twice the default's time.
+and then flattens (measured on held-out data over a long run: docs/training.md, "Stage 1 over
+a long CPU run"), so ``--steps 200`` gives the better descriptors in about twice the default's time.
 
 Re-running the same command continues: finished stages are reused (data, checkpoints, features
 and evaluation caches), an interrupted training run resumes from its last saved state. Ctrl-C

@@ -71,7 +71,7 @@ TRAIN_SCHEMA = {
     "losses_weight": Spec(None, types=(list, type(None))),
     "tb_component": Spec([], types=(list,)),
     "load_path": Spec(None, types=(str, type(None))),
-    # Our additions (README, "Config keys").
+    # Our additions (docs/configs.md, "Config keys").
     "seed": 0,
     "device": Spec("auto", choices=DEVICE_CHOICES),
     "deterministic": False,

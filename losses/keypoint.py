@@ -127,7 +127,7 @@ class KeypointLoss(nn.Module):
         "fmat_trials": Spec(100, minimum=1),
         "fmat_seed": 0,
         # px: proposals closer to the image border are never accepted (no reward, no gradient);
-        # 0 is the original. Without it the detector learns a border band (README, "border").
+        # 0 is the original. Without it the detector learns a border band (docs/training.md).
         "border_margin": Spec(0, minimum=0),
     }
 

@@ -14,7 +14,7 @@ def soft_spread(prob: torch.Tensor, coords: torch.Tensor, mean: torch.Tensor, fl
     prob ``B×N×M`` (rows sum to 1), coords ``B×N×M×2`` or ``B×M×2`` (shared by all rows),
     mean ``B×N×2`` (``Σ prob·coords``). The variance is the centred second moment
     ``Σ p·(c − μ)²``; the original writes it ``E[c²] − E[c]²``, which in float32 cancels for
-    peaked distributions (README, "Differences from the original code").
+    peaked distributions (docs/differences.md).
     """
     with torch.no_grad():
         if coords.dim() == prob.dim():  # candidates shared by all rows: B×M×2

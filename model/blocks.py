@@ -121,7 +121,7 @@ FUSED_CPU_INFERENCE = _FUSED_AVAILABLE
 # Every "bilinear upsample → 3×3 convolution" (UpBlock, ResizeBlock, the detector's conv2 on
 # up(f)) computed at the low resolution (model/lowres_conv.py), in eval and train mode, forward
 # and backward: the same numbers up to floating-point reassociation, 1.5–9× faster per layer on
-# the CPU (README, Performance). CPU only: on CUDA the direct ops stay until measured there.
+# the CPU (docs/performance.md). CPU only: on CUDA the direct ops stay until measured there.
 LOWRES_CONV = True
 # Output blocks (rows, columns) of the banded interpolation products: one block for the
 # decoder's maps (≤ 120×160 at 480×640), 20 for the detector's full-resolution map.

@@ -168,7 +168,8 @@ def frozen_backbone_features(images: torch.Tensor, seed: int, batch: int = 4) ->
 # --------------------------------------------------------------------------- detectors
 
 class FreeScores(torch.nn.Module):
-    """Free per-pixel logits, one ``1×H×W`` map per view (the issue's first measurement)."""
+    """Free per-pixel logits, one ``1×H×W`` map per view: the parameterisation that can express
+    any score map, the upper reference for what the reward can teach."""
 
     def __init__(self, n_views: int, height: int, width: int):
         super().__init__()

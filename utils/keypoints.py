@@ -25,7 +25,7 @@
    (temperature ``temperature``) of the centroids of step 6, its score the same weighted mean
    of the pixels' own scores.
 
-Differences (README table), for maps so small that the original fails: an interior smaller
+Differences (docs/differences.md), for maps so small that the original fails: an interior smaller
 than ``N`` pixels caps ``N`` at the interior's size, and an NMS radius not smaller than the
 interior's side is reduced to fit the mirror padding. The Gumbel draws run in blocks of draws
 (the same values, bounded memory).

@@ -72,8 +72,8 @@ def test_cli_rejects_bad_input():
 def test_reward_teaches_free_score_maps_beyond_both_controls(capsys):
     """Free per-pixel logits, SGD (lr 10), 150 steps at 64×96: measured over seeds 0, 1, 2 the
     trained maps reach 0.681 / 0.624 / 0.673 against zero-reward 0.288 / 0.266 / 0.271 and
-    shuffled 0.358 / 0.351 / 0.342 (README, "Does stage 2 learn?"): at least 1.78× the better
-    control, so 1.3× leaves room for platform differences in the random draws."""
+    shuffled 0.358 / 0.351 / 0.342 (docs/training.md, "Does stage 2 learn?"): at least 1.78× the
+    better control, so 1.3× leaves room for platform differences in the random draws."""
     argv = ["--detector", "free", "--optimizer", "sgd", "--lr", "10", "--steps", "150",
             "--size", "64x96", "--eval-every", "150"]
     assert learning_stage2.main(argv) == 0

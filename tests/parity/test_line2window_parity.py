@@ -219,7 +219,7 @@ def float32_errors(base, options, case) -> tuple[float, float]:
 @pytest.mark.slow
 def test_centred_spread_is_closer_to_float64_than_the_originals_formula(base, options,
                                                                         monkeypatch):
-    """The measurement behind the default (README, "Differences from the original code"):
+    """The measurement behind the default (docs/differences.md):
     in float32 the centred second moment keeps every case's loss within 1e-5 and gradients
     within 1% of the float64 reference; ``E[c²] − E[c]²`` (the original's, swapped in here) is
     at least 5× further on each case, loss and gradient (measured: loss up to 5e-3, gradients

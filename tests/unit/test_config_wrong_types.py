@@ -1,5 +1,5 @@
 """Every key of the original training and extraction schemas rejects a value of the wrong type
-with a message naming the key (issue: config validation)."""
+with a message naming the key."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -365,7 +365,7 @@ def test_the_loss_gradient_teaches_epipolar_descriptors(tmp_path):
 
     Free maps rather than the network: from random weights the full network's loss moves with
     any change of the weights (even gradient ascent lowers it at first) and its trend over the
-    few dozen steps a CI run affords is noise (README, "Training from random weights")."""
+    few dozen steps a CI run affords is noise (docs/training.md, "Training from random weights")."""
     from dataloader.megadepth import MegaDepth_SIFT
     from tools.synthetic import make_megadepth
 
