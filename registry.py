@@ -16,7 +16,8 @@ from dataloader.megadepth import MegaDepth_SIFT
 from losses.keypoint import KeypointLoss
 from losses.line2window import EpipolarLoss_Line2Window, Preprocess_Line2Window
 from model.extractor import DETECTORS
-from model.scfeat import BACKBONES, LOCALHEADERS, MODELS, SCFeatModel
+from model.scfeat import (BACKBONES, LOCALHEADERS, MODELS, SCFeatModel, checkpoint_model_config,
+                          model_from_run)
 from utils.config import Spec, is_none_word, lookup, read_yaml
 from utils.errors import SCFeatError
 
@@ -62,23 +63,15 @@ def build_model(name: str, model_config: dict) -> nn.Module:
     return lookup(MODELS, name, "model").from_config(model_config)
 
 
-def _merged(base: dict, override: dict) -> dict:
-    """``base`` with ``override``'s entries, nested mappings merged key by key."""
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(
-            out.get(key), dict) else value
-    return out
-
-
 def inherit_model_config(conf: dict, origin: str) -> None:
     """Complete a raw config's model settings from the run that wrote its checkpoint (in place).
 
-    As in the original's stage-2 and extraction files, ``model_config`` entries that are absent,
-    ``None`` or the string ``'None'`` are taken from ``config.yaml`` beside the ``load_path``
-    folder (``train.py`` writes it); entries given explicitly win (nested mappings key by key,
-    so ``model_config.backbone_config.pretrained=false`` keeps the run's encoder). Without such a file the
-    entries must be given: a ``None`` entry is an error naming the file that is missing.
+    With ``config.yaml`` beside the ``load_path`` folder (``train.py`` writes it), the original's
+    ``model_config.update(<that run's model_config>)``: the run's ``model`` and ``model_config``
+    entries win over those given here (nested sections key by key), and each given entry that
+    differs is logged as a warning (:func:`model.scfeat.checkpoint_model_config`). Entries
+    written ``None`` (or the string ``'None'``) or left out are the run's. Without such a file
+    the entries must be given: a ``None`` entry is an error naming the file that is missing.
     """
     load_path = conf.get("load_path")
     if not isinstance(load_path, str) or is_none_word(load_path):
@@ -93,18 +86,19 @@ def inherit_model_config(conf: dict, origin: str) -> None:
     run_config = Path(load_path).parent / "config.yaml"
     if run_config.is_file():
         run = read_yaml(run_config)
-        conf["model_config"] = _merged(run.get("model_config") or {}, given)
-        if is_none_word(conf.get("model")) and run.get("model") is not None:
-            conf["model"] = run["model"]
-        return
-    if left_open and not Path(load_path).is_dir():
-        raise SCFeatError(f"{origin}: key 'load_path': checkpoint folder '{load_path}' does not "
-                          f"exist (model_config.{left_open[0]} is None: it comes from that run)")
-    if left_open:
-        raise SCFeatError(
-            f"{origin}: key 'model_config.{left_open[0]}' is None, which means \"take it from the "
-            f"checkpoint's run\", but '{run_config}' does not exist; give the model settings in "
-            f"model_config or point load_path at a folder written by train.py")
-    conf["model_config"] = given
+        where = f"{origin} (load_path's run: {run_config})"
+        conf["model_config"] = checkpoint_model_config(given, run.get("model_config") or {}, where)
+        conf["model"] = model_from_run(conf.get("model"), run.get("model"), where)
+    else:
+        if left_open and not Path(load_path).is_dir():
+            raise SCFeatError(f"{origin}: key 'load_path': checkpoint folder '{load_path}' does "
+                              f"not exist (model_config.{left_open[0]} is None: it comes from "
+                              f"that run)")
+        if left_open:
+            raise SCFeatError(
+                f"{origin}: key 'model_config.{left_open[0]}' is None, which means \"take it from "
+                f"the checkpoint's run\", but '{run_config}' does not exist; give the model "
+                f"settings in model_config or point load_path at a folder written by train.py")
+        conf["model_config"] = given
     if is_none_word(conf.get("model")):
         conf.pop("model", None)

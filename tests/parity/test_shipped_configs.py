@@ -103,20 +103,3 @@ def test_extraction_original_settings(checkpoint):
                 "thr_mod": "abs"}
     assert {key: conf["detector_config"][key] for key in expected} == expected
 
-
-def test_explicit_model_entries_win_key_by_key(tmp_path):
-    """A checkpoint run with resnet101: an override of one nested key keeps the run's others."""
-    from utils.config import save_config
-
-    folder = tmp_path / "run" / "000"
-    folder.mkdir(parents=True)
-    for name in ("backbone.pth", "localheader.pth"):
-        (folder / name).write_bytes(b"")
-    save_config({"model": "SCFeatModel", "model_config": {"backbone_config": {
-        "encoder": "resnet101", "pretrained": False, "fusion_out_ch": 128}}},
-        folder.parent / "config.yaml")
-    conf = load_train_config(CONFIG / "train_det.yaml", [
-        f"load_path={folder}", "model_config.backbone_config.fusion_out_ch=64",
-        "model_config.localheader_config.in_channels=128"])
-    assert conf["model_config"]["backbone_config"] == {"encoder": "resnet101", "pretrained": False,
-                                                       "fusion_out_ch": 64}
