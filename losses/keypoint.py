@@ -4,7 +4,9 @@ Per image the score map is cut into ``g×g`` cells; each cell proposes one pixel
 rejects it (``sample_keypoints``). The descriptors at all proposals are matched softly
 (``match_log_probabilities``). A pair of proposals is *good* when each lies within
 ``reward_thr`` pixels of the other's epipolar line (``good_pairs``); as in the original, good
-pairs are counted over **all proposals**, accepted or not. Reward (``reward: fmat``, the
+pairs are counted over **all proposals**, accepted or not (with ``rescale_thr`` the threshold
+in each image is scaled by its mean epipolar distance over the smaller of the two images'
+means: ``threshold_scales``). Reward (``reward: fmat``, the
 original's): an image pair with at least 8 good pairs *qualifies*; ``fmat_trials`` random
 8-pair sets of its good pairs give 8-point estimates of ``F2`` and the smallest error against
 the true ``F2`` is its F-error (``fundamental_error``). If any element qualifies,
@@ -29,13 +31,13 @@ from torch import nn
 
 from losses.keypoint_reward import (EIGHT, draw_index_sets, fundamental_error,
                                     fundamental_trial_errors, good_pair_mask, good_pairs,
-                                    grid_candidates, grid_walk_size)
+                                    grid_candidates, grid_walk_size, threshold_scales)
 from losses.keypoint_sampling import sample_keypoints
 from losses.temperature import temperature_at
 from utils.config import Spec, section_config
 from utils.geometry import normalize_coords, sample_features
 
-__all__ = ["KeypointLoss", "match_log_probabilities", "image_scales", "sample_keypoints",
+__all__ = ["KeypointLoss", "match_log_probabilities", "threshold_scales", "sample_keypoints",
            "good_pairs", "good_pair_mask", "grid_candidates", "grid_walk_size",
            "draw_index_sets", "fundamental_error", "fundamental_trial_errors", "EIGHT"]
 
@@ -60,22 +62,6 @@ REWARDS = ("fmat", "posfeat")
 LOSS_DISTANCES = ("cos", "euc")
 
 
-def image_scales(batch: dict, batch_size: int, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``scale1, scale2`` (``B`` each): network input size ÷ original image size per image.
-
-    Read from ``batch['scale1']`` / ``batch['scale2']`` (a number or ``B`` values) when the
-    data provides them; our MegaDepth loader does not, so they are 1 (the original reports 1
-    too in every reference case).
-    """
-    scales = []
-    for key in ("scale1", "scale2"):
-        value = batch.get(key, 1.0)
-        value = torch.as_tensor(value, dtype=torch.float64, device=device).reshape(-1)
-        scales.append(value.expand(batch_size) if value.numel() == 1 else value)
-    return scales[0], scales[1]
-
-
 def away_from_border(keypoints: torch.Tensor, height: int, width: int,
                      margin: int) -> torch.Tensor:
     """``B×N`` booleans: pixel keypoints ``B×N×2`` at least ``margin`` px from every border of
@@ -90,11 +76,11 @@ class KeypointLoss(nn.Module):
 
     ``forward(batch, outputs1, outputs2, processed, epoch)`` → ``(loss, components)``; uses
     ``outputs{1,2}['local_point']`` (``B×1×H×W`` logits), ``outputs{1,2}['local_map']``
-    (``B×C×H/4×W/4``), ``batch['F1'], batch['F2']`` (``B×3×3``) and, with
-    ``reward_config.rescale_thr``, ``batch['scale1'/'scale2']`` when present. ``epoch`` is the
+    (``B×C×H/4×W/4``) and ``batch['F1'], batch['F2']`` (``B×3×3``). ``epoch`` is the
     trainer's 1-based epoch (temperature ``min(temperature_base + epoch, temperature_max)``).
     ``loss = −reinforce − kp_penalty``. Components (scalars, detached), with the original's
-    names and signs: ``reinforce``, ``kp_penalty`` (positive), ``scale1``, ``scale2``,
+    names and signs: ``reinforce``, ``kp_penalty`` (positive), ``scale1``, ``scale2`` (the
+    ``rescale_thr`` scales, batch mean; 1 without it),
     ``cor_max``, ``cor_mean``, ``cor_minmax``, ``cor_minmean``, ``cor_summin``,
     ``cor_summax`` (statistics of the match probabilities P), ``n_kps`` (accepted keypoints of
     both images, per image pair), ``n_pairs`` (ΣP per image pair), ``temperature``; our
@@ -157,18 +143,13 @@ class KeypointLoss(nn.Module):
     # ------------------------------------------------------------------ reward
     def thresholds(self, scales: tuple[torch.Tensor, torch.Tensor] | None
                    ) -> tuple[float | torch.Tensor, float | torch.Tensor]:
-        """Good-pair thresholds in image 2 and image 1 (pixels of the network input).
-
-        ``reward_thr``, or with ``rescale_thr`` ``reward_thr × scale`` of the image the
-        distance is measured in (our reading of the original's option: the threshold is meant
-        in original-image pixels).
-        """
+        """Good-pair thresholds in image 2 and image 1 (pixels): ``reward_thr``, or with
+        ``scales`` (``rescale_thr``: :func:`threshold_scales`, ``B`` each) ``reward_thr ×
+        scale`` of the image the distance is measured in."""
         threshold = float(self.conf["reward_config"]["reward_thr"])
-        if not self.conf["reward_config"]["rescale_thr"] or scales is None:
+        if scales is None:
             return threshold, threshold
         scale1, scale2 = scales
-        if bool((scale1 == 1).all()) and bool((scale2 == 1).all()):
-            return threshold, threshold
         return threshold * scale2, threshold * scale1
 
     @torch.no_grad()
@@ -258,7 +239,8 @@ class KeypointLoss(nn.Module):
         temperature = temperature_at(epoch, conf["temperature_base"], conf["temperature_max"])
         match = self.match(outputs1, outputs2, keypoints1, keypoints2, accepted1, accepted2,
                            temperature)
-        scales = image_scales(batch, score1.shape[0], score1.device)
+        scales = (threshold_scales(keypoints1, keypoints2, batch["F1"], batch["F2"])
+                  if conf["reward_config"]["rescale_thr"] else None)
         height2, width2 = score2.shape[-2:]
         grid = (conf["grid_size"], height2 // conf["grid_size"], width2 // conf["grid_size"])
         terms = self.reward_terms(keypoints1, keypoints2, batch["F1"], batch["F2"], grid,
@@ -348,14 +330,15 @@ class KeypointLoss(nn.Module):
 
     @staticmethod
     def _components(prob: torch.Tensor, accepted1: torch.Tensor, accepted2: torch.Tensor,
-                    scales: tuple[torch.Tensor, torch.Tensor], temperature: float) -> dict:
+                    scales: tuple[torch.Tensor, torch.Tensor] | None, temperature: float) -> dict:
         """The original's monitoring components (no gradient) from P (``B×N×M``)."""
         batch_size = prob.shape[0]
         flat = prob.flatten(1)  # B×(N·M)
         sums = torch.cat([prob.sum(-1).flatten(), prob.sum(-2).flatten()])  # row and column sums
+        one = torch.ones((), device=prob.device)
         return {
-            "scale1": scales[0].float().mean(),
-            "scale2": scales[1].float().mean(),
+            "scale1": one if scales is None else scales[0].float().mean(),
+            "scale2": one if scales is None else scales[1].float().mean(),
             "cor_minmax": flat.max(1).values.min().float(),
             "cor_minmean": flat.mean(1).min().float(),
             "cor_max": flat.max().float(),

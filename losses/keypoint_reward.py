@@ -1,6 +1,7 @@
 """Stage-2 reward ingredients: the good pairs (each keypoint within a threshold of the other's
-epipolar line), found densely or by walking the proposal grid along each line, and the
-F-error (best-of-K 8-point estimates of ``F2`` from random sets of good pairs).
+epipolar line), found densely or by walking the proposal grid along each line, the threshold
+scales of ``rescale_thr`` (mean epipolar distances), and the F-error (best-of-K 8-point
+estimates of ``F2`` from random sets of good pairs).
 
 Shapes: ``B`` image pairs, ``N``/``M`` keypoints (proposals) of image 1/2, ``K`` trials.
 """
@@ -9,13 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from utils.geometry import (eight_point_design_matrix, eight_point_fundamental, epipolar_lines,
-                            normalize_points_hartley, to_homogeneous)
+from utils.geometry import (epipolar_distance_matrix, eight_point_design_matrix,
+                            eight_point_fundamental, epipolar_lines, normalize_points_hartley,
+                            to_homogeneous)
 
 EIGHT = 8  # correspondences per 8-point solve
 
 _FAR = 1e30  # the offset of a line that no pixel is near (rejected keypoints)
 _GRID_MARGIN = 1e-2  # pixels added to the walked band, against rounding at its edges
+_DISTANCE_ROWS = 1024  # lines per block of the mean-distance sums (bounded memory)
 
 
 def _scaled_lines(fmat: torch.Tensor, points: torch.Tensor, threshold: float | torch.Tensor,
@@ -34,6 +37,37 @@ def _scaled_lines(fmat: torch.Tensor, points: torch.Tensor, threshold: float | t
         far = lines.new_tensor([0.0, 0.0, _FAR])
         lines = torch.where(accepted[..., None], lines, far)
     return lines
+
+
+@torch.no_grad()
+def mean_epipolar_distance(fmat: torch.Tensor, points1: torch.Tensor,
+                           points2: torch.Tensor) -> torch.Tensor:
+    """Mean over all ``N×M`` pairs of the distance of ``points2[j]`` to the line
+    ``F·points1[i]`` → ``B`` (pixels of the image of ``points2``; no gradient). Summed in
+    blocks of lines, so no ``B×N×M`` tensor is held."""
+    total = points1.new_zeros(points1.shape[0])
+    for block in points1.split(_DISTANCE_ROWS, dim=1):
+        total += epipolar_distance_matrix(fmat, block, points2).sum((1, 2))
+    return total / (points1.shape[1] * points2.shape[1])
+
+
+@torch.no_grad()
+def threshold_scales(keypoints1: torch.Tensor, keypoints2: torch.Tensor, fmat1: torch.Tensor,
+                     fmat2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rescale_thr``'s scales ``scale1, scale2`` (``B`` each), the original's definition.
+
+    ``m1`` = the mean distance in image 1 of the image-1 keypoints (``B×N×2``) to the lines
+    ``F2·x̃2`` of the image-2 keypoints (``B×M×2``) over all ``N×M`` pairs, ``m2`` the same in
+    image 2 (``F1·x̃1``); ``scale_k = m_k / min(m1, m2)``, so the image with the smaller mean
+    has scale 1. Where ``min(m1, m2)`` is 0 or not finite both scales are 1.
+    """
+    mean1 = mean_epipolar_distance(fmat2, keypoints2, keypoints1)
+    mean2 = mean_epipolar_distance(fmat1, keypoints1, keypoints2)
+    low = torch.minimum(mean1, mean2)
+    usable = (low > 0) & torch.isfinite(low) & torch.isfinite(mean1) & torch.isfinite(mean2)
+    low = torch.where(usable, low, torch.ones_like(low))
+    ones = torch.ones_like(low)
+    return torch.where(usable, mean1 / low, ones), torch.where(usable, mean2 / low, ones)
 
 
 def grid_walk_size(threshold: float, grid_size: int, rows: int, cols: int) -> int:

@@ -8,7 +8,7 @@ import torch
 
 from losses.keypoint import (KeypointLoss, draw_index_sets, fundamental_error,
                              fundamental_trial_errors, good_pair_mask, good_pairs,
-                             match_log_probabilities, sample_keypoints)
+                             match_log_probabilities, sample_keypoints, threshold_scales)
 from utils.errors import SCFeatError
 from utils.geometry import (epipolar_distance_matrix, fundamental_from_pose, normalize_coords,
                             sample_features, skew)
@@ -440,36 +440,62 @@ def test_generator_state_travels_with_state_dict():
 
 # --------------------------------------------------------------------------- rescale_thr
 
-@pytest.mark.parametrize("rescale, scale1, scale2, offset, good", [
-    (False, 0.5, 0.5, 1.5, True),   # rescale_thr false: the scales are ignored
-    (True, 1.0, 1.0, 1.5, True),
-    (True, 0.5, 1.0, 1.5, False),   # threshold in image 1 becomes 2 × 0.5 = 1 px
-    (True, 1.0, 0.5, 1.5, False),   # threshold in image 2 becomes 1 px
-    (True, 2.0, 2.0, 3.0, True),    # 4 px both ways
-    (True, 2.0, 2.0, 4.5, False),
-])
-def test_rescale_thr_multiplies_the_threshold_by_each_image_scale(rescale, scale1, scale2,
-                                                                    offset, good):
-    fmat1, fmat2 = shifted_stereo(0.0)  # lines y = y1 in image 2, y = y2 in image 1
-    keypoints1 = torch.tensor([[[10.0, 10.0]]])
-    keypoints2 = torch.tensor([[[30.0, 10.0 + offset]]])  # offset px from both lines
-    loss = KeypointLoss({"reward_config": {"reward_thr": 2.0, "rescale_thr": rescale}})
-    scales = (torch.tensor([scale1]), torch.tensor([scale2]))
-    _, mask, _, _ = loss.reward(keypoints1, keypoints2, fmat1, fmat2, scales=scales)
-    assert bool(mask[0, 0, 0]) == good
+def halved_height() -> tuple[torch.Tensor, torch.Tensor]:
+    """``F1, F2`` (``1×3×3``) of ``y1 = 2·y2``: the line of ``x1`` in image 2 is
+    ``y = y1/2``, that of ``x2`` in image 1 is ``y = 2·y2``; every distance in image 1 is twice
+    the same pair's distance in image 2."""
+    fmat1 = torch.tensor([[[0.0, 0, 0], [0, 0, 1], [0, -0.5, 0]]])
+    fmat2 = torch.tensor([[[0.0, 0, 0], [0, 0, 1], [0, -2.0, 0]]])
+    return fmat1, fmat2
 
 
-def test_scales_come_from_the_batch_or_default_to_one():
-    batch, out1, out2 = one_cell_batch(0.0)
-    conf = {"grid_size": 4, "reward_config": {"reward_thr": 5.0, "rescale_thr": True}}
-    _, comp = KeypointLoss(conf)(batch, out1, out2, {}, epoch=1)
-    assert comp["scale1"].item() == comp["scale2"].item() == 1.0 and comp["n_good"].item() == 1
-    # scale 0.1: 0.5 px, which proposals one row apart miss (pinned: rows 0 and 1)
-    draws = {"proposals1": torch.tensor([[0]]), "proposals2": torch.tensor([[4]]),
-             "accept1": torch.tensor([[True]]), "accept2": torch.tensor([[True]])}
-    scaled = {**batch, "scale1": torch.tensor([0.1]), "scale2": 0.1}
-    for data, n_good, scale in ((batch, 1, 1.0), (scaled, 0, 0.1)):
-        result = KeypointLoss(conf).evaluate(data, out1, out2, epoch=1, draws=draws)
-        assert result["components"]["n_good"].item() == n_good
-        assert result["components"]["scale1"].item() == pytest.approx(scale)
-        assert result["components"]["scale2"].item() == pytest.approx(scale)
+def test_threshold_scales_are_mean_distances_over_the_smaller_mean():
+    """m1 = 2·m2 gives scales 2 and 1; the thresholds become 4 px in image 1 and 2 px in image
+    2, which makes a pair good that the plain 2 px threshold rejects (3 px in image 1)."""
+    fmat1, fmat2 = halved_height()
+    keypoints1 = torch.tensor([[[10.0, 4.0], [20.0, 12.0]]])  # lines y = 2 and y = 6 in image 2
+    keypoints2 = torch.tensor([[[5.0, 3.5], [30.0, 6.5]]])
+    scale1, scale2 = threshold_scales(keypoints1, keypoints2, fmat1, fmat2)
+    assert scale1.tolist() == pytest.approx([2.0]) and scale2.tolist() == [1.0]
+    rescaled = KeypointLoss({"reward_config": {"reward_thr": 2.0, "rescale_thr": True}})
+    plain = KeypointLoss({"reward_config": {"reward_thr": 2.0}})
+    # pair (0, 0): 1.5 px in image 2, 3 px in image 1; pair (1, 1): 0.5 and 1 px
+    _, good, _, _ = rescaled.reward(keypoints1, keypoints2, fmat1, fmat2, scales=(scale1, scale2))
+    assert good[0].nonzero().tolist() == [[0, 0], [1, 1]]
+    _, good, _, _ = plain.reward(keypoints1, keypoints2, fmat1, fmat2)
+    assert good[0].nonzero().tolist() == [[1, 1]]
+    # swapping the images swaps the scales
+    swapped = threshold_scales(keypoints2, keypoints1, fmat2, fmat1)
+    assert swapped[0].tolist() == [1.0] and swapped[1].tolist() == pytest.approx([2.0])
+
+
+def test_threshold_scales_are_one_when_a_mean_distance_is_zero():
+    fmat1, fmat2 = halved_height()
+    keypoints1 = torch.tensor([[[10.0, 4.0], [20.0, 4.0]]])
+    keypoints2 = torch.tensor([[[5.0, 2.0], [30.0, 2.0]]])  # every pair exact: both means 0
+    scale1, scale2 = threshold_scales(keypoints1, keypoints2, fmat1, fmat2)
+    assert scale1.tolist() == scale2.tolist() == [1.0]
+
+
+def test_the_loss_reports_and_uses_the_scales_only_with_rescale_thr():
+    """Through the loss: 8×8 score maps, grid 4 (4 proposals per image, pinned)."""
+    fmat1, fmat2 = halved_height()
+    batch = {"F1": fmat1, "F2": fmat2}
+    gen = torch.Generator().manual_seed(0)
+    outputs = [make_outputs(torch.randn(1, 1, 8, 8, generator=gen), gen=gen) for _ in range(2)]
+    # proposals k → pixel (4c + k mod 4, 4r + k div 4): image 1 y = 0, 0, 4, 4 (lines y = 0, 2)
+    # image 2 y = 1, 1, 5, 5: pairs at 1 px (2 px in image 1) or 3 px (6 px) in image 2
+    draws = {"proposals1": torch.tensor([[0, 0, 0, 0]]), "proposals2": torch.tensor([[4] * 4]),
+             "accept1": torch.ones(1, 4, dtype=torch.bool),
+             "accept2": torch.ones(1, 4, dtype=torch.bool)}
+    counts = {}
+    for rescale in (False, True):
+        loss = KeypointLoss({"grid_size": 4, "reward_config": {"reward_thr": 2.0,
+                                                               "rescale_thr": rescale}})
+        result = loss.evaluate(batch, *outputs, epoch=1, draws=draws)
+        comp = result["components"]
+        scales = (comp["scale1"].item(), comp["scale2"].item())
+        assert scales == pytest.approx((2.0, 1.0)) if rescale else scales == (1.0, 1.0)
+        counts[rescale] = result["good_index"].shape[0]
+    # 1 px in image 2 and 2 px in image 1: rejected at 2 px, good at 4 px in image 1
+    assert counts == {False: 0, True: 8}
