@@ -51,7 +51,7 @@ from dataloader.megadepth_layout import (DEGENERATE_F, DUPLICATE_PAIR, EPIPOLAR_
                                          find_aligned_folders, missing_part, read_img_cam,
                                          read_pairs)
 from dataloader.pair_geometry import (MAX_FUNDAMENTAL_ENTRY, epipolar_lines_miss,
-                                      image_scale, pair_fundamentals, rotation_angles_deg,
+                                      pair_fundamentals, rotation_angles_deg,
                                       scale_intrinsics)
 from dataloader.query_points import QUERY_POINT_MODES, query_points
 from utils.config import Spec, section_config
@@ -91,8 +91,7 @@ class MegaDepth_SIFT(Dataset):
 
     Item: ``im1, im2`` (3×H×W float32, ImageNet-normalised; colour-jittered in train mode),
     ``F1, F2`` (3×3 float32), ``intrinsic1/2`` (3×3 float32), ``pose1/2`` (4×4 float32,
-    world→camera), ``name1/2`` (str, path relative to ``data_path``), ``scale1/2`` (float, the
-    returned size ÷ the size on disk) and, when
+    world→camera), ``name1/2`` (str, path relative to ``data_path``) and, when
     ``query_points`` is set, ``coord1/2`` (num_pts×2 float32 pixel ``x, y``). A pair that
     cannot be loaded gives ``{"skipped": "<cause>: <detail>"}`` instead (see the module
     docstring); ``skipped`` (a Counter, per process) and ``dropped_at_index`` (a Counter of
@@ -345,10 +344,6 @@ class MegaDepth_SIFT(Dataset):
             "pose2": torch.from_numpy(cam2.pose).float(),
             "name1": f"{record.rel_folder}/images/{record.name1}",
             "name2": f"{record.rel_folder}/images/{record.name2}",
-            # network size ÷ size on disk (geometric mean of the axes); KeypointLoss's
-            # reward_config.rescale_thr scales its pixel threshold by it
-            "scale1": image_scale(record.camera1, cam1),
-            "scale2": image_scale(record.camera2, cam2),
         }
         mode = self.conf["query_points"]
         if mode is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dataloader.megadepth_layout import CameraRecord
 from utils.geometry import fundamental_from_pose, relative_pose
 
 MAX_FUNDAMENTAL_ENTRY = 1e12  # |F/F[2,2]| beyond this means F[2,2] ≈ 0: unusable normalisation
@@ -23,12 +22,6 @@ def scale_intrinsics(K: np.ndarray, scale_x: float, scale_y: float) -> np.ndarra
                         [0.0, scale_y, (scale_y - 1) / 2],
                         [0.0, 0.0, 1.0]])
     return scaling @ K
-
-
-def image_scale(on_disk: "CameraRecord", returned: "CameraRecord") -> float:
-    """The returned image's size ÷ its size on disk, ``sqrt(scale_x · scale_y)`` (1 without
-    ``resize``)."""
-    return float(np.sqrt(returned.width / on_disk.width * returned.height / on_disk.height))
 
 
 def pair_fundamentals(K1: np.ndarray, K2: np.ndarray, pose1: np.ndarray,
