@@ -31,11 +31,14 @@ Features = dict[str, torch.Tensor]
 Detector = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 # Detector options whose default (None, or a free string) cannot state the type or choices.
+_SELECTION_DEFAULTS = generate_kpts_single.default_conf
 DETECTOR_SPECS = {
-    # The original reads a falsy thr (false, 0, null) as "no threshold".
-    "thr": Spec(None, types=(float, bool, type(None))),
-    "use_nms": Spec(True, types=(bool, str), choices=NMS_MODES),
-    "thr_mod": Spec("abs", choices=THRESHOLD_MODES),
+    # The original reads a falsy num_pts (false, 0, null) as "every candidate" and a falsy
+    # thr as "no threshold".
+    "num_pts": Spec(_SELECTION_DEFAULTS["num_pts"], types=(int, bool, type(None))),
+    "thr": Spec(_SELECTION_DEFAULTS["thr"], types=(float, bool, type(None))),
+    "use_nms": Spec(_SELECTION_DEFAULTS["use_nms"], types=(bool, str), choices=NMS_MODES),
+    "thr_mod": Spec(_SELECTION_DEFAULTS["thr_mod"], choices=THRESHOLD_MODES),
 }
 
 
@@ -152,9 +155,10 @@ def detect_and_describe(model: torch.nn.Module, image: np.ndarray,
 
     The image is padded at the right/bottom to a multiple of 16 (:func:`pad_to_multiple`),
     ImageNet-normalised and run through ``model`` (in eval mode, on its device); keypoints are
-    selected by ``detector`` with ``detector_config`` (its ``default_conf`` otherwise, e.g.
-    ``num_pts=8192, thr=None`` for ``generate_kpts_single``) on the score map cropped to the
-    image. Returns numpy float32 ``keypoints`` ``N×2`` (``x, y`` in the input's pixels),
+    selected by ``detector`` with ``detector_config`` on the score map cropped to the image
+    (an option left out takes the detector's ``default_conf``, for ``generate_kpts_single``
+    the original's: every NMS candidate, no threshold; the original's HPatches extraction
+    passes ``num_pts=8192, thr=1.0, thr_mod="abs"``). Returns numpy float32 ``keypoints`` ``N×2`` (``x, y`` in the input's pixels),
     ``scores`` ``N`` and ``descriptors`` ``N×D`` (unit norm), best score first; ``N = 0`` for
     an image without texture (:func:`is_textureless`).
     """

@@ -43,10 +43,12 @@ THRESHOLD_MODES = ("abs", "max", "mean")
 NMS_MODES = (True, False, "softnms")
 _GUMBEL_BLOCK = 1 << 22  # draw × interior-pixel entries per block of Gumbel draws
 
-# The options of generate_kpts_single as a config section (registry name `generate_kpts_single`).
-# `stride` and `temperature` are the original's parameters (only stride 1 runs there).
-default_conf = {"num_pts": 8192, "stable": True, "use_nms": True, "nms_radius": 1,
-                "thr": None, "thr_mod": "abs", "stride": 1, "temperature": 0.1}
+# The options of generate_kpts_single as a config section (registry name `generate_kpts_single`),
+# with the original function's defaults for a key a config leaves out: every candidate
+# (num_pts falsy), no threshold, thr_mod mean, Gumbel temperature 1. `stride` and
+# `temperature` are the original's parameters (only stride 1 runs there).
+default_conf = {"num_pts": None, "stable": True, "use_nms": True, "nms_radius": 1,
+                "thr": None, "thr_mod": "mean", "stride": 1, "temperature": 1.0}
 
 
 def _check_options(num_pts, stable, use_nms, nms_radius, thr, thr_mod, stride,
@@ -146,10 +148,10 @@ def _gumbel_draws(masked: torch.Tensor, values: torch.Tensor, n_draws: int, temp
     return torch.cat(out, dim=1)
 
 
-def select_keypoints(score_maps: torch.Tensor, num_pts: int | None = 8192, stable: bool = True,
+def select_keypoints(score_maps: torch.Tensor, num_pts: int | None = None, stable: bool = True,
                      use_nms: bool | str = True, nms_radius: int = 1,
-                     thr: float | None = None, thr_mod: str = "abs", stride: int = 1,
-                     temperature: float = 0.1, uniform_noise: torch.Tensor | None = None,
+                     thr: float | None = None, thr_mod: str = "mean", stride: int = 1,
+                     temperature: float = 1.0, uniform_noise: torch.Tensor | None = None,
                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The original's keypoint selection on ``B×1×H×W`` score maps (see the module doc).
 
@@ -220,10 +222,10 @@ def _as_batch(score_map: torch.Tensor) -> torch.Tensor:
                       f"got shape {tuple(score_map.shape)}")
 
 
-def generate_kpts_single(score_map: torch.Tensor, num_pts: int | None = 8192,
+def generate_kpts_single(score_map: torch.Tensor, num_pts: int | None = None,
                          stable: bool = True, use_nms: bool | str = True, nms_radius: int = 1,
-                         thr: float | None = None, thr_mod: str = "abs", stride: int = 1,
-                         temperature: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+                         thr: float | None = None, thr_mod: str = "mean", stride: int = 1,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Select keypoints from one score map (``1×1×H×W`` or ``H×W``, H, W ≥ 3).
 
     Returns ``keypoints`` (``N×2`` float32 pixel ``x, y``) and ``scores`` (``N``) on the

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from model.extractor import detector_schema
+from utils.config import validate
 from utils.keypoints import generate_kpts_single, select_keypoints
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "keypoint_selection_reference.npz"
@@ -49,7 +51,23 @@ def as_sorted_rows(keypoints: np.ndarray, scores: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_original(reference, case):
     name, options = CASES[case]
-    result = select_keypoints(torch.from_numpy(reference[f"map_{name}"]), **options)
+    check_case(reference, case, select_keypoints(torch.from_numpy(reference[f"map_{name}"]),
+                                                 **options))
+
+
+@pytest.mark.parametrize("options, case", [({}, "nms_r1"), ({"thr": 1.5}, "nms_r1_mean15"),
+                                           ({"use_nms": False, "thr": 1.5}, "nonms_mean15")])
+def test_a_config_leaving_keys_out_selects_as_the_original(reference, options, case):
+    """Options a detector config leaves out (num_pts, thr, thr_mod) take the original
+    function's defaults: all candidates, no threshold, a threshold relative to the mean."""
+    conf = validate(options, detector_schema("generate_kpts_single"))
+    check_case(reference, case, select_keypoints(torch.from_numpy(reference["map_crafted"]),
+                                                 **conf))
+
+
+def check_case(reference: dict, case: str, result: dict) -> None:
+    """``result`` of :func:`select_keypoints` equals the fixture's ``case`` (tolerances of the
+    reference README)."""
     expected_masked = reference[f"{case}/masked"]
     scale = np.abs(expected_masked).max()
     assert np.abs(result["masked"].numpy() - expected_masked).max() <= 1e-6 * scale
@@ -93,8 +111,8 @@ def test_gumbel_noise_drawn_from_the_generator_in_blocks(reference, monkeypatch)
 def test_generate_kpts_single_is_the_per_image_selection_in_pixels(reference):
     """The per-image wrapper returns all N points (tail included) in pixels."""
     score = torch.from_numpy(reference["map_crafted"][1:2])
-    keypoints, scores = generate_kpts_single(score, num_pts=8192, thr=1.0)
-    batched = select_keypoints(score, num_pts=8192, thr=1.0)
+    keypoints, scores = generate_kpts_single(score, num_pts=8192, thr=1.0, thr_mod="abs")
+    batched = select_keypoints(score, num_pts=8192, thr=1.0, thr_mod="abs")
     height, width = score.shape[-2:]
     torch.testing.assert_close(keypoints, batched["keypoints_px"][0])
     torch.testing.assert_close(scores, batched["scores"][0])

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from utils.errors import SCFeatError
-from utils.keypoints import (MIN_KEYPOINTS, generate_kpts_single, sample_descriptors,
-                             select_keypoints)
+from model.extractor import make_detector
+from utils.keypoints import (MIN_KEYPOINTS, generate_kpts_single, hard_nms_mask,
+                             sample_descriptors, select_keypoints)
 
 
 def _peak_grid(size: int = 64, spacing: int = 3) -> tuple[torch.Tensor, np.ndarray]:
@@ -88,7 +89,7 @@ def test_plateau_keeps_its_raster_first_pixel_and_nothing_at_the_top_left_edge()
     score[0, 0, 5:7, 5:8] = 2.0   # a 2×3 plateau inside: only (5, 5) survives
     score[0, 0, 1:3, 9] = 3.0     # straddles the first two interior rows: nothing survives
     score[0, 0, 10, 9:11] = 1.5   # on the bottom edge: the raster-first pixel survives
-    result = select_keypoints(score, num_pts=None, thr=0.5)
+    result = select_keypoints(score, num_pts=None, thr=0.5, thr_mod="abs")
     survivors = torch.nonzero(result["masked"][0] > 0) + 1  # full-map (row, col)
     assert sorted(map(tuple, survivors.tolist())) == [(5, 5), (10, 9)]
     assert result["n_valid"].tolist() == [2]
@@ -99,7 +100,7 @@ def test_ranking_uses_the_pixel_value_and_the_score_is_the_3x3_maximum():
     score[0, 0, 4, 8] = 4.2       # an interior peak ...
     score[0, 0, 4, 9] = 5.5       # ... next to a larger value in the outer ring
     score[0, 0, 6, 3] = 5.0       # a larger interior peak
-    result = select_keypoints(score, num_pts=None, thr=1.0)
+    result = select_keypoints(score, num_pts=None, thr=1.0, thr_mod="abs")
     assert result["n_valid"].tolist() == [2]
     # ranked 5.0 before 4.2 (own values), but the second returns the ring's 5.5
     assert result["scores"][0, :2].tolist() == [5.0, 5.5]
@@ -137,7 +138,7 @@ def test_falsy_thr_means_no_threshold(no_threshold):
 def test_fewer_than_128_candidates_fill_the_tail_with_suppressed_pixels():
     score, values = _peak_grid()
     assert 0 < (values > 0.95).sum() < MIN_KEYPOINTS
-    result = select_keypoints(score[None, None], num_pts=300, thr=0.95)
+    result = select_keypoints(score[None, None], num_pts=300, thr=0.95, thr_mod="abs")
     n_valid = int((values > 0.95).sum())
     assert result["keypoints_px"].shape == (1, MIN_KEYPOINTS, 2)  # raised to 128, not 300
     assert result["n_valid"].tolist() == [n_valid]
@@ -145,7 +146,7 @@ def test_fewer_than_128_candidates_fill_the_tail_with_suppressed_pixels():
                                np.sort(values[values > 0.95])[::-1], rtol=1e-6)
     ranked = result["masked"].flatten().sort(descending=True).values
     assert (ranked[n_valid:] == 0).all()  # the tail ranks with value 0
-    _, capped = generate_kpts_single(score, num_pts=200, thr=0.3)
+    _, capped = generate_kpts_single(score, num_pts=200, thr=0.3, thr_mod="abs")
     assert len(capped) == 200 and capped.min() > 0.3
 
 
@@ -154,7 +155,7 @@ def test_batch_returns_the_poorest_elements_count():
     rich = score[None, None]
     poor = rich.clone()
     poor[0, 0, 30:] = 0.0  # fewer peaks: the batch gets this element's count
-    result = select_keypoints(torch.cat([rich, poor]), num_pts=None, thr=0.05)
+    result = select_keypoints(torch.cat([rich, poor]), num_pts=None, thr=0.05, thr_mod="abs")
     n_poor = int((poor[0, 0, 1:-1, 1:-1] > 0.05).sum())
     assert result["keypoints_px"].shape[1] == n_poor
     assert result["n_valid"].tolist() == [n_poor, n_poor]
@@ -215,3 +216,36 @@ def test_descriptors_of_a_bf16_map_are_sampled_at_float32_positions():
     got = sample_descriptors(desc_map.bfloat16(), keypoints, (480, 640))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
+
+
+ORIGINAL_DEFAULTS = {"num_pts": False, "stable": True, "use_nms": True, "nms_radius": 1,
+                     "thr": False, "thr_mod": "mean", "temperature": 1}
+
+
+def test_options_left_out_take_the_originals_defaults():
+    """A detector config without num_pts, thr, thr_mod, temperature selects as the original's
+    function with those defaults: every NMS candidate (here more than 8192), no threshold."""
+    score = torch.rand(1, 1, 320, 320, generator=torch.Generator().manual_seed(0))
+    keypoints, scores = make_detector("generate_kpts_single", {})(score)
+    expected, expected_scores = generate_kpts_single(score, **ORIGINAL_DEFAULTS)
+    count = int(hard_nms_mask(score[:, 0, 1:-1, 1:-1], 1).sum())
+    assert len(keypoints) == count > 8192
+    assert torch.equal(keypoints, expected) and torch.equal(scores, expected_scores)
+    # a threshold without thr_mod is relative to the mean
+    thresholded, _ = make_detector("generate_kpts_single", {"thr": 1.5})(score)
+    mean_relative, _ = generate_kpts_single(score, **{**ORIGINAL_DEFAULTS, "thr": 1.5})
+    assert torch.equal(thresholded, mean_relative)
+    assert len(thresholded) == int((hard_nms_mask(score[:, 0, 1:-1, 1:-1], 1)
+                                    & (score[:, 0, 1:-1, 1:-1] > 1.5 * score[:, 0, 1:-1, 1:-1].mean())).sum())
+
+
+def test_gumbel_temperature_left_out_is_one():
+    score = torch.rand(1, 1, 20, 24, generator=torch.Generator().manual_seed(1))
+
+    def draw(select, **options):
+        torch.manual_seed(5)  # the Gumbel noise comes from the global generator
+        return select(score, stable=False, num_pts=130, **options)[0]
+
+    left_out = draw(make_detector("generate_kpts_single", {"stable": False, "num_pts": 130}))
+    assert torch.equal(left_out, draw(generate_kpts_single, temperature=1.0))
+    assert not torch.allclose(left_out, draw(generate_kpts_single, temperature=0.1))
