@@ -7,6 +7,7 @@ a config that is complete and checked: the scripts, the demo and the tests use t
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from evaluation.hpatches import default_conf as hpatches_defaults
@@ -132,6 +133,22 @@ def check_train_config(conf: dict, origin: str) -> None:
              f"{len(conf['optimal_modules'])} optimal_modules")
     if conf["load_path"] is not None:
         check_load_path(conf["load_path"], "ckpts/descriptor-100k/010", fail)
+    conf["tb_component"] = [component_name(name, conf["losses"], fail)
+                            for name in conf["tb_component"]]
+
+
+def component_name(name: object, losses: list[str], fail) -> str:
+    """A ``tb_component`` entry as the losses report it: the original's spaced names (``'cor
+    max'``) with ``_`` (``cor_max``); ``fail(message)`` when no loss of ``losses`` reports it,
+    with the closest name."""
+    reported = list(losses) + [c for loss in losses for c in lookup(LOSSES, loss, "losses").components]
+    canonical = "_".join(str(name).split())
+    if canonical not in reported:
+        close = difflib.get_close_matches(canonical, reported, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        fail(f"key 'tb_component': {name!r} is not reported by the losses {losses}{hint} "
+             f"(reported: {', '.join(reported)})")
+    return canonical
 
 
 # -------------------------------------------------------------------------------- extraction

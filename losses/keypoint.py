@@ -95,6 +95,12 @@ class KeypointLoss(nn.Module):
     """
 
     needs_detector = True
+    # The components it reports: the original's (its spaced names, e.g. 'cor max', with "_"),
+    # then ours.
+    components = ("reinforce", "kp_penalty", "scale1", "scale2", "cor_max", "cor_mean",
+                  "cor_minmax", "cor_minmean", "cor_summin", "cor_summax", "n_kps", "n_pairs",
+                  "temperature", "n_good", "good_fraction", "n_good_all", "fmat_error",
+                  "n_fmat_pairs")
     default_conf = {
         "grid_size": Spec(8, minimum=1),
         "loss_distance": Spec("cos", choices=LOSS_DISTANCES),

@@ -186,6 +186,7 @@ class EpipolarLoss_Line2Window(nn.Module):  # noqa: N801  (config name)
     """
 
     needs_detector = False
+    components = ("loss_g1", "loss_w1", "loss_g2", "loss_w2", "percent_g", "percent_w")
     default_conf = {
         "grid_cost_thr": Spec(0.5, above=0, doc="fraction of the shorter image side"),
         "win_cost_thr": Spec(0.1, above=0, doc="fraction of the shorter image side"),

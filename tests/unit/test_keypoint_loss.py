@@ -499,3 +499,10 @@ def test_the_loss_reports_and_uses_the_scales_only_with_rescale_thr():
         counts[rescale] = result["good_index"].shape[0]
     # 1 px in image 2 and 2 px in image 1: rejected at 2 px, good at 4 px in image 1
     assert counts == {False: 0, True: 8}
+
+
+def test_the_declared_components_are_those_reported():
+    """``KeypointLoss.components`` (what ``tb_component`` may name) is what forward reports."""
+    batch, out1, out2 = one_cell_batch(0.0)
+    _, comp = KeypointLoss({"grid_size": 4})(batch, out1, out2, {}, epoch=1)
+    assert sorted(comp) == sorted(KeypointLoss.components)

@@ -382,3 +382,10 @@ def test_the_loss_gradient_teaches_epipolar_descriptors(tmp_path):
     assert last < 0.85 * first, (first, last)
     first_up, last_up = first_and_last(descend(batch, 100, sign=-1.0))
     assert last_up > 1.15 * first_up and last_up > first, (first_up, last_up)
+
+
+def test_the_declared_components_are_those_reported():
+    """``EpipolarLoss_Line2Window.components`` (what ``tb_component`` may name) is what
+    forward reports."""
+    _, _, components = run(*synthetic_pair(), image_hw=(96, 128))
+    assert list(components) == list(EpipolarLoss_Line2Window.components)
