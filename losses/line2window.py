@@ -67,7 +67,9 @@ class Preprocess_Line2Window:  # noqa: N801  (config name)
     ``feat1g_std, feat2g_std, feat1w_std, feat2w_std`` (``B×N``, normalised units);
     ``valid_epi1, valid_epi2`` (``B×N`` bool: a line crosses the image and the jittered centre
     lies in it); ``epi_line1, epi_line2`` (``B×N×3``, the lines ``F1·x̃1`` in image 2 and
-    ``F2·x̃2`` in image 1); ``image_hw`` (``(H, W)``) and ``temperature``.
+    ``F2·x̃2`` in image 1); ``image_hw1``, ``image_hw2`` (``(H, W)`` of ``batch['im1']``,
+    ``batch['im2']``: each image's queries, lines and correspondences use its own size) and
+    ``temperature``.
 
     ``epoch`` is the original trainer's 1-based epoch. ``queries=(query1_n, query2_n)``
     (``B×N×2``, normalised) replaces the query draw; ``jitter_uniform=(u1, u2)`` (``B×N×2`` in
@@ -115,8 +117,8 @@ class Preprocess_Line2Window:  # noqa: N801  (config name)
                    coords2_n: torch.Tensor, map2: torch.Tensor, fmat: torch.Tensor,
                    image_hw: tuple[int, int], temperature: float, uniform: torch.Tensor
                    ) -> dict:
-        """Matches of image 1's queries in image 2 (``map2``: ``B×C×h×w`` local map);
-        uniform ``B×N×2`` the jitter draw."""
+        """Matches of image 1's queries in image 2 (``map2``: ``B×C×h×w`` local map,
+        ``image_hw``: image 2's size); uniform ``B×N×2`` the jitter draw."""
         height, width = image_hw
         global_n, global_std = soft_correspondence(global_logits, coords2_n)
         map_hw = tuple(map2.shape[-2:])
@@ -146,29 +148,30 @@ class Preprocess_Line2Window:  # noqa: N801  (config name)
                  generator: torch.Generator | None = None) -> dict:
         map1, map2 = outputs1["local_map"], outputs2["local_map"]
         batch_size = map1.shape[0]
-        height, width = (int(size) for size in batch["im1"].shape[-2:])
+        # each image's own size: the two may differ
+        hw1, hw2 = (tuple(int(size) for size in batch[key].shape[-2:]) for key in ("im1", "im2"))
         if queries is None:
-            queries = tuple(draw_queries(batch_size, height, width, self.grid_size,
-                                         self.random_select, device=map1.device,
-                                         generator=generator) for _ in range(2))
+            queries = tuple(draw_queries(batch_size, *hw, self.grid_size, self.random_select,
+                                         device=map1.device, generator=generator)
+                            for hw in (hw1, hw2))
         query1_n, query2_n = (query.to(map1.dtype) for query in queries)
         if jitter_uniform is None:
             draw_device = generator.device if generator is not None else map1.device
             jitter_uniform = tuple(
                 torch.rand(batch_size, query.shape[1], 2, device=draw_device,
                            generator=generator).to(map1.device) for query in (query1_n, query2_n))
-        coords1 = denormalize_coords(query1_n, height, width)
-        coords2 = denormalize_coords(query2_n, height, width)
+        coords1 = denormalize_coords(query1_n, *hw1)
+        coords2 = denormalize_coords(query2_n, *hw2)
         # cos: unit descriptors; euc: raw ones (the maps along lines and windows stay unit)
         desc1 = sample_features(map1, query1_n, normalize=self.normalize_queries)  # B×N×C
         desc2 = sample_features(map2, query2_n, normalize=self.normalize_queries)
         temperature = self.temperature(epoch)
         logits = temperature * (desc1 @ desc2.transpose(1, 2))  # B×N×M, both directions
-        one = self._direction(desc1, coords1, logits, query2_n, map2, batch["F1"],
-                              (height, width), temperature, jitter_uniform[0])
+        one = self._direction(desc1, coords1, logits, query2_n, map2, batch["F1"], hw2,
+                              temperature, jitter_uniform[0])
         two = self._direction(desc2, coords2, logits.transpose(1, 2), query1_n, map1,
-                              batch["F2"], (height, width), temperature, jitter_uniform[1])
-        processed = {"coord1": coords1, "coord2": coords2, "image_hw": (height, width),
+                              batch["F2"], hw1, temperature, jitter_uniform[1])
+        processed = {"coord1": coords1, "coord2": coords2, "image_hw1": hw1, "image_hw2": hw2,
                      "temperature": temperature}
         for index, result in (("1", one), ("2", two)):
             for key, value in result.items():
@@ -206,9 +209,10 @@ class EpipolarLoss_Line2Window(nn.Module):  # noqa: N801  (config name)
 
     def forward(self, batch: dict, outputs1: dict, outputs2: dict, processed: dict,
                 epoch: int) -> tuple[torch.Tensor, dict]:
-        shorter = min(processed["image_hw"])
         components, masks_g, masks_w = {}, [], []
-        for index in ("1", "2"):
+        for index, target in (("1", "2"), ("2", "1")):
+            # distances are measured in the other image: its shorter side scales the thresholds
+            shorter = min(processed[f"image_hw{target}"])
             lines, valid = processed[f"epi_line{index}"], processed[f"valid_epi{index}"]
             corloc_g = processed[f"feat{index}g_corloc"]
             corloc_w = processed[f"feat{index}w_corloc"]
@@ -227,8 +231,9 @@ class EpipolarLoss_Line2Window(nn.Module):  # noqa: N801  (config name)
                                                       mask_w)
             masks_g.append(mask_g)
             masks_w.append(mask_w)
-        components["percent_g"] = torch.stack(masks_g).float().mean()
-        components["percent_w"] = torch.stack(masks_w).float().mean()
+        # the two directions may have different numbers of queries (images of different sizes)
+        components["percent_g"] = torch.cat([m.flatten() for m in masks_g]).float().mean()
+        components["percent_w"] = torch.cat([m.flatten() for m in masks_w]).float().mean()
         loss = (self.conf["weight_grid"] * (components["loss_g1"] + components["loss_g2"])
                 + self.conf["weight_window"] * (components["loss_w1"] + components["loss_w2"]))
         return loss, components

@@ -75,7 +75,8 @@ def run_case(base: dict, options: dict, case: str, dtype: torch.dtype) -> dict:
     else:
         uniform = tuple(torch.full_like(query, 0.5) for query in queries)
     image_hw = tuple(int(size) for size in base["image_hw"])
-    batch = {"im1": torch.zeros(2, 3, *image_hw), "F1": tensor("F1"), "F2": tensor("F2")}
+    batch = {"im1": torch.zeros(2, 3, *image_hw), "im2": torch.zeros(2, 3, *image_hw),
+             "F1": tensor("F1"), "F2": tensor("F2")}
     outputs1, outputs2 = {"local_map": map1}, {"local_map": map2}
     processed = Preprocess_Line2Window(pre_conf)(batch, outputs1, outputs2, epoch,
                                                  queries=queries, jitter_uniform=uniform)
@@ -191,7 +192,7 @@ def test_loss_formula_reproduces_reference_components(base):
     processed = {key[4:]: value for key, value in ref.items() if key.startswith("out/")}
     processed["epi_line1"] = epipolar_lines(ref["F1"], ref["out/coord1"])
     processed["epi_line2"] = epipolar_lines(ref["F2"], ref["out/coord2"])
-    processed["image_hw"] = tuple(int(size) for size in ref["image_hw"])
+    processed["image_hw1"] = processed["image_hw2"] = tuple(int(size) for size in ref["image_hw"])
     loss, components = EpipolarLoss_Line2Window({})({}, {}, {}, processed, 1)
     for key, value in components.items():
         torch.testing.assert_close(value, ref[f"comp/{key}"], rtol=2e-6, atol=0)
@@ -290,8 +291,8 @@ def test_drawn_regular_random_queries_share_one_offset():
 def test_preprocess_draws_queries_and_jitter_from_the_generator():
     """Without injected draws the preprocess draws queries (one per whole image cell) and
     jitter; the same generator seed gives the same result, another seed another."""
-    batch = {"im1": torch.zeros(2, 3, 32, 48), "F1": torch.eye(3).expand(2, 3, 3),
-             "F2": torch.eye(3).expand(2, 3, 3)}
+    batch = {"im1": torch.zeros(2, 3, 32, 48), "im2": torch.zeros(2, 3, 32, 48),
+             "F1": torch.eye(3).expand(2, 3, 3), "F2": torch.eye(3).expand(2, 3, 3)}
     gen = torch.Generator().manual_seed(0)
     maps = [{"local_map": torch.randn(2, 4, 8, 12, generator=gen)} for _ in range(2)]
     preprocess = Preprocess_Line2Window({})

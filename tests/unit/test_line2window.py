@@ -26,9 +26,12 @@ def no_jitter(queries):
     return tuple(torch.full_like(query, 0.5) for query in queries)
 
 
-def run(map1, map2, fmat1, fmat2, queries, image_hw, pre_conf=None, loss_conf=None, epoch=1):
-    """Preprocess (no jitter) + loss on given local maps; returns (processed, loss, components)."""
-    batch = {"im1": torch.zeros(map1.shape[0], 3, *image_hw), "F1": fmat1, "F2": fmat2}
+def run(map1, map2, fmat1, fmat2, queries, image_hw, pre_conf=None, loss_conf=None, epoch=1,
+        image_hw2=None):
+    """Preprocess (no jitter) + loss on given local maps; returns (processed, loss, components).
+    ``image_hw2``: image 2's size when it differs from image 1's ``image_hw``."""
+    batch = {"im1": torch.zeros(map1.shape[0], 3, *image_hw),
+             "im2": torch.zeros(map2.shape[0], 3, *(image_hw2 or image_hw)), "F1": fmat1, "F2": fmat2}
     outputs1, outputs2 = {"local_map": map1}, {"local_map": map2}
     processed = Preprocess_Line2Window(pre_conf or {})(
         batch, outputs1, outputs2, epoch, queries=queries, jitter_uniform=no_jitter(queries))
@@ -226,6 +229,75 @@ def test_directions_mirror_each_other():
     for name in ("g", "w"):
         torch.testing.assert_close(comp_a[f"loss_{name}1"], comp_b[f"loss_{name}2"])
     torch.testing.assert_close(loss_a, loss_b)
+
+
+def two_size_pair(seed=0):
+    """Image 1 96×128, image 2 64×96 (a zoomed-out view: F from each image's own intrinsics),
+    float64 local maps of each size, 10 and 12 queries."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.float64
+    map1 = torch.randn(2, 8, 24, 32, generator=gen, dtype=dtype)
+    map2 = torch.randn(2, 8, 16, 24, generator=gen, dtype=dtype)
+
+    def intrinsics(height, width):
+        return torch.tensor([[width * 0.9, 0, width / 2], [0, width * 0.9, height / 2],
+                             [0, 0, 1.0]], dtype=dtype)
+
+    angle = torch.tensor(0.15, dtype=dtype)
+    rot = torch.tensor([[angle.cos(), 0, angle.sin()], [0, 1, 0], [-angle.sin(), 0, angle.cos()]],
+                       dtype=dtype)
+    trans = torch.tensor([0.6, 0.1, 0.1], dtype=dtype)
+    fmat1 = (torch.linalg.inv(intrinsics(64, 96)).T @ skew(trans[None])[0] @ rot
+             @ torch.linalg.inv(intrinsics(96, 128)))
+    fmat1 = (fmat1 / fmat1[2, 2]).expand(2, 3, 3).clone()
+    fmat2 = fmat1.transpose(1, 2) / fmat1[:, 2:, 2:]
+    queries = (torch.rand(2, 10, 2, generator=gen, dtype=dtype) * 1.8 - 0.9,
+               torch.rand(2, 12, 2, generator=gen, dtype=dtype) * 1.8 - 0.9)
+    return map1, map2, fmat1, fmat2, queries
+
+
+def test_each_image_uses_its_own_size():
+    """Images of different sizes: image 2's queries, lines and correspondences are in image 2's
+    pixels (its own H, W), and swapping the images swaps every output."""
+    map1, map2, fmat1, fmat2, (query1, query2) = two_size_pair()
+    hw1, hw2 = (96, 128), (64, 96)
+    forward, loss_a, comp_a = run(map1, map2, fmat1, fmat2, (query1, query2), hw1,
+                                  image_hw2=hw2)
+    swapped, loss_b, comp_b = run(map2, map1, fmat2, fmat1, (query2, query1), hw2,
+                                  image_hw2=hw1)
+    for name in ("g_corloc", "g_std", "w_corloc", "w_std", "c_corloc_org"):
+        torch.testing.assert_close(forward[f"feat1{name}"], swapped[f"feat2{name}"])
+        torch.testing.assert_close(forward[f"feat2{name}"], swapped[f"feat1{name}"])
+    for first, second in (("1", "2"), ("2", "1")):
+        assert torch.equal(forward[f"valid_epi{first}"], swapped[f"valid_epi{second}"])
+        torch.testing.assert_close(forward[f"coord{first}"], swapped[f"coord{second}"])
+    for name in ("g", "w"):
+        torch.testing.assert_close(comp_a[f"loss_{name}1"], comp_b[f"loss_{name}2"])
+        torch.testing.assert_close(comp_a[f"percent_{name}"], comp_b[f"percent_{name}"])
+    torch.testing.assert_close(loss_a, loss_b)
+
+    # Computed independently: pixels x = (q + 1)·(W − 1)/2 with each image's W, H; the global
+    # correspondence of an image-1 query is the softmax-weighted mean of image 2's query pixels.
+    pixels2 = (query2 + 1) * torch.tensor([95 / 2, 63 / 2], dtype=torch.float64)
+    torch.testing.assert_close(forward["coord2"], pixels2)
+    desc1 = F.normalize(F.grid_sample(map1, query1[:, :, None], align_corners=False)[..., 0], dim=1)
+    desc2 = F.normalize(F.grid_sample(map2, query2[:, :, None], align_corners=False)[..., 0], dim=1)
+    weights = torch.softmax(60 * desc1.transpose(1, 2) @ desc2, dim=-1)  # B×10×12
+    torch.testing.assert_close(forward["feat1g_corloc"], weights @ pixels2)
+    centres = forward["feat1c_corloc_org"][forward["valid_epi1"]]  # on lines inside image 2
+    assert forward["valid_epi1"].sum() > 10
+    assert centres.min() >= -1e-9 and (centres <= torch.tensor([95.0, 63.0]) + 1e-9).all()
+    # the thresholds (grid_cost_thr 0.5) use the shorter side of the image each distance is
+    # measured in; any other choice of sides keeps another share of the global matches here
+    def kept(shorter1: int, shorter2: int) -> float:
+        masks = [(point_line_distance(forward[f"epi_line{i}"], forward[f"feat{i}g_corloc"])
+                  < 0.5 * shorter) & forward[f"valid_epi{i}"]
+                 for i, shorter in (("1", shorter1), ("2", shorter2))]
+        return torch.cat([m.flatten() for m in masks]).double().mean().item()
+
+    assert comp_a["percent_g"].item() == pytest.approx(kept(min(hw2), min(hw1)))
+    others = {kept(96, 64), kept(64, 64), kept(96, 96)}
+    assert all(abs(other - comp_a["percent_g"].item()) > 0.01 for other in others)
 
 
 def test_inverse_std_weights():
