@@ -33,8 +33,8 @@ class Spec:
     tuple; default: the default's type), allowed ``choices`` (the error adds ``doc``), the range
     ``minimum`` ≤ value ≤ ``maximum`` and ``above`` < value (numbers; ``None`` passes), and
     ``check(value) -> problem or None`` for any other single-key rule. ``inert``: a key that the
-    original's configs carry but that changes nothing (here, and in the original); it is
-    accepted, and reported once at start-up when a config sets it."""
+    original's configs carry but that has no effect here; it is accepted, and reported once at
+    start-up when a config sets it."""
 
     default: Any = REQUIRED
     types: tuple = ()
