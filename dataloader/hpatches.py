@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataloader.collate import collate_skip_none
-from utils.image import load_image_rgb, to_tensor_normalized
+from utils.image import load_image, to_tensor_normalized
 from utils.config import Spec, section_config
 from utils.errors import SCFeatError
 
@@ -81,7 +81,7 @@ class HPatch_SIFT(Dataset):
         crop). H', W' are H, W rounded down to a multiple of 16."""
         path = self.paths[index]
         try:
-            rgb = load_image_rgb(path)
+            rgb = load_image(path)
         except SCFeatError as error:  # one bad file must not stop a whole extraction
             logger.warning("HPatches: skipping %s (%s)", path, error)
             return None

@@ -18,6 +18,7 @@ from utils.atomic import atomic_open
 from utils.checkpoint import checkpoint_files
 from utils.files import files_signature
 from utils.errors import SCFeatError
+from utils.image import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +89,7 @@ def sift_from_gray(gray: np.ndarray, max_keypoints: int = 0) -> tuple[np.ndarray
 
 def sift_features(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """:func:`sift_from_gray` of the image file ``path`` (all keypoints)."""
-    gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if gray is None:
-        raise SCFeatError(f"cannot read image {path}")
-    return sift_from_gray(gray)
+    return sift_from_gray(load_image(path, grey=True))
 
 
 def check_method(entry: object, origin: str) -> str:
@@ -142,14 +140,6 @@ def make_extractor(method: str, max_keypoints: int,
         features = model.detect_and_describe(image, num_pts=max(max_keypoints, 128))
         return features["keypoints"].astype(np.float64), features["descriptors"]
     return extract
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """An image file → ``H×W×3`` uint8 RGB."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise SCFeatError(f"cannot read image {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 # ---------------------------------------------------------------------------------------------

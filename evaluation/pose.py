@@ -36,11 +36,12 @@ import torch
 
 from dataloader.megadepth_layout import parse_numbers
 from evaluation.matching import (cached_features, check_method, files_signature, match_numpy,
-                                 method_label, method_signature, read_feature_file, read_rgb,
+                                 method_label, method_signature, read_feature_file,
                                  require_files)
 from utils.cli import resolve_device
 from utils.atomic import atomic_target, write_json
 from utils.errors import SCFeatError
+from utils.image import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -426,7 +427,7 @@ def image_loaders(pairs: list[PosePair], resize: int | None) -> dict[str, Callab
 
     def loader(path: Path) -> Callable:
         def load() -> tuple[np.ndarray, dict]:
-            image, scales = resize_long_side(read_rgb(path), resize)
+            image, scales = resize_long_side(load_image(path), resize)
             return image, {"scale": scales, "image_size": np.array(image.shape[1::-1])}
         return load
     return {key: loader(path) for key, path in paths.items()}

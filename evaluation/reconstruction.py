@@ -23,9 +23,10 @@ import torch
 
 from dataloader.megadepth_layout import CameraRecord, read_img_cam
 from evaluation.matching import (cached_features, check_method, files_signature, match_numpy,
-                                 method_label, method_signature, read_feature_file, read_rgb)
+                                 method_label, method_signature, read_feature_file)
 from utils.cli import run_cli, setup_logging
 from utils.errors import SCFeatError
+from utils.image import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def extract_features(method: str, images_dir: Path, names: list[str], cache_dir:
     images = files_signature([Path(images_dir) / name for name in names])
     key = method_signature(method, f"full-size max_keypoints={max_keypoints} images={images}")
     folder = Path(cache_dir) / f"{method_label(method)}-{key[:16]}"
-    loaders = {name: (lambda path=Path(images_dir) / name: (read_rgb(path), {}))
+    loaders = {name: (lambda path=Path(images_dir) / name: (load_image(path), {}))
                for name in names}
     files = cached_features(method, loaders, folder, max_keypoints, device)
     return {name: read_feature_file(files[name]) for name in names}

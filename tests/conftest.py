@@ -74,3 +74,16 @@ def save_random_checkpoint(folder: Path, seed: int = 0) -> None:
     model = build_model("SCFeatModel", model_config)
     save_checkpoint(model, folder)
     save_config({"model": "SCFeatModel", "model_config": model_config}, folder.parent / "config.yaml")
+
+
+def with_exif_orientation(jpeg: bytes, orientation: int = 6) -> bytes:
+    """``jpeg`` (the bytes of a JPEG file) with an EXIF APP1 segment holding only the orientation
+    tag (0x0112) inserted after the start-of-image marker; the compressed pixels are untouched.
+    Orientation 6 means "rotate 90° clockwise to display"."""
+    import struct
+
+    assert jpeg[:2] == b"\xff\xd8", "not a JPEG"
+    ifd_entry = struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0)  # tag, SHORT, count, value
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + ifd_entry + struct.pack("<I", 0)
+    payload = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]

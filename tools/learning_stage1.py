@@ -159,7 +159,7 @@ def held_out_pairs(megadepth: Path) -> list[dict]:
     """Every held-out pair, without jitter: ``im1, im2`` (``1×3×H×W`` normalised), ``rgb1,
     rgb2`` (``H×W×3`` uint8), ``F1, F2`` (``3×3``)."""
     from dataloader.megadepth import MegaDepth_SIFT
-    from utils.image import load_image_rgb
+    from utils.image import load_image
 
     dataset = MegaDepth_SIFT({"data_path": str(megadepth), "mode": "val", "workers": 0})
     pairs = []
@@ -168,8 +168,8 @@ def held_out_pairs(megadepth: Path) -> list[dict]:
         if "im1" not in item:
             continue
         pairs.append({"im1": item["im1"][None], "im2": item["im2"][None],
-                      "rgb1": load_image_rgb(megadepth / item["name1"]),
-                      "rgb2": load_image_rgb(megadepth / item["name2"]),
+                      "rgb1": load_image(megadepth / item["name1"]),
+                      "rgb2": load_image(megadepth / item["name2"]),
                       "F1": item["F1"], "F2": item["F2"]})
     if not pairs:
         raise SCFeatError(f"{megadepth}: no usable held-out pair")
@@ -192,14 +192,14 @@ def hpatches_features(model: torch.nn.Module, hpatches: Path, sequences: list[st
     """Features of every image of ``sequences``: ``{(seq, k): (keypoints N×2, descriptors
     N×D)}`` with the network's own keypoints, and the same with SIFT keypoints."""
     from dataloader.hpatches import sift_keypoints
-    from utils.image import load_image_rgb, to_tensor_normalized
+    from utils.image import load_image, to_tensor_normalized
     from model.extractor import is_textureless, make_detector, pad_to_multiple, select_features
 
     detector = make_detector("generate_kpts_single", options)
     own, with_sift = {}, {}
     for seq in sequences:
         for k in range(1, 7):
-            image = load_image_rgb(hpatches / seq / f"{k}.ppm")
+            image = load_image(hpatches / seq / f"{k}.ppm")
             tensor = to_tensor_normalized(pad_to_multiple(image))[None]
             with torch.inference_mode():
                 outputs = model.extract(tensor)

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 import numpy as np
 
 from utils.errors import SCFeatError
+from utils.image import load_image
 
 BORDER_PX = 8
 # name → (file in skimage/data, centre crop H×W or None, sequence size H×W (multiples of 16))
@@ -43,13 +43,11 @@ def load_held_out(name: str) -> np.ndarray:
     if spec is None or not spec.submodule_search_locations:
         raise SCFeatError("tools.real_photos needs scikit-image (pip install scikit-image)")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / file
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise SCFeatError(f"{path}: cannot read scikit-image's sample photograph {name!r}")
+    image = load_image(path)
     if crop is not None:
         top, left = (image.shape[0] - crop[0]) // 2, (image.shape[1] - crop[1]) // 2
-        image = image[top:top + crop[0], left:left + crop[1]]
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        image = np.ascontiguousarray(image[top:top + crop[0], left:left + crop[1]])
+    return image
 
 
 def make_sequences(out: Path, photos: Sequence[str], seed: int) -> Path:
@@ -77,7 +75,7 @@ def border_share(features: Path, sequences: Path, postfix: str = "scfeat") -> tu
 
     counts, near = [], []
     for image_file in sorted(sequences.glob("*/*.ppm")):
-        height, width = cv2.imread(str(image_file), cv2.IMREAD_GRAYSCALE).shape
+        height, width = load_image(image_file, grey=True).shape
         if features is None:
             keypoints, _ = sift_features(image_file)
         else:

@@ -48,6 +48,7 @@ import torch
 
 from utils.cli import parse_size
 from utils.errors import SCFeatError
+from utils.image import load_image
 from utils.geometry import fundamental_from_pose, relative_pose
 
 log = logging.getLogger("scfeat.synthetic")
@@ -81,10 +82,7 @@ def load_photo(name: str) -> np.ndarray:
         raise SCFeatError("tools.synthetic needs scikit-image (pip install scikit-image): its "
                           "sample photographs texture the synthetic scenes")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / PHOTO_FILES[name]
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise SCFeatError(f"{path}: cannot read scikit-image's sample photograph {name!r}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return load_image(path)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from dataloader.collate import collate_skip_none, summarize_skips
 from dataloader.megadepth import MegaDepth_SIFT
 from dataloader.query_points import query_points, sift_points
-from utils.image import load_image_rgb
+from utils.image import load_image
 from tools.synthetic import make_megadepth
 from utils.errors import SCFeatError
 from utils.geometry import epipolar_lines, point_line_distance
@@ -151,7 +151,7 @@ def test_query_points_count_and_range(data_dir: Path, mode: str) -> None:
 
 
 def test_query_points_modes_use_sift_where_asked(data_dir: Path) -> None:
-    image = load_image_rgb(_aligned(data_dir) / "images" / "img_000.jpg")
+    image = load_image(_aligned(data_dir) / "images" / "img_000.jpg")
     keypoints = sift_points(image, 20)
     assert len(keypoints) == 20  # a textured image has plenty
     torch.manual_seed(0)
@@ -170,7 +170,7 @@ def test_eval_is_deterministic_and_train_is_jittered(data_dir: Path) -> None:
     assert torch.equal(evaluation[0]["im1"], evaluation[0]["im1"])
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    raw = load_image_rgb(data_dir / evaluation[0]["name1"])
+    raw = load_image(data_dir / evaluation[0]["name1"])
     restored = evaluation[0]["im1"] * std + mean
     assert torch.allclose(restored, torch.from_numpy(raw).permute(2, 0, 1) / 255.0, atol=1e-5)
     train = _dataset(data_dir, mode="train")
@@ -221,7 +221,7 @@ def test_missing_and_undecodable_images_are_skipped(data_copy: Path, caplog) -> 
     assert len(batch["skipped"]) == len(causes) > 0
     assert len(batch["name1"]) == len(dataset) - len(causes)
     with pytest.raises(SCFeatError, match="img_001.jpg: cannot decode"):
-        load_image_rgb(images / "img_001.jpg")
+        load_image(images / "img_001.jpg")
 
 
 def test_missing_data_folder(tmp_path: Path) -> None:
