@@ -20,13 +20,18 @@ The loader never trains on garbage and never stops on one bad pair:
   aligned folder lacking ``img_cam.txt``, ``pairs.txt`` or ``images/`` is skipped with a
   warning; an empty ``pairs.txt`` contributes nothing (warning). Only when nothing usable is
   left is it an error.
-* At load time, a pair whose image is missing, unreadable, truncated, undecodable or not of the
-  size ``img_cam.txt`` gives ``{"skipped": "<cause>: <detail>"}`` from ``__getitem__``;
+* At load time, a pair whose image is missing, unreadable, truncated or undecodable gives
+  ``{"skipped": "<cause>: <detail>"}`` from ``__getitem__``;
   ``collate_skip_none`` drops such items and lists their cause strings under the batch's
   ``skipped`` key (the only key when no item was usable), so that the trainer can count causes
   across DataLoader workers (:func:`dataloader.collate.summarize_skips`). The file records and
   cause names are in :mod:`dataloader.megadepth_layout`, the pair checks in
   :mod:`dataloader.pair_geometry`, the query points in :mod:`dataloader.query_points`.
+* Images are read with their pixels as stored (an EXIF orientation tag is ignored, as the
+  original's reader does). An image whose size on disk is not the one ``img_cam.txt`` gives is
+  used with its intrinsics scaled by the size ratio (:func:`dataloader.pair_geometry.camera_at_size`;
+  F follows); its item carries a note ``(folder, warning)`` that the collate function lists
+  under the batch's ``notes`` key, and the trainer logs one warning per folder.
 """
 from __future__ import annotations
 
@@ -43,20 +48,20 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import ColorJitter
 
-from dataloader.collate import collate_skip_none
+from dataloader.collate import NOTE_KEY, collate_skip_none
 from dataloader.megadepth_layout import (DEGENERATE_F, DUPLICATE_PAIR, EPIPOLAR_MISS,
                                          EXAMPLES_PER_CAUSE, MISSING_IMAGE, SELF_PAIR,
-                                         SIZE_MISMATCH, TRUNCATED_IMAGE, UNDECODABLE_IMAGE,
+                                         TRUNCATED_IMAGE, UNDECODABLE_IMAGE,
                                          UNREADABLE_IMAGE, CameraRecord, PairLine, PairRecord,
                                          find_aligned_folders, missing_part, read_img_cam,
                                          read_pairs)
-from dataloader.pair_geometry import (MAX_FUNDAMENTAL_ENTRY, epipolar_lines_miss,
-                                      pair_fundamentals, rotation_angles_deg,
-                                      scale_intrinsics)
+from dataloader.pair_geometry import (MAX_FUNDAMENTAL_ENTRY, camera_at_size,
+                                      epipolar_lines_miss, pair_fundamentals,
+                                      rotation_angles_deg, size_note)
 from dataloader.query_points import QUERY_POINT_MODES, query_points
 from utils.config import Spec, section_config
 from utils.errors import SCFeatError
-from utils.image import normalize_imagenet, to_float_tensor
+from utils.image import decode_image, normalize_imagenet, to_float_tensor
 
 log = logging.getLogger("scfeat.data")
 
@@ -198,8 +203,7 @@ class MegaDepth_SIFT(Dataset):
         if self.resize is None:
             return camera
         height, width = self.resize
-        K = scale_intrinsics(camera.K, width / camera.width, height / camera.height)
-        return CameraRecord(width, height, K, camera.pose, camera.source)
+        return camera_at_size(camera, width, height)
 
     def _usable_pairs(self, folder: Path, cameras: dict[str, CameraRecord],
                       rejected: dict[str, tuple[str, str]], pairs: list[PairLine]) -> list[PairRecord]:
@@ -290,8 +294,8 @@ class MegaDepth_SIFT(Dataset):
                         "counted", cause, detail)
         return {"skipped": f"{cause}: {detail}"}
 
-    def _load(self, record: PairRecord, name: str, camera: CameraRecord) -> np.ndarray | tuple[str, str]:
-        """The image (resized when asked) → ``H×W×3`` uint8 RGB, or ``(cause, detail)``."""
+    def _read(self, record: PairRecord, name: str) -> np.ndarray | tuple[str, str]:
+        """The image as stored → ``H×W×3`` uint8 RGB, or ``(cause, detail)``."""
         path = record.folder / "images" / name
         listed = f"listed in {record.folder / 'pairs.txt'}"
         if not path.is_file():
@@ -303,19 +307,19 @@ class MegaDepth_SIFT(Dataset):
         if data[:2] == b"\xff\xd8" and not _jpeg_complete(data):
             return TRUNCATED_IMAGE, f"{path} (JPEG data ends before its end-of-image marker; " \
                                     f"{len(data)} bytes)"
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+        image = decode_image(data)
         if image is None:
             return UNDECODABLE_IMAGE, f"{path} ({len(data)} bytes that OpenCV cannot decode)"
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        if image.shape[:2] != (camera.height, camera.width):
-            return SIZE_MISMATCH, (f"{path} is {image.shape[1]}x{image.shape[0]} (w x h) on disk, "
-                                   f"{camera.source} says {camera.width}x{camera.height}")
-        if self.resize is not None and image.shape[:2] != self.resize:
-            height, width = self.resize
-            shrink = height < image.shape[0] and width < image.shape[1]
-            image = cv2.resize(image, (width, height),
-                               interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         return image
+
+    def _resized(self, image: np.ndarray) -> np.ndarray:
+        """The image at ``resize`` (unchanged without it)."""
+        if self.resize is None or image.shape[:2] == self.resize:
+            return image
+        height, width = self.resize
+        shrink = height < image.shape[0] and width < image.shape[1]
+        return cv2.resize(image, (width, height),
+                          interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
     def _image_tensor(self, image: np.ndarray) -> torch.Tensor:
         if self.train:
@@ -325,13 +329,18 @@ class MegaDepth_SIFT(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.pairs[index]
-        images = []
+        images, on_disk, note = [], [], None
         for name, camera in ((record.name1, record.camera1), (record.name2, record.camera2)):
-            image = self._load(record, name, camera)
+            image = self._read(record, name)
             if isinstance(image, tuple):
                 return self._skip(*image)
-            images.append(image)
-        cam1, cam2 = self._final_camera(record.camera1), self._final_camera(record.camera2)
+            height, width = image.shape[:2]
+            on_disk.append(camera_at_size(camera, width, height))
+            if note is None and (width, height) != (camera.width, camera.height):
+                note = (record.rel_folder, size_note(record.folder / "images", name, camera,
+                                                     width, height))
+            images.append(self._resized(image))
+        cam1, cam2 = self._final_camera(on_disk[0]), self._final_camera(on_disk[1])
         fmat1, fmat2 = pair_fundamentals(cam1.K[None], cam2.K[None], cam1.pose[None], cam2.pose[None])
         item = {
             "im1": self._image_tensor(images[0]),
@@ -345,6 +354,8 @@ class MegaDepth_SIFT(Dataset):
             "name1": f"{record.rel_folder}/images/{record.name1}",
             "name2": f"{record.rel_folder}/images/{record.name2}",
         }
+        if note is not None:
+            item[NOTE_KEY] = note
         mode = self.conf["query_points"]
         if mode is not None:
             count, percent = self.conf["num_pts"], self.conf["random_percent"]

@@ -38,7 +38,6 @@ MISSING_IMAGE = "missing image"
 UNREADABLE_IMAGE = "unreadable image"
 TRUNCATED_IMAGE = "truncated image"
 UNDECODABLE_IMAGE = "undecodable image"
-SIZE_MISMATCH = "image size differs from img_cam.txt"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,13 +1,18 @@
-"""Pair geometry for the MegaDepth index: relative rotations, rescaled intrinsics, the pair's
-fundamental matrices and whether its epipolar lines reach the other image."""
+"""Pair geometry for the MegaDepth loader: relative rotations, intrinsics of resized images,
+the pair's fundamental matrices and whether its epipolar lines reach the other image."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from dataloader.megadepth_layout import CameraRecord
 from utils.geometry import fundamental_from_pose, relative_pose
 
 MAX_FUNDAMENTAL_ENTRY = 1e12  # |F/F[2,2]| beyond this means F[2,2] ≈ 0: unusable normalisation
+ASPECT_TOLERANCE = 0.01  # relative difference of the x and y size ratios that a resize explains
+
 
 def rotation_angles_deg(rotations: np.ndarray) -> np.ndarray:
     """Rotation angles (degrees) of ``...×3×3`` rotation matrices → ``...``."""
@@ -22,6 +27,30 @@ def scale_intrinsics(K: np.ndarray, scale_x: float, scale_y: float) -> np.ndarra
                         [0.0, scale_y, (scale_y - 1) / 2],
                         [0.0, 0.0, 1.0]])
     return scaling @ K
+
+
+def camera_at_size(camera: CameraRecord, width: int, height: int) -> CameraRecord:
+    """The camera of the image at ``width×height``: the intrinsics scaled by the size ratio
+    (:func:`scale_intrinsics`: the image's extent ``[-0.5, W - 0.5]`` maps onto the new one, as
+    a resize does); the same record when the size is unchanged."""
+    if (width, height) == (camera.width, camera.height):
+        return camera
+    K = scale_intrinsics(camera.K, width / camera.width, height / camera.height)
+    return CameraRecord(width, height, K, camera.pose, camera.source)
+
+
+def size_note(images: Path, name: str, camera: CameraRecord, width: int, height: int) -> str:
+    """The warning for an image of ``images`` whose size on disk (``width×height``) is not the
+    one its ``img_cam.txt`` line gives (``camera``)."""
+    scale_x, scale_y = width / camera.width, height / camera.height
+    note = (f"{images}: image sizes differ from img_cam.txt (e.g. {name} is {width}x{height} "
+            f"(w x h) on disk, {camera.source} says {camera.width}x{camera.height}); the "
+            f"intrinsics of such images are scaled by the size ratio (x {scale_x:.4g}, "
+            f"y {scale_y:.4g})")
+    if abs(scale_x / scale_y - 1) > ASPECT_TOLERANCE:
+        note += ("; the aspect ratio differs too: were the images cropped or rotated rather "
+                 "than resized? Then their geometry is wrong")
+    return note
 
 
 def pair_fundamentals(K1: np.ndarray, K2: np.ndarray, pose1: np.ndarray,

@@ -1,8 +1,9 @@
 """The training data: a resumable loader and the accounting of unusable pairs.
 
-The dataset's collate function lists the causes of unusable pairs under ``skipped``;
-:class:`BatchSource` counts them, skips a batch with no usable pair (never replacing it by a
-stale one) and stops the run when too large a share of the drawn pairs is unusable.
+The dataset's collate function lists the causes of unusable pairs under ``skipped`` and the
+items' notes under ``notes``; :class:`BatchSource` logs each note key once, counts the causes,
+skips a batch with no usable pair (never replacing it by a stale one) and stops the run when
+too large a share of the drawn pairs is unusable.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dataloader.collate import summarize_skips
+from dataloader.collate import NoteLog, summarize_skips
 from dataloader.sampler import ResumableSampler
 from utils.errors import SCFeatError
 
@@ -55,6 +56,7 @@ class BatchSource:
         self.max_unusable_fraction = max_unusable_fraction
         self.pairs_drawn = 0                       # in this epoch
         self.skip_causes: Counter[str] = Counter()  # unusable pairs in this epoch, by cause
+        self.log_notes = NoteLog()                 # once per key over the run
 
     def next_batch(self, iterator) -> tuple[dict, int]:
         """``(batch, batches drawn)``: the next batch with at least one usable pair, and how
@@ -64,6 +66,7 @@ class BatchSource:
             batch = next(iterator)
             drawn += 1
             causes = batch.pop("skipped", [])
+            self.log_notes(batch.pop("notes", []))
             self.pairs_drawn += len(causes) + (len(batch["im1"]) if "im1" in batch else 0)
             self.skip_causes.update(summarize_skips(causes))
             self.check_limit()

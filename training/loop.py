@@ -135,6 +135,7 @@ class Trainer:
             torch.manual_seed(self.conf["seed"])
             for batch in loader:
                 batch.pop("skipped", None)
+                self.batches.log_notes(batch.pop("notes", []))
                 if "im1" not in batch:
                     continue
                 loss, components = self.composer(to_device(batch, self.device), pair_model,

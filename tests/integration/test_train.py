@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import train
-from conftest import save_random_checkpoint
+from conftest import save_random_checkpoint, with_exif_orientation
 from utils.checkpoint import load_state_dict_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,6 +92,21 @@ def test_losses_see_the_one_based_epoch_and_weights_refresh_every_save_freq(mega
     assert (run_dir / "002" / "backbone.pth").is_file()
     first, second = (load_state_dict_file(run_dir / f"00{e}" / "backbone.pth") for e in (1, 2))
     assert not torch.equal(first["side1.conv.weight"], second["side1.conv.weight"])
+
+
+@pytest.mark.slow
+def test_exif_tagged_jpegs_train_with_no_pair_skipped(megadepth, tmp_path):
+    """A scene whose 64×96 JPEGs carry EXIF orientation 6 trains on every pair: the pixels are
+    read as stored, so the images keep img_cam.txt's size."""
+    data = Path(shutil.copytree(megadepth, tmp_path / "data"))
+    for path in data.rglob("*.jpg"):
+        path.write_bytes(with_exif_orientation(path.read_bytes()))
+    assert train.main(stage1_args(data, tmp_path / "out", "data_config_train.batch_size=2")) == 0
+    run_dir = tmp_path / "out" / "demo-descriptor"
+    state = torch.load(run_dir / "training_state.pth", weights_only=False)
+    assert state["global_step"] == 3  # 3 steps × 2 pairs: the 6 pairs, none skipped
+    log = (run_dir / "train.log").read_text()
+    assert "skipped" not in log and "unusable" not in log and "differ" not in log
 
 
 def test_existing_run_is_refused_without_resume(megadepth, tmp_path, capsys):

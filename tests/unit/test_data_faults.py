@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader
 from dataloader.pair_geometry import epipolar_lines_miss
 from dataloader.collate import summarize_skips
 from dataloader.megadepth import MegaDepth_SIFT
+from conftest import with_exif_orientation
 from tools.synthetic import make_megadepth
+from training.data import BatchSource
 from utils.errors import SCFeatError
 from utils.geometry import fundamental_from_pose, relative_pose
 
@@ -139,23 +141,66 @@ def test_truncated_jpeg_is_caught_even_where_opencv_decodes_it(data: Path, monke
     assert dataset.skipped == {"truncated image": 3}
 
 
-def test_image_size_differs_from_img_cam(data: Path, caplog) -> None:
+def test_image_of_another_size_is_used_with_intrinsics_scaled_to_it(clean: Path, data: Path,
+                                                                   caplog) -> None:
+    """An image whose size on disk is not img_cam.txt's is used, never skipped: its intrinsics
+    are scaled by the size ratio (pixel centres at integers: c' = (c + 0.5)·s - 0.5) and F
+    follows; the warning comes once per scene however many pairs and loader processes see it."""
     path = _aligned(data) / "images" / "img_001.jpg"
-    image = cv2.imread(str(path))
-    cv2.imwrite(str(path), cv2.resize(image, (80, 48)))
-    line, _ = _img_cam_line(data, "img_001.jpg")
+    cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path)), (72, 48), interpolation=cv2.INTER_AREA))
+    line, tokens = _img_cam_line(data, "img_001.jpg")
     dataset = _dataset(data)
-    with caplog.at_level(logging.WARNING, logger="scfeat.data"):
-        items = _load_all(dataset)
-    expected = (f"image size differs from img_cam.txt: {path} is 80x48 (w x h) on disk, "
-                f"{_aligned(data) / 'img_cam.txt'}:{line} says 96x64")
-    skipped = [item["skipped"] for item in items if "skipped" in item]
-    assert skipped == [expected] * 3
-    # resize does not hide the mismatch (the intrinsics would be scaled wrongly).
-    first_bad = next(i for i, r in enumerate(dataset.pairs) if _uses(r, 0, "img_001.jpg"))
-    assert _dataset(data, resize=[32, 48])[first_bad] == {"skipped": expected}
-    assert f"pair skipped (image size differs from img_cam.txt): {expected.split(': ', 1)[1]}" \
-        in caplog.text
+    index = next(i for i, r in enumerate(dataset.pairs) if _uses(r, 0, "img_001.jpg"))
+    item = dataset[index]
+    assert "skipped" not in item and not dataset.skipped
+    side = 1 if dataset.pairs[index].name1 == "img_001.jpg" else 2
+    assert item[f"im{side}"].shape == (3, 48, 72)
+    fx, fy, cx, cy = (float(v) for v in tokens[3:7])
+    sx, sy = 72 / 96, 48 / 64
+    expected = np.array([[fx * sx, 0, (cx + 0.5) * sx - 0.5], [0, fy * sy, (cy + 0.5) * sy - 0.5],
+                         [0, 0, 1]])
+    np.testing.assert_allclose(item[f"intrinsic{side}"].numpy(), expected, rtol=1e-6)
+    K1, K2 = item["intrinsic1"].double()[None], item["intrinsic2"].double()[None]
+    rel = relative_pose(item["pose1"].double()[None], item["pose2"].double()[None])
+    fmat = fundamental_from_pose(K1, K2, rel[:, :3, :3], rel[:, :3, 3])[0]
+    np.testing.assert_allclose(item["F1"].numpy(), (fmat / fmat[2, 2]).numpy(), rtol=1e-4, atol=1e-9)
+    assert item["note"][0] == dataset.pairs[index].rel_folder
+    assert f"img_001.jpg is 72x48 (w x h) on disk, {_aligned(data) / 'img_cam.txt'}:{line} says " \
+           f"96x64" in item["note"][1] and "aspect ratio" not in item["note"][1]
+    # With resize, the returned intrinsics are those of a file of img_cam.txt's size.
+    clean_item = _dataset(clean, resize=[32, 48])[index]
+    np.testing.assert_allclose(_dataset(data, resize=[32, 48])[index][f"intrinsic{side}"].numpy(),
+                               clean_item[f"intrinsic{side}"].numpy(), rtol=1e-6)
+
+    # Every pair trains; one warning for the scene, from the batches of two worker processes.
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=dataset.collate_fn)
+    source = BatchSource(max_unusable_fraction=0.0)
+    iterator = iter(loader)
+    with caplog.at_level(logging.WARNING):
+        used = sum(len(source.next_batch(iterator)[0]["im1"]) for _ in range(len(dataset)))
+    assert used == 12 and not source.skip_causes
+    assert caplog.text.count("image sizes differ from img_cam.txt") == 1
+
+
+def test_exif_tagged_images_load_as_stored(clean: Path, data: Path) -> None:
+    """JPEGs with an EXIF orientation tag (6: display rotated) give the pixels as stored, of
+    img_cam.txt's size, with nothing skipped or noted."""
+    for path in (_aligned(data) / "images").glob("*.jpg"):
+        path.write_bytes(with_exif_orientation(path.read_bytes()))
+    tagged, plain = _dataset(data), _dataset(clean)
+    items = _load_all(tagged)
+    assert not tagged.skipped and not any("note" in item for item in items)
+    for item, reference in zip(items, (plain[i] for i in range(len(plain)))):
+        assert torch.equal(item["im1"], reference["im1"]) and torch.equal(item["im2"], reference["im2"])
+
+
+def test_a_change_of_aspect_ratio_is_named_in_the_warning(data: Path) -> None:
+    path = _aligned(data) / "images" / "img_001.jpg"
+    cv2.imwrite(str(path), np.ascontiguousarray(cv2.imread(str(path)).transpose(1, 0, 2)))
+    dataset = _dataset(data)
+    index = next(i for i, r in enumerate(dataset.pairs) if _uses(r, 0, "img_001.jpg"))
+    item = dataset[index]
+    assert "im1" in item and "cropped or rotated" in item["note"][1]
 
 
 def test_load_time_causes_are_counted_across_worker_processes(data: Path) -> None:

@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -106,6 +107,21 @@ def test_resize_scales_intrinsics(data_dir: Path) -> None:
     assert err1 < 0.02 and err2 < 0.02
     with pytest.raises(SCFeatError, match="key 'resize' must be null or \\[H, W\\] with positive multiples of 16"):
         _dataset(data_dir, resize=[60, 96])
+
+
+def test_images_smaller_than_img_cam_keep_exact_geometry(data_copy: Path) -> None:
+    """Images stored at 3/4 of img_cam.txt's size: the scaled intrinsics give an F that the
+    depth ground truth (in img_cam.txt's frame, mapped to the smaller image) satisfies."""
+    height, width = HEIGHT * 3 // 4, WIDTH * 3 // 4
+    for path in (_aligned(data_copy) / "images").glob("*.jpg"):
+        image = cv2.imread(str(path))
+        cv2.imwrite(str(path), cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))
+    item = _dataset(data_copy, mode="test")[0]
+    assert item["im1"].shape == (3, height, width) and "synth_0000" in item["name1"]
+    points1, points2 = _depth_correspondences(data_copy, item["name1"], item["name2"])
+    err1, err2 = _epipolar_errors(item["F1"], item["F2"], (points1 + 0.5) * 0.75 - 0.5,
+                                  (points2 + 0.5) * 0.75 - 0.5)
+    assert err1 < 0.02 and err2 < 0.02
 
 
 def test_rotation_threshold_filters_at_index_time(data_dir: Path, caplog) -> None:
