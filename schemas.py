@@ -29,13 +29,16 @@ TRAINABLE_MODULES = CHECKPOINT_PARTS  # the parts an optimiser may train
 
 def val_schema(root: dict, raw: dict) -> dict:
     """``val_config``, the original's layout: ``data_config_val`` (a dataset config of the
-    training ``data`` class; validation runs after each epoch when it is given) and the
-    original's visualisation keys, accepted and unused."""
+    training ``data`` class; validation runs after each epoch when it is given), our
+    ``max_pairs`` and the original's visualisation keys, accepted and unused."""
     if not raw:
         return {}
     data_schema = class_section(DATASETS, "data")
     return {
         "data_config_val": Dynamic(lambda root, raw: data_schema(root, raw) if raw else {}, default=None),
+        "max_pairs": Spec(200, types=(int, type(None)), minimum=0,
+                          doc="pairs per validation, a seeded subset fixed for the run; "
+                              "null: every pair; 0: no validation"),
         "detector": Spec(None, types=(str, type(None)), inert=True),
         "detector_config": Spec({}, types=(dict,), inert=True),
         "loss_distance": Spec("cos", choices=("cos", "euc"), inert=True),

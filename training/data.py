@@ -11,8 +11,9 @@ import logging
 import signal
 from collections import Counter
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dataloader.collate import NoteLog, summarize_skips
 from dataloader.sampler import ResumableSampler
@@ -43,6 +44,15 @@ def make_loader(dataset: Dataset, data_conf: dict, seed: int, epoch: int, start_
         generator=torch.Generator().manual_seed(seed + epoch),
         worker_init_fn=ignore_sigint, persistent_workers=False,
         prefetch_factor=2 if workers else None)
+
+
+def validation_subset(dataset: Dataset, max_pairs: int | None, seed: int) -> Dataset:
+    """``max_pairs`` items of ``dataset`` drawn with ``seed`` (in index order), or the whole
+    dataset when ``max_pairs`` is ``None`` or not below its length."""
+    if max_pairs is None or max_pairs >= len(dataset):
+        return dataset
+    indices = np.random.default_rng(seed).choice(len(dataset), size=max_pairs, replace=False)
+    return Subset(dataset, np.sort(indices).tolist())
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from registry import DATASETS, build_model
 from model.scfeat import SCFeatModel
-from training.data import BatchSource, make_loader, to_device
+from training.data import BatchSource, make_loader, to_device, validation_subset
 from training.run_state import Progress, RunFolder, seed_everything
 from training.setup import (PairModel, build_optimizer, freeze_all_but, set_train_mode,
                             setup_distributed, wrap_distributed)
@@ -76,6 +76,7 @@ class Trainer:
                               conf["clip_norm"] if conf["grad_clip"] else None, guard, self.device)
         self.batches = BatchSource(conf["max_unusable_fraction"])
         self.progress = Progress()
+        self._val_loader = None
         self.stop_requested = False
         if resume and self.run.state_path.is_file():
             self.run.load_state(self.state_modules(), self.progress,
@@ -116,19 +117,35 @@ class Trainer:
 
     # -- validation -----------------------------------------------------------------------------
 
+    def validation_loader(self) -> torch.utils.data.DataLoader | None:
+        """The ``val_config`` pairs (built at the first validation, then reused): the dataset in
+        ``val`` mode, cut to ``max_pairs`` by a seeded subset, the same pairs every epoch.
+        ``None`` when the config asks for no validation."""
+        val = self.conf["val_config"] or {}
+        data_conf = val.get("data_config_val")
+        if not data_conf or val["max_pairs"] == 0:
+            return None
+        if self._val_loader is None:
+            dataset = DATASETS[self.conf["data"]]({**data_conf, "mode": "val"})
+            subset = validation_subset(dataset, val["max_pairs"], self.conf["seed"])
+            log.info("validation pairs: %d of the %d of %s (val_config.max_pairs: %s)",
+                     len(subset), len(dataset), data_conf["data_path"], val["max_pairs"])
+            self._val_loader = torch.utils.data.DataLoader(
+                subset, batch_size=data_conf["batch_size"], shuffle=False,
+                num_workers=data_conf["workers"], collate_fn=dataset.collate_fn)
+        return self._val_loader
+
     def validate(self) -> None:
-        """Mean loss and components over the ``val_config`` data (eval mode, no jitter), with
-        the same query points every epoch so that epochs compare."""
-        data_conf = (self.conf["val_config"] or {}).get("data_config_val")
-        if not data_conf or not self.is_main:
+        """Mean loss and components over the validation pairs (:meth:`validation_loader`; eval
+        mode, no jitter), with the same query points every epoch so that epochs compare."""
+        if not self.is_main:
             return
-        dataset = DATASETS[self.conf["data"]]({**data_conf, "mode": "val"})
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=data_conf["batch_size"], shuffle=False,
-            num_workers=data_conf["workers"], collate_fn=dataset.collate_fn)
+        loader = self.validation_loader()
+        if loader is None:
+            return
         pair_model = PairModel(self.model)
         sums: dict[str, float] = {}
-        count = 0
+        batches = pairs = 0
         self.model.eval()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
                 torch.no_grad():
@@ -142,13 +159,14 @@ class Trainer:
                                                  self.progress.epoch + 1)
                 for name, value in {"loss": loss, **components}.items():
                     sums[name] = sums.get(name, 0.0) + float(value)
-                count += 1
-        if count == 0:
+                batches += 1
+                pairs += len(batch["im1"])
+        if batches == 0:
             log.warning("validation: no usable pair in val_config data")
             return
-        means = {k: v / count for k, v in sums.items()}
-        log.info("validation after epoch %d (%d batches): %s", self.progress.epoch, count,
-                 " ".join(f"{k}={v:.4g}" for k, v in means.items()))
+        means = {k: v / batches for k, v in sums.items()}
+        log.info("validation after epoch %d (%d pairs, %d batches): %s", self.progress.epoch,
+                 pairs, batches, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
         if self.writer is not None:
             for name, value in means.items():
                 self.writer.add_scalar(f"val/{name}", value, self.progress.global_step)
@@ -197,6 +215,7 @@ class Trainer:
                    dynamic_ncols=True)
         tick, pairs = time.perf_counter(), 0
         with bar:
+            # Exactly epoch_step steps (the original breaks after step epoch_step: one more).
             while progress.step_in_epoch < conf["epoch_step"]:
                 batch, drawn = self.batches.next_batch(iterator)
                 progress.batches_drawn += drawn

@@ -37,12 +37,15 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_stage1_writes_checkpoints_and_freezes_the_detector(megadepth, tmp_path):
-    val = (f"val_config={{data_config_val: {{data_path: {megadepth}, batch_size: 1, workers: 0, "
-           f"max_pairs_per_scene: 2}}, vis_topk: 50}}")
+    val = (f"val_config={{data_config_val: {{data_path: {megadepth}, batch_size: 1, workers: 0}}, "
+           f"max_pairs: 2, vis_topk: 50}}")
     assert train.main(stage1_args(megadepth, tmp_path, val)) == 0
     run_dir = tmp_path / "demo-descriptor"
     assert (run_dir / "config.yaml").is_file() and list((run_dir / "tb").iterdir())
-    assert re.search(r"validation after epoch 1 \(2 batches\): loss=[\d.]+", (run_dir / "train.log").read_text())
+    log = (run_dir / "train.log").read_text()
+    # val_config.max_pairs caps the validation set (6 pairs) at a seeded subset of 2.
+    assert f"validation pairs: 2 of the 6 of {megadepth} (val_config.max_pairs: 2)" in log
+    assert re.search(r"validation after epoch 1 \(2 pairs, 2 batches\): loss=[\d.]+", log)
     state = torch.load(run_dir / "training_state.pth", weights_only=False)
     assert state["epoch"] == 1 and state["global_step"] == 3
     backbone = load_state_dict_file(run_dir / "001" / "backbone.pth")
@@ -66,7 +69,8 @@ def test_stage1_writes_checkpoints_and_freezes_the_detector(megadepth, tmp_path)
 def test_losses_see_the_one_based_epoch_and_weights_refresh_every_save_freq(megadepth, tmp_path,
                                                                              monkeypatch):
     """The original passes its 1-based epoch to the losses (temperature schedules), refreshes
-    the current epoch's folder every save_freq steps and clips each optimised module."""
+    the current epoch's folder every save_freq steps and clips each optimised module. An epoch
+    is exactly epoch_step steps (the original's loop takes epoch_step + 1)."""
     from losses.line2window import EpipolarLoss_Line2Window
 
     epochs, clipped = [], []
@@ -83,7 +87,7 @@ def test_losses_see_the_one_based_epoch_and_weights_refresh_every_save_freq(mega
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_spy)
     assert train.main(stage1_args(megadepth, tmp_path, "epoch=2", "epoch_step=2", "save_freq=3",
                                   "max_steps_this_run=3", "grad_clip=true")) == 0
-    assert epochs == [1, 1, 2]
+    assert epochs == [1, 1, 2]  # epoch_step=2: the third step is the first of epoch 2
     backbone_params = len(list(__import__("registry").build_model(
         "SCFeatModel", {"backbone_config": {"pretrained": False}}).backbone.parameters()))
     assert clipped == [(backbone_params, 10.0)] * 3  # the backbone alone, clip_norm 10
@@ -238,9 +242,10 @@ def test_stage2_trains_only_the_detector(megadepth, tmp_path):
             "data_config_train.resize=null", "data_config_train.workers=0",
             "data_config_train.batch_size=1", "epoch_step=2", "log_freq=1",
             f"val_config.data_config_val.data_path={megadepth}", "val_config.data_config_val.resize=null",
-            "val_config.data_config_val.workers=0"]
+            "val_config.data_config_val.workers=0", "val_config.max_pairs=0"]
     assert train.main(args) == 0
     run_dir = tmp_path / "keypoint-1k"
+    assert "validation" not in (run_dir / "train.log").read_text()  # max_pairs 0: none
     before = load_state_dict_file(stage1 / "backbone.pth")
     after = load_state_dict_file(run_dir / "001" / "backbone.pth")
     assert before.keys() == after.keys()

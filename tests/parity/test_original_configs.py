@@ -54,7 +54,8 @@ def test_original_files_run_as_a_chain(megadepth, tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert "accepted for compatibility with the original's configs, has no effect" in err
     assert "no_cuda" in err and "test_kp" in err and "val_config.vis_topk" in err
-    assert "validation after epoch 1" in err
+    # The original's data_config_val is the training set: its 6 pairs, under the default cap of 200.
+    assert "validation after epoch 1 (6 pairs, 3 batches)" in err
 
     # Stage 2 from 000, as the original's train_det.yaml is written; model_config None → the
     # stage-1 run's settings.

@@ -13,7 +13,8 @@ from utils.config import is_none_word, read_yaml
 CONFIG = Path(__file__).resolve().parents[2] / "config"
 ORIGINAL = Path(__file__).resolve().parents[1] / "fixtures" / "original_configs"
 # Keys whose values the shipped files set on purpose (docs/differences.md says why).
-OUR_VALUES = {"data_config_train.resize", "val_config.data_config_val.resize"}
+OUR_VALUES = {"data_config_train.resize", "val_config.data_config_val.resize",
+              "val_config.max_pairs"}
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,7 @@ def test_extraction_key_with_wrong_type(key, value, checkpoint):
     ("preprocess_train_config.window_size", "small"),
     ("val_config.data_config_val.batch_size", "two"),
     ("val_config.vis_topk", "many"),
+    ("val_config.max_pairs", "all"),
     ("no_cuda", "name1"),
     ("EpipolarLoss_Line2Window_config.weight_window", "heavy"),
 ])
@@ -87,7 +88,8 @@ def test_keypoint_loss_keys_with_wrong_type(checkpoint):
 
 @pytest.mark.parametrize("key, value, message", [
     ("epoch_step", 0, "must be at least 1"), ("save_freq", -1, "must be at least 1"),
-    ("max_unusable_fraction", 1.5, "must be at most 1")])
+    ("max_unusable_fraction", 1.5, "must be at most 1"),
+    ("val_config.max_pairs", -1, "must be at least 0")])
 def test_out_of_range_training_values_name_the_key(key, value, message):
     with pytest.raises(SCFeatError, match=f"key '{key}' {message}"):
         load_train_config(CONFIG / "train_desc.yaml", [f"{key}={value}"])
