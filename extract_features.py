@@ -1,7 +1,7 @@
 """Extract SCFeat features on HPatches-sequences:
 ``python extract_features.py --config FILE [--format npz|h5] [--amp] [--compile] [KEY=VALUE ...]``.
 
-Writes ``<output_root>/desc/<seq>/<k>.ppm.<postfix>`` npz files (``keypoints``
+Writes ``ckpts/<output_root>/desc/<seq>/<k>.ppm.<postfix>`` npz files (``keypoints``
 N×2 x, y in the uncropped image's pixels, ``scores`` N, ``descriptors`` N×D unit norm; what
 ``evaluate_hpatches.py`` reads), or with ``format: h5`` one ``features.h5`` in hloc's layout;
 with ``output_img`` also score maps and keypoint drawings under ``image/<seq>/``.

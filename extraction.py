@@ -31,9 +31,14 @@ log = logging.getLogger("scfeat.extract")
 
 H5_FILE = "features.h5"
 
+OUTPUT_PARENT = Path("ckpts")  # the original writes to ./ckpts/<output_root>
+
+
 def output_dir(conf: dict) -> Path:
-    """``output_root``, the folder that receives ``desc/``, ``image/`` or ``features.h5``."""
-    return Path(conf["output_root"])
+    """``ckpts/<output_root>`` (relative to the working folder, as the original; an absolute
+    ``output_root`` stays as it is), the folder that receives ``desc/``, ``image/`` or
+    ``features.h5``."""
+    return OUTPUT_PARENT / conf["output_root"]
 
 
 def load_model(conf: dict, device: torch.device) -> torch.nn.Module:

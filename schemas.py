@@ -157,7 +157,8 @@ def component_name(name: object, losses: list[str], fail) -> str:
 # -------------------------------------------------------------------------------- extraction
 
 EXTRACT_SCHEMA = {
-    "output_root": Spec(types=(str,), doc="the output folder (desc/, image/, features.h5)"),
+    "output_root": Spec(types=(str,), doc="outputs go to ckpts/<output_root> (desc/, image/, "
+                                          "features.h5); an absolute path stays as it is"),
     "postfix": Spec("scfeat", doc="feature files are desc/<seq>/<k>.ppm.<postfix>"),
     "load_path": Spec(types=(str,), doc="checkpoint folder with backbone.pth, localheader.pth"),
     "loss_distance": Spec("cos", choices=("cos",)),  # the original's key; descriptors are unit norm

@@ -253,7 +253,8 @@ def extract(name: str, checkpoint: Path, output_root: str, out: Path, hpatches: 
     from extraction import feature_file, output_dir, run_extraction
     from schemas import load_extract_config
 
-    overrides = [f"output_root={yaml_str(out / 'ckpts' / output_root)}",
+    # Absolute: extraction writes a relative output_root under ./ckpts.
+    overrides = [f"output_root={yaml_str((out / 'ckpts' / output_root).resolve())}",
                  f"load_path={yaml_str(checkpoint)}",
                  f"data_config_extract.data_path={yaml_str(hpatches)}", f"device={device}"]
     conf = load_extract_config(EXTRACT_CONFIG, overrides)

@@ -16,8 +16,9 @@ import torch
 import extract_features
 from dataloader.hpatches import sift_keypoints
 from utils.image import to_tensor_normalized
-from extraction import run_extraction
-from schemas import load_extract_config
+from evaluation.hpatches import parse_methods
+from extraction import output_dir, run_extraction
+from schemas import load_eval_hpatches_config, load_extract_config
 from utils.cli import resolve_device
 from registry import build_model
 from tools.synthetic import load_photo
@@ -348,6 +349,15 @@ def test_shipped_configs_validate(model_and_checkpoint):
     conf = load_extract_config(CONFIG, [checkpoint])
     assert (conf["output_root"], conf["postfix"], conf["detector_config"]["num_pts"]) == \
         ("hpatches/output", "scfeat", 8192)
+    assert output_dir(conf) == Path("ckpts/hpatches/output")  # under ./ckpts, as the original
+    assert output_dir({"output_root": "/abs/out"}) == Path("/abs/out")
+    # The shipped evaluation configs read where the shipped extraction configs write.
+    for extract, evaluate, method in [(CONFIG, "eval_hpatches.yaml", "scfeat"),
+                                      (REPO_ROOT / "config" / "demo" / "extract.yaml",
+                                       "demo/eval.yaml", "trained")]:
+        written = Path(os.path.normpath(output_dir(load_extract_config(extract, [checkpoint]))))
+        methods = parse_methods(load_eval_hpatches_config(REPO_ROOT / "config" / evaluate)["methods"])
+        assert {m.name: m.features for m in methods}[method] == written / "desc"
     # model_config entries left as None come from the checkpoint run's config.yaml
     assert conf["model_config"]["backbone"] == "ResUNet_F2R"
     assert conf["model_config"]["backbone_config"]["encoder"] == "resnet50"

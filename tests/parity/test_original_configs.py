@@ -1,7 +1,7 @@
 """The original's three config files (tests/fixtures/original_configs, key for key and value for
 value) run unchanged through train.py and extract_features.py, with only data paths, worker
 counts, run lengths and `pretrained: false` overridden, and their chain of names works as
-written: descriptor-100k/000 → keypoint-1k/001 → hpatches/output."""
+written: descriptor-100k/000 → keypoint-1k/001 → ckpts/hpatches/output."""
 from __future__ import annotations
 
 import shutil
@@ -46,7 +46,7 @@ def test_original_files_run_as_a_chain(megadepth, tmp_path, monkeypatch, capsys)
     make_hpatches(hpatches, sequences=2, size=(96, 128), seed=0)
     work = tmp_path / "work"
     work.mkdir()
-    monkeypatch.chdir(work)  # the files name ckpts/... and hpatches/output relative to the cwd
+    monkeypatch.chdir(work)  # the files name ckpts/... relative to the cwd
 
     assert train.main(stage1_args(megadepth)) == 0
     stage1 = work / "ckpts" / "descriptor-100k"
@@ -72,13 +72,14 @@ def test_original_files_run_as_a_chain(megadepth, tmp_path, monkeypatch, capsys)
     assert_same_weights(stage1 / "001" / "backbone.pth",
                         other / "ckpts" / "keypoint-1k" / "001" / "backbone.pth")
 
-    # Extraction from ./ckpts/keypoint-1k/001 into hpatches/output, as written.
+    # Extraction from ./ckpts/keypoint-1k/001 into ./ckpts/hpatches/output, as the original.
     monkeypatch.chdir(work)
     assert extract_features.main(["--config", str(ORIGINAL / "extract_hpatches.yaml"),
                                   f"data_config_extract.data_path={hpatches}",
                                   "data_config_extract.workers=0"]) == 0
     images = sorted(hpatches.glob("*/*.ppm"))
-    output = work / "hpatches" / "output"
+    output = work / "ckpts" / "hpatches" / "output"
+    assert not (work / "hpatches").exists()
     for image in images:
         assert (output / "desc" / image.parent.name / f"{image.name}.scfeat").is_file()
     assert any((output / "image").rglob("*.png"))  # output_img: True
