@@ -1,10 +1,14 @@
-"""Extract SCFeat features on HPatches-sequences:
+"""Extract SCFeat features on HPatches, Aachen Day-Night, ETH (local-feature benchmark) or InLoc.
+
+``data`` names the dataset (configs ``config/extract_{hpatches,aachen,eth,inloc}.yaml``):
 ``python extract_features.py --config FILE [--format npz|h5] [--amp] [--compile] [KEY=VALUE ...]``.
 
-Writes ``ckpts/<output_root>/desc/<seq>/<k>.ppm.<postfix>`` npz files (``keypoints``
-N×2 x, y in the uncropped image's pixels, ``scores`` N, ``descriptors`` N×D unit norm; what
-``evaluate_hpatches.py`` reads), or with ``format: h5`` one ``features.h5`` in hloc's layout;
-with ``output_img`` also score maps and keypoint drawings under ``image/<seq>/``.
+Writes ``ckpts/<output_root>/desc/<key>.<postfix>`` npz files, the key being the image's path
+in its layout (HPatches ``<seq>/<k>.ppm``, what ``evaluate_hpatches.py`` reads; see
+:mod:`dataloader.image_folders`), with ``keypoints`` N×2 x, y in the image file's pixels,
+``scores`` N, ``descriptors`` N×D unit norm; or with ``format: h5`` (or the original's
+``save_npz: false``) one ``features.h5`` in hloc's layout, a group per key; with ``output_img``
+also score maps and keypoint drawings under ``image/``.
 The work is done by :mod:`extraction`; for your own images use
 ``SCFeatModel.from_checkpoint(folder).detect_and_describe(image)``.
 """

@@ -1,9 +1,13 @@
-"""The HPatches extraction run behind ``extract_features.py`` (:func:`run_extraction`) and its
-writers (npz, hloc's h5, score-map and keypoint images; every file: temp file + rename).
+"""The extraction run behind ``extract_features.py`` (:func:`run_extraction`) and its writers
+(npz, hloc's h5, score-map and keypoint images; every file: temp file + rename).
 
-Features come from :func:`model.extractor.select_features`, as for the per-image API. The
-HPatches loader crops at the right and bottom to a multiple of 16, so crop pixels are original
-pixels and the files hold keypoints in the uncropped image's frame.
+The images come from the dataset that ``data`` names (HPatches, Aachen Day-Night, the ETH
+local-feature benchmark, InLoc: :mod:`dataloader.image_folders`), each with its feature key:
+the files are ``desc/<key>.<postfix>`` (npz) or the groups ``<key>`` of one ``features.h5``.
+Features come from :func:`model.extractor.select_features`, as for the per-image API; Aachen's
+query images use ``detector_config_query`` when it is given. The loaders crop at the right and
+bottom to a multiple of 16, so crop pixels are file pixels; InLoc's ``scale`` resizes first and
+the keypoints are mapped back, so every file holds keypoints in the image file's pixels.
 """
 from __future__ import annotations
 
@@ -18,13 +22,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dataloader.hpatches import HPatch_SIFT
+from dataloader.extraction_sets import EXTRACTION_DATASETS
+from dataloader.image_folders import ImageFolder
 from model.extractor import (PAD_MULTIPLE, Detector, is_textureless, make_detector,
                              select_features, to_numpy)
 from model.scfeat import SCFeatModel
 from utils.acceleration import accelerated
 from utils.atomic import atomic_open, atomic_target
 from utils.cli import resolve_device
+from utils.config import lookup
 from utils.errors import SCFeatError
 
 log = logging.getLogger("scfeat.extract")
@@ -51,9 +57,10 @@ def load_model(conf: dict, device: torch.device) -> torch.nn.Module:
 # writers (every file: temp file + rename)
 # ---------------------------------------------------------------------------------------------
 
-def feature_file(out_dir: Path, seq: str, name: str, postfix: str) -> Path:
-    """``<out_dir>/desc/<seq>/<name>.<postfix>`` (what evaluation/hpatches.py reads)."""
-    return out_dir / "desc" / seq / f"{name}.{postfix}"
+def feature_file(out_dir: Path, key: str, postfix: str) -> Path:
+    """``<out_dir>/desc/<key>.<postfix>`` (for HPatches ``desc/<seq>/<k>.ppm.<postfix>``, what
+    evaluation/hpatches.py reads)."""
+    return out_dir / "desc" / f"{key}.{postfix}"
 
 
 def write_npz(path: Path, features: dict[str, np.ndarray]) -> None:
@@ -74,7 +81,7 @@ def atomic_h5(path: Path) -> Iterator:
 
 def add_h5_features(handle, name: str, features: dict[str, np.ndarray],
                     image_wh: tuple[int, int]) -> None:
-    """Group ``name`` (``<seq>/<k>.ppm``) in hloc's layout: ``keypoints`` N×2, ``scores`` N,
+    """Group ``name`` (the image's key) in hloc's layout: ``keypoints`` N×2, ``scores`` N,
     ``descriptors`` D×N (hloc stores them transposed), ``image_size`` [W, H]."""
     group = handle.create_group(name)
     group.create_dataset("keypoints", data=features["keypoints"])
@@ -105,16 +112,26 @@ def keypoints_image(image_rgb: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
     return canvas
 
 
-def write_images(out_dir: Path, seq: str, name: str, image_rgb: np.ndarray,
-                 score_map: np.ndarray, keypoints: np.ndarray) -> None:
-    """``image/<seq>/<stem>_score.png`` and ``image/<seq>/<stem>_kpts.png``."""
-    stem = Path(name).stem
-    write_png(out_dir / "image" / seq / f"{stem}_score.png", score_map_image(score_map))
-    write_png(out_dir / "image" / seq / f"{stem}_kpts.png", keypoints_image(image_rgb, keypoints))
+def write_images(out_dir: Path, key: str, image_rgb: np.ndarray, score_map: np.ndarray,
+                 keypoints: np.ndarray) -> None:
+    """``image/<folder>/<stem>_score.png`` and ``image/<folder>/<stem>_kpts.png`` for the key
+    ``<folder>/<stem>.<ext>`` (the network's image and its keypoints)."""
+    stem = out_dir / "image" / Path(key).with_suffix("")
+    write_png(stem.with_name(f"{stem.name}_score.png"), score_map_image(score_map))
+    write_png(stem.with_name(f"{stem.name}_kpts.png"), keypoints_image(image_rgb, keypoints))
+
+
+def to_file_pixels(keypoints: np.ndarray, resized: tuple[float, float]) -> np.ndarray:
+    """Keypoints ``N×2`` of an image resized by ``resized`` (``x, y`` factors) → the file's
+    pixels (centres at integers: ``x = (x' + 0.5) / s - 0.5``)."""
+    if tuple(resized) == (1.0, 1.0):
+        return keypoints
+    factors = np.asarray(resized, np.float32)
+    return ((keypoints + 0.5) / factors - 0.5).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
-# the HPatches run
+# the run
 # ---------------------------------------------------------------------------------------------
 
 class IndexedDataset(Dataset):
@@ -130,9 +147,14 @@ class IndexedDataset(Dataset):
         return index, self.dataset[index]
 
 
-def make_dataset(conf: dict) -> HPatch_SIFT:
-    """The HPatches images (raises when ``data_path`` holds none); SIFT per ``use_sift``."""
-    return HPatch_SIFT({**conf["data_config_extract"], "use_sift": conf["use_sift"]})
+def make_dataset(conf: dict) -> ImageFolder:
+    """The images of ``data`` (raises when ``data_path`` holds none); SIFT per ``use_sift``
+    (HPatches)."""
+    dataset_class = lookup(EXTRACTION_DATASETS, conf["data"], "data")
+    data = dict(conf["data_config_extract"])
+    if "use_sift" in dataset_class.default_conf:
+        data["use_sift"] = conf["use_sift"]
+    return dataset_class(data)
 
 
 def make_loader(dataset: Dataset, conf: dict, device: torch.device) -> DataLoader:
@@ -157,18 +179,18 @@ def extract_item(extract: Callable, item: dict, detector: Detector, conf: dict,
     return to_numpy(features), score_map
 
 
-def remove_stale(out_dir: Path, path: Path, conf: dict) -> None:
+def remove_stale(out_dir: Path, key: str, conf: dict) -> None:
     """Delete an older feature file of an image that could not be read this time, so the
     evaluation never reads features of a previous run."""
     if conf["output_desc"] and conf["format"] == "npz":
-        stale = feature_file(out_dir, path.parent.name, path.name, conf["postfix"])
+        stale = feature_file(out_dir, key, conf["postfix"])
         if stale.is_file():
             stale.unlink()
             log.warning("removed %s, left by an earlier run", stale)
 
 
 def run_extraction(conf: dict) -> dict:
-    """Extract features for every HPatches image of the (validated) config.
+    """Extract features for every image of the (validated) config's dataset.
 
     Returns the summary ``{images, mean_ms, skipped (paths), output (folder), features (the h5
     file or the desc folder, None without output_desc)}``.
@@ -181,6 +203,8 @@ def run_extraction(conf: dict) -> dict:
     model = load_model(conf, device)
     extract = accelerated(model.extract, device, conf["amp"], conf["compile"])
     detector = make_detector(conf["detector"], conf["detector_config"])
+    detectors = {False: detector, True: make_detector(conf["detector"], conf["detector_config_query"])
+                 if conf["detector_config_query"] else detector}  # by item["query"]
     out_dir = output_dir(conf)
     log.info("extracting %d images of %s on %s into %s", len(dataset),
              conf["data_config_extract"]["data_path"], device, out_dir)
@@ -197,9 +221,10 @@ def run_extraction(conf: dict) -> dict:
                 bar.update(1)
                 if item is None:
                     skipped.append(dataset.paths[index])
-                    remove_stale(out_dir, dataset.paths[index], conf)
+                    remove_stale(out_dir, dataset.key(dataset.paths[index]), conf)
                     continue
-                times.append(save_item(extract, item, detector, conf, device, out_dir, h5))
+                times.append(save_item(extract, item, detectors[item["query"]], conf, device,
+                                       out_dir, h5))
         if not times:
             raise SCFeatError(f"none of the {len(dataset)} images under "
                               f"{conf['data_config_extract']['data_path']} could be read")
@@ -212,16 +237,16 @@ def save_item(extract: Callable, item: dict, detector: Detector, conf: dict,
     start = time.perf_counter()
     features, score_map = extract_item(extract, item, detector, conf, device)
     elapsed_ms = (time.perf_counter() - start) * 1000.0  # network + selection; to_numpy synced
-    seq, name = item["seq"], item["name"]
+    key = item["key"]
     height, width = (int(v) for v in item["orig_size"])
+    in_file = {**features, "keypoints": to_file_pixels(features["keypoints"], item["resized"])}
     if conf["output_desc"] and h5 is not None:
-        add_h5_features(h5, f"{seq}/{name}", features, (width, height))
+        add_h5_features(h5, key, in_file, (width, height))
     elif conf["output_desc"]:
-        write_npz(feature_file(out_dir, seq, name, conf["postfix"]), features)
+        write_npz(feature_file(out_dir, key, conf["postfix"]), in_file)
     if conf["output_img"]:
-        write_images(out_dir, seq, name, item["image_rgb"].numpy(), score_map,
-                     features["keypoints"])
-    log.info("%s/%s: %d keypoints, %.1f ms", seq, name, len(features["keypoints"]), elapsed_ms)
+        write_images(out_dir, key, item["image_rgb"].numpy(), score_map, features["keypoints"])
+    log.info("%s: %d keypoints, %.1f ms", key, len(features["keypoints"]), elapsed_ms)
     return elapsed_ms
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from dataloader.hpatches import HPatch_SIFT
+from dataloader.extraction_sets import EXTRACTION_DATASETS
 from dataloader.megadepth import MegaDepth_SIFT
 from losses.keypoint import KeypointLoss
 from losses.line2window import EpipolarLoss_Line2Window, Preprocess_Line2Window
@@ -21,12 +21,13 @@ from model.scfeat import (BACKBONES, LOCALHEADERS, MODELS, SCFeatModel, checkpoi
 from utils.config import Spec, is_none_word, lookup, read_yaml
 from utils.errors import SCFeatError
 
-__all__ = ["BACKBONES", "LOCALHEADERS", "MODELS", "DATASETS", "PREPROCESSORS", "LOSSES",
-           "DETECTORS", "lookup", "class_section", "model_schema", "build_model",
-           "inherit_model_config"]
+__all__ = ["BACKBONES", "LOCALHEADERS", "MODELS", "DATASETS", "EXTRACTION_DATASETS",
+           "PREPROCESSORS", "LOSSES", "DETECTORS", "lookup", "class_section", "model_schema",
+           "build_model", "inherit_model_config"]
 
-# The networks' and detectors' names are declared beside them (model/); data and losses here.
-DATASETS = {"MegaDepth_SIFT": MegaDepth_SIFT, "HPatch_SIFT": HPatch_SIFT}
+# The networks', detectors' and extraction datasets' names are declared beside them (model/,
+# dataloader/extraction_sets.py); training data and losses here.
+DATASETS = {"MegaDepth_SIFT": MegaDepth_SIFT, **EXTRACTION_DATASETS}
 PREPROCESSORS = {"Preprocess_Line2Window": Preprocess_Line2Window}
 LOSSES = {"EpipolarLoss_Line2Window": EpipolarLoss_Line2Window, "KeypointLoss": KeypointLoss}
 

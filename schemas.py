@@ -15,8 +15,8 @@ from evaluation.hpatches import parse_methods
 from evaluation.pose import ESTIMATORS, LAYOUTS
 from evaluation.pose import default_conf as pose_defaults
 from model.extractor import DESCRIPTOR_MAPS, DETECTORS, detector_schema, make_detector
-from registry import (DATASETS, LOSSES, MODELS, PREPROCESSORS, class_section,
-                      inherit_model_config, model_schema)
+from registry import (DATASETS, EXTRACTION_DATASETS, LOSSES, MODELS, PREPROCESSORS,
+                      class_section, inherit_model_config, model_schema)
 from utils.checkpoint import CHECKPOINT_PARTS, checkpoint_files
 from utils.cli import DEVICE_CHOICES
 from utils.config import Dynamic, Spec, load_config, lookup
@@ -166,15 +166,21 @@ EXTRACT_SCHEMA = {
     "output_img": False,
     "model": Spec("SCFeatModel", choices=tuple(MODELS)),
     "model_config": Dynamic(lambda root, raw: model_schema(raw)),
-    "data": Spec("HPatch_SIFT", choices=("HPatch_SIFT",)),
-    "data_config_extract": Dynamic(class_section(DATASETS, "data")),
+    "data": Spec("HPatch_SIFT", choices=tuple(EXTRACTION_DATASETS)),
+    "data_config_extract": Dynamic(class_section(EXTRACTION_DATASETS, "data")),
     "local_thr": Spec(None, types=(float, type(None)), inert=True),
     "use_sift": False,
     "detector": Spec("generate_kpts_single", choices=tuple(DETECTORS)),
     "detector_config": Dynamic(lambda root, raw: detector_schema(root["detector"])),
+    # Aachen_Day_Night: the query images' detector settings (absent or empty: detector_config).
+    "detector_config_query": Dynamic(
+        lambda root, raw: detector_schema(root["detector"]) if raw else {}, default=None),
+    "save_npz": Spec(None, types=(bool, type(None)),
+                     doc="true: npz files (format npz); false: one features.h5 (format h5)"),
     # Our additions.
     "descriptor_map": Spec("desc_map", choices=DESCRIPTOR_MAPS),
-    "format": Spec("npz", choices=FEATURE_FORMATS),
+    "format": Spec(None, types=(str, type(None)), choices=FEATURE_FORMATS + (None,),
+                   doc="null: npz, or h5 with save_npz: false"),
     "device": Spec("auto", choices=DEVICE_CHOICES),
     "amp": Spec(False, doc="bf16 autocast (CUDA; see utils/acceleration.py)"),
     "compile": Spec(False, doc="torch.compile the network (CUDA; see utils/acceleration.py)"),
@@ -205,10 +211,30 @@ def check_extract_config(conf: dict, origin: str) -> None:
         fail(f"key 'postfix' must be a non-empty file suffix without '/', got {conf['postfix']!r}")
     check_load_path(conf["load_path"], "ckpts/keypoint-1k/001", fail)
     data = conf["data_config_extract"]
-    if data["use_sift"] and not conf["use_sift"]:
+    if data.get("use_sift") and not conf["use_sift"]:
         fail("key 'data_config_extract.use_sift' is true but 'use_sift' is false; set only the "
              "top-level 'use_sift'")
+    if conf["use_sift"] and "use_sift" not in EXTRACTION_DATASETS[conf["data"]].default_conf:
+        fail(f"key 'use_sift' (SIFT keypoints) is only for data: HPatch_SIFT, got data: "
+             f"{conf['data']}")
     make_detector(conf["detector"], conf["detector_config"], f"{origin}: key 'detector_config'")
+    if conf["detector_config_query"]:
+        if conf["data"] != "Aachen_Day_Night":
+            fail(f"key 'detector_config_query' (the query images' detector settings) is only for "
+                 f"data: Aachen_Day_Night, got data: {conf['data']}")
+        make_detector(conf["detector"], conf["detector_config_query"],
+                      f"{origin}: key 'detector_config_query'")
+    conf["format"] = feature_format(conf, fail)
+
+
+def feature_format(conf: dict, fail) -> str:
+    """``format``, or the original's ``save_npz`` (true: npz, false: h5) when ``format`` is
+    null; npz when neither is given. ``fail(message)`` when the two disagree."""
+    implied = None if conf["save_npz"] is None else ("npz" if conf["save_npz"] else "h5")
+    if conf["format"] is not None and implied is not None and conf["format"] != implied:
+        fail(f"key 'format' is {conf['format']} but 'save_npz: {str(conf['save_npz']).lower()}' "
+             f"means {implied}; give one of the two")
+    return conf["format"] or implied or "npz"
 
 
 # -------------------------------------------------------------------------------- evaluation

@@ -263,7 +263,7 @@ def extract(name: str, checkpoint: Path, output_root: str, out: Path, hpatches: 
     images = sorted(hpatches.glob("*/*.ppm"))
     sources = checkpoint_files(checkpoint) + images
     signature = files_signature(sources, json.dumps(conf, sort_keys=True, default=str))
-    expected = [feature_file(out_dir, p.parent.name, p.name, conf["postfix"]) for p in images]
+    expected = [feature_file(out_dir, f"{p.parent.name}/{p.name}", conf["postfix"]) for p in images]
     start = time.perf_counter()
     if stamp_matches(out_dir, signature) and all(p.is_file() for p in expected):
         print(f"reusing {desc}")
