@@ -6,8 +6,9 @@
 as the original) or ``local_map`` and L2-normalised, scores from the map.
 
 Coordinates are pixels ``x, y`` of the image as given (pixel centres at integers).
-:func:`detect_and_describe` pads at the right and bottom (every pixel is kept) and crops the
-score map back to the input size before selection, so no keypoint comes from the padding.
+:func:`detect_and_describe` takes numpy or tensor images, RGB or grey (:func:`network_input`),
+pads at the right and bottom (every pixel is kept) and crops the score map back to the input
+size before selection, so no keypoint comes from the padding.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from utils.config import Spec, lookup, validate
 from utils.errors import SCFeatError
-from utils.image import to_tensor_normalized
+from utils.image import image_tensor, normalize_imagenet
 from utils.keypoints import NMS_MODES, THRESHOLD_MODES, generate_kpts_single, sample_descriptors
 
 PAD_MULTIPLE = 16  # the network's stride
@@ -102,78 +103,61 @@ def to_numpy(features: Features) -> dict[str, np.ndarray]:
             for k, v in features.items()}
 
 
-def check_image(image: object) -> None:
-    """Raise a clear error unless ``image`` is an ``H×W×3`` uint8 RGB numpy array with
-    ``H, W >= MIN_IMAGE_SIZE``.
-
-    Only uint8 is accepted: a float image could hold 0..1 or 0..255, and guessing wrong would
-    silently give poor features.
-    """
-    where = "detect_and_describe: image"
-    if isinstance(image, torch.Tensor):
-        raise SCFeatError(f"{where} must be a numpy array H×W×3 uint8 RGB, got a torch tensor "
-                          f"(use tensor.cpu().numpy())")
-    if not isinstance(image, np.ndarray):
-        raise SCFeatError(f"{where} must be a numpy array H×W×3 uint8 RGB, got "
-                          f"{type(image).__name__}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        hint = (" (grey image: np.stack([image] * 3, axis=-1))" if image.ndim == 2 else
-                " (RGBA: image[..., :3])" if image.ndim == 3 and image.shape[2] == 4 else "")
-        raise SCFeatError(f"{where} must have shape H×W×3 (RGB), got {image.shape}{hint}")
-    if image.dtype != np.uint8:
-        hint = (" (a float image in [0, 1]: (image * 255).round().astype(np.uint8))"
-                if np.issubdtype(image.dtype, np.floating) else "")
-        raise SCFeatError(f"{where} must be uint8 (0..255), got {image.dtype}{hint}")
-    if min(image.shape[:2]) < MIN_IMAGE_SIZE:
-        raise SCFeatError(f"{where} is {image.shape[0]}×{image.shape[1]}; the network needs at "
-                          f"least {MIN_IMAGE_SIZE}×{MIN_IMAGE_SIZE} pixels")
-
-
-def pad_to_multiple(image: np.ndarray, multiple: int = PAD_MULTIPLE) -> np.ndarray:
-    """``H×W×3`` → ``H'×W'×3`` with H', W' the next multiples of ``multiple``, padded at the
-    right and bottom by replicating the last row and column.
+def network_input(image: object, device: torch.device | str | None = None,
+                  where: str = "detect_and_describe: image") -> tuple[torch.Tensor, tuple[int, int]]:
+    """The network's input for one image of any form that :func:`utils.image.image_tensor`
+    accepts (numpy uint8 RGB or grey, float tensor in [0, 1]; at least ``MIN_IMAGE_SIZE``
+    pixels a side): ``1×3×H'×W'`` ImageNet-normalised on ``device`` (default: the image's),
+    grey repeated to three channels, padded at the right and bottom to multiples of
+    ``PAD_MULTIPLE`` by replicating the last row and column; and the image's ``(H, W)``.
 
     Replicate rather than zero: black padding would put a strong artificial edge along the
     image border, and since the detector normalises its maps over the whole image (peakiness,
     instance norm), that edge would change the scores inside the image too.
     """
-    height, width = image.shape[:2]
-    pad_h, pad_w = -height % multiple, -width % multiple
-    if pad_h == 0 and pad_w == 0:
-        return image
-    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    tensor = image_tensor(image, where, MIN_IMAGE_SIZE)
+    if device is not None:
+        tensor = tensor.to(device)
+    height, width = tensor.shape[-2:]
+    tensor = tensor.expand(-1, 3, -1, -1)  # grey → RGB, as image files are read
+    pad_h, pad_w = -height % PAD_MULTIPLE, -width % PAD_MULTIPLE
+    if pad_h or pad_w:
+        tensor = torch.nn.functional.pad(tensor, (0, pad_w, 0, pad_h), mode="replicate")
+    return normalize_imagenet(tensor), (height, width)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def detect_and_describe(model: torch.nn.Module, image: np.ndarray,
+def detect_and_describe(model: torch.nn.Module, image: object,
                         detector: str = "generate_kpts_single", descriptor_map: str = "desc_map",
                         **detector_config) -> dict[str, np.ndarray]:
-    """Features of one ``H×W×3`` uint8 RGB image of any size (at least 16×16).
+    """Features of one image of any size (at least 16×16): a numpy uint8 ``H×W×3`` RGB, ``H×W``
+    or ``H×W×1`` grey array, or a float tensor ``3×H×W`` or ``1×H×W`` in ``[0, 1]``
+    (optionally ``1×C×H×W``) on any device (see :func:`utils.image.image_tensor`).
 
-    The image is padded at the right/bottom to a multiple of 16 (:func:`pad_to_multiple`),
-    ImageNet-normalised and run through ``model`` (in eval mode, on its device); keypoints are
-    selected by ``detector`` with ``detector_config`` on the score map cropped to the image
+    The image is padded at the right/bottom to a multiple of 16 and ImageNet-normalised
+    (:func:`network_input`) and run through ``model`` (in eval mode, on its device); keypoints
+    are selected by ``detector`` with ``detector_config`` on the score map cropped to the image
     (an option left out takes the detector's ``default_conf``, for ``generate_kpts_single``
     the original's: every NMS candidate, no threshold; the original's HPatches extraction
-    passes ``num_pts=8192, thr=1.0, thr_mod="abs"``). Returns numpy float32 ``keypoints`` ``N×2`` (``x, y`` in the input's pixels),
+    passes ``num_pts=8192, thr=1.0, thr_mod="abs"``). Returns numpy float32 ``keypoints``
+    ``N×2`` (``x, y`` in the input's pixels),
     ``scores`` ``N`` and ``descriptors`` ``N×D`` (unit norm), best score first; ``N = 0`` for
     an image without texture (:func:`is_textureless`).
     """
-    check_image(image)
     if descriptor_map not in DESCRIPTOR_MAPS:
         raise SCFeatError(f"detect_and_describe: descriptor_map must be one of "
                           f"{list(DESCRIPTOR_MAPS)}, got {descriptor_map!r}")
     select = make_detector(detector, detector_config, origin="detect_and_describe")
-    tensor = to_tensor_normalized(pad_to_multiple(image))[None].to(model_device(model))
+    tensor, image_hw = network_input(image, model_device(model))
     was_training = model.training
     model.eval()  # BatchNorm must use its running statistics
     try:
         with torch.inference_mode():
             outputs = model.extract(tensor)
-            features = select_features(outputs, image.shape[:2], select, descriptor_map,
+            features = select_features(outputs, image_hw, select, descriptor_map,
                                        textureless=is_textureless(tensor))
             return to_numpy(features)
     finally:

@@ -192,15 +192,15 @@ def hpatches_features(model: torch.nn.Module, hpatches: Path, sequences: list[st
     """Features of every image of ``sequences``: ``{(seq, k): (keypoints N×2, descriptors
     N×D)}`` with the network's own keypoints, and the same with SIFT keypoints."""
     from dataloader.hpatches import sift_keypoints
-    from utils.image import load_image, to_tensor_normalized
-    from model.extractor import is_textureless, make_detector, pad_to_multiple, select_features
+    from utils.image import load_image
+    from model.extractor import is_textureless, make_detector, network_input, select_features
 
     detector = make_detector("generate_kpts_single", options)
     own, with_sift = {}, {}
     for seq in sequences:
         for k in range(1, 7):
             image = load_image(hpatches / seq / f"{k}.ppm")
-            tensor = to_tensor_normalized(pad_to_multiple(image))[None]
+            tensor, _ = network_input(image)
             with torch.inference_mode():
                 outputs = model.extract(tensor)
                 textureless = is_textureless(tensor)

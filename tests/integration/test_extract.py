@@ -205,13 +205,42 @@ def test_api_pads_an_odd_image_and_keeps_keypoints_inside(model_and_checkpoint, 
     assert np.abs(local["descriptors"] - features["descriptors"]).max() > 1e-2
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_api_takes_tensors_and_grey_images_alike(model_and_checkpoint, photo, device):
+    """A float tensor in [0, 1] (3×H×W, 1×3×H×W, LightGlue's load_image) gives the numpy
+    image's features; a grey image (H×W, H×W×1, 1×H×W) gives those of its RGB copy; on the
+    model's device whatever the image's."""
+    model = model_and_checkpoint[0].to(device)
+    try:
+        image = np.ascontiguousarray(photo[200:245, 150:211])  # 45×61: padded
+        expected = model.detect_and_describe(image, num_pts=100)
+        tensor = torch.from_numpy(image).permute(2, 0, 1).float().to(device) / 255
+        load_image = torch.tensor(image.transpose(2, 0, 1) / 255.0, dtype=torch.float)
+        for form in (tensor, tensor[None], tensor.cpu(), load_image):
+            found = model.detect_and_describe(form, num_pts=100)
+            for key, value in expected.items():
+                np.testing.assert_allclose(found[key], value, atol=1e-5, err_msg=key)
+        grey = np.ascontiguousarray(image[:, :, 0])
+        expected = model.detect_and_describe(np.repeat(grey[:, :, None], 3, axis=2), num_pts=100)
+        for form in (grey, grey[:, :, None], torch.from_numpy(grey)[None].float() / 255):
+            found = model.detect_and_describe(form, num_pts=100)
+            for key, value in expected.items():
+                np.testing.assert_array_equal(found[key], value, err_msg=key)
+    finally:
+        model.to("cpu")
+
+
 @pytest.mark.parametrize("image, message", [
     (np.zeros((32, 32, 3), np.float32), "must be uint8"),
-    (np.zeros((32, 32), np.uint8), "H×W×3"),
+    (np.zeros((32, 32, 2), np.uint8), "H×W×3"),
     (np.zeros((32, 32, 4), np.uint8), "RGBA"),
     (np.zeros((10, 64, 3), np.uint8), "at least 16×16"),
-    (torch.zeros(32, 32, 3, dtype=torch.uint8), "torch tensor"),
-    ([[0]], "numpy array"),
+    (torch.zeros(3, 10, 64), "at least 16×16"),
+    (torch.zeros(3, 32, 32, dtype=torch.uint8), r"float in \[0, 1\], got uint8"),
+    (torch.full((3, 32, 32), 255.0), "divide it by 255"),
+    (torch.zeros(2, 3, 32, 32), "one image at a time"),
+    (torch.zeros(32, 32, 3), "channels last"),
+    ([[0]], "numpy uint8 array"),
 ])
 def test_api_rejects_bad_images(model_and_checkpoint, image, message):
     with pytest.raises(SCFeatError, match=message):
