@@ -1,5 +1,5 @@
 """Visual localisation with pycolmap and the Aachen protocol's measures:
-``python localize.py --images DIR [DIR ...] --poses FILE [FILE ...] --features CKPT|sift --out DIR``.
+``python localize.py --images DIR [DIR ...] --poses FILE [FILE ...] --features METHOD --out DIR``.
 
 Per scene (an image folder and its cameras in the ``img_cam.txt`` layout, e.g.
 ``python -m tools.synthetic megadepth1500``'s ``images/<scene>`` and ``poses/<scene>.txt``): the
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from evaluation.localization import AACHEN_THRESHOLDS, localize_scene, summarize
-from evaluation.matching import check_method, method_label
+from evaluation.methods import parse_method
 from evaluation.reconstruction import add_feature_arguments, colmap_cli
 from utils.cli import resolve_device
 from utils.atomic import write_json
@@ -49,14 +49,14 @@ def localize(args) -> int:
     if len(args.images) != len(args.poses):
         raise SCFeatError(f"--images and --poses: expected one poses file per image folder, "
                           f"got {len(args.images)} folders and {len(args.poses)} files")
-    method = check_method(args.features, "--features")
+    method = parse_method(args.features, "--features")
     device = resolve_device(args.device, "--device")
     records = []
     for images, poses in zip(args.images, args.poses):
         records += localize_scene(images, poses, method, args.out, args.queries,
                                   args.query_every, args.max_keypoints, args.ratio, device,
                                   args.seed)
-    label = method_label(method)
+    label = method.label
     summary = summarize(records)
     write_json(Path(args.out) / f"{label}.json", {"summary": summary, "queries": records})
     print(format_summary(label, summary))

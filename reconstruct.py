@@ -1,8 +1,9 @@
 """3-D reconstruction with pycolmap and the ETH benchmark's measures:
-``python reconstruct.py --images DIR --features CKPT|sift --out DIR [--gt img_cam.txt]``.
+``python reconstruct.py --images DIR --features METHOD --out DIR [--gt img_cam.txt]``.
 
-Extracts features (cached under ``<out>/features``), matches every pair by mutual nearest
-neighbours, imports them into a COLMAP database, runs COLMAP's geometric verification and
+``METHOD`` is any method of ``evaluation/methods.py`` (``sift``, ``disk``, ``aliked``,
+``xfeat``, ``disk+lightglue``, ..., or an SCFeat checkpoint folder). Extracts features (cached
+under ``<out>/features``), matches every pair with the method's matcher, imports them into a COLMAP database, runs COLMAP's geometric verification and
 incremental mapping, and prints registered images, 3-D points, observations, mean track length
 and mean reprojection error; with ``--gt`` (``img_cam.txt`` layout, e.g. the ``poses/<scene>.txt``
 of ``python -m tools.synthetic megadepth1500``) also the rotation and camera-centre errors
@@ -15,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from evaluation.methods import parse_method
 from evaluation.reconstruction import add_feature_arguments, colmap_cli, run_reconstruction
 from utils.cli import resolve_device
 from utils.atomic import write_json
@@ -49,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def reconstruct(args) -> int:
-    statistics = run_reconstruction(args.images, args.features, args.out, args.gt,
+    statistics = run_reconstruction(args.images, parse_method(args.features, "--features"),
+                                    args.out, args.gt,
                                     args.max_keypoints, args.ratio,
                                     resolve_device(args.device, "--device"), args.seed)
     write_json(Path(args.out) / f"{statistics['method']}.json", statistics)

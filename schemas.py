@@ -241,6 +241,8 @@ def feature_format(conf: dict, fail) -> str:
 
 EVAL_HPATCHES_SCHEMA = {
     **hpatches_defaults,
+    "max_keypoints": Spec(None, types=(int, type(None)), minimum=1,
+                          doc="every method's keypoint budget; null: each method's default"),
     "compare_caches": Spec(None, types=(list, type(None))),
     "output_plot": Spec(hpatches_defaults["output_plot"], types=(str, type(None))),
     "thresholds": Spec(hpatches_defaults["thresholds"], choices=tuple(range(1, 16))),
@@ -264,7 +266,8 @@ EVAL_POSE_SCHEMA = {
     "layout": Spec(pose_defaults["layout"], choices=LAYOUTS),
     "resize": Spec(pose_defaults["resize"], types=(int, type(None)),
                    doc="longer image side in pixels; null keeps the size"),
-    "max_keypoints": Spec(pose_defaults["max_keypoints"], types=(int,)),
+    "max_keypoints": Spec(pose_defaults["max_keypoints"], types=(int, type(None)), minimum=1,
+                          doc="every method's keypoint budget; null: each method's default"),
     "ratio": Spec(None, types=(float, type(None)), doc="Lowe's ratio test; null: none"),
     "estimator": Spec(pose_defaults["estimator"], choices=ESTIMATORS),
     "ransac_threshold": Spec(None, types=(float, type(None)),

@@ -4,7 +4,8 @@ Protocol, so that numbers compare with published ones:
 
 * the 8 high-resolution sequences in `HIGH_RES_SEQUENCES` are excluded (108 remain);
 * in each sequence image 1 is matched to images 2..6 by mutual nearest neighbours of the
-  descriptors (dot product);
+  descriptors (dot product), or by the method's matcher (``+lightglue``, see
+  :mod:`evaluation.methods`);
 * a match is correct at threshold t when the image-1 keypoint projected by ``H_1_k`` lands
   within t px (``<=``) of its match; the accuracy is averaged per pair first (a pair without
   matches counts 0), then over pairs.
@@ -24,16 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import cv2
 import numpy as np
 import torch
 
 # Shared with the downstream evaluations; re-exported here for existing callers.
 from evaluation.matching import mnn_matches, read_feature_file, sift_features  # noqa: F401
+from evaluation.matching import Features, mnn_matcher, read_features
 from evaluation.matching import require_files as _require_files
+from evaluation.methods import (SYNTAX, Matcher, Method, budget, cached_features, make_matcher,
+                                method_signature, parse_method)
 from utils.atomic import atomic_open, atomic_target
 from utils.cli import resolve_device
 from utils.files import files_signature
+from utils.image import load_image
 from utils.errors import SCFeatError
 
 logger = logging.getLogger(__name__)
@@ -43,16 +47,20 @@ HIGH_RES_SEQUENCES = ("i_contruction", "i_crownnight", "i_dc", "i_pencils", "i_w
 CACHE_THRESHOLDS = np.arange(1, 16)  # D2-Net caches t = 1..15 px
 TARGET_IMAGES = range(2, 7)
 # Bump when the protocol or the cache content changes, so older caches are never reused.
-PROTOCOL_VERSION = "d2net-hpatches-mma-v1"
+PROTOCOL_VERSION = "d2net-hpatches-mma-v2"
 METHOD_KEYS = {"name", "features", "postfix"}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("SCFEAT_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
 
 default_conf = {
     "data_path": "data/hpatches-sequences-release",
-    # each a {name, features, postfix} dict (features: <features>/<seq>/<k>.ppm.<postfix>)
-    # or the string 'sift' (the built-in OpenCV SIFT baseline)
+    # each a method name (evaluation/methods.py: sift, disk, aliked, xfeat, disk+lightglue, a
+    # checkpoint folder, ...), extracted from the images and cached under cache_dir/features, or
+    # a {name, features, postfix} dict (features: <features>/<seq>/<k>.ppm.<postfix>)
     "methods": ["sift"],
+    # keypoint budget of every method named in 'methods'; None: each method's default
+    # (evaluation/methods.py: all for SIFT, 2048 for DISK and ALIKED, 4096 for XFeat)
+    "max_keypoints": None,
     # result caches (.npy) to plot beside; None: the published ones in
     # ../shared/reference/hpatches_cache when that folder exists
     "compare_caches": None,
@@ -63,15 +71,21 @@ default_conf = {
 }
 
 Cache = tuple[dict, dict, list]
-FeatureReader = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
+# (seq, k) → Features, or (keypoints N×2, descriptors N×D)
+FeatureReader = Callable[[str, int], Features | tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
-class Method:
-    """A method to evaluate: features read from files, or the SIFT baseline (`features` None)."""
+class FeatureFolder:
+    """Features written by the extraction: ``<features>/<seq>/<k>.ppm.<postfix>``, matched by
+    mutual nearest neighbours."""
     name: str
-    features: Path | None = None
-    postfix: str = ""
+    features: Path
+    postfix: str
+
+    @property
+    def label(self) -> str:
+        return self.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,30 +152,33 @@ def pair_accuracies(errors: np.ndarray, thresholds: np.ndarray = CACHE_THRESHOLD
 
 
 def evaluate_sequences(data_path: Path, sequences: list[str], read_features: FeatureReader,
-                       device: torch.device | str = "cpu") -> Cache:
-    """Run the protocol; ``read_features(seq, k)`` gives ``(keypoints N×2, descriptors N×D)``.
+                       device: torch.device | str = "cpu", match: Matcher | None = None) -> Cache:
+    """Run the protocol; ``read_features(seq, k)`` gives image k's :class:`Features` (or
+    ``(keypoints N×2, descriptors N×D)``), ``match(features1, features_k) → K×2`` the matches
+    (default: mutual nearest neighbours on ``device``).
 
     Returns the cache tuple ``(i_err, v_err, [seq_type, n_feats, n_matches])``.
     """
     _require_files([homography_path(data_path, s, k) for s in sequences for k in TARGET_IMAGES],
                    "homography")
+    if match is None:
+        match = mnn_matcher(device)
     i_err = {np.int64(t): np.float64(0) for t in CACHE_THRESHOLDS}
     v_err = {np.int64(t): np.float64(0) for t in CACHE_THRESHOLDS}
     seq_type, n_feats, n_matches = [], [], []
     for seq in _progress(sequences):
-        keypoints1, descriptors1 = read_features(seq, 1)
-        desc1 = torch.from_numpy(descriptors1).to(device)
-        n_feats.append(len(keypoints1))
+        first = Features(*read_features(seq, 1))
+        n_feats.append(len(first.keypoints))
         for k in TARGET_IMAGES:
-            keypoints2, descriptors2 = read_features(seq, k)
-            n_feats.append(len(keypoints2))
-            if min(len(keypoints1), len(keypoints2)) and \
-                    descriptors1.shape[1] != descriptors2.shape[1]:
+            other = Features(*read_features(seq, k))
+            n_feats.append(len(other.keypoints))
+            if min(len(first.keypoints), len(other.keypoints)) and \
+                    first.descriptors.shape[1] != other.descriptors.shape[1]:
                 raise SCFeatError(f"sequence {seq}: descriptors of image 1 and {k} differ in size "
-                                  f"({descriptors1.shape[1]} vs {descriptors2.shape[1]})")
-            matches = mnn_matches(desc1, torch.from_numpy(descriptors2).to(device)).cpu().numpy()
+                                  f"({first.descriptors.shape[1]} vs {other.descriptors.shape[1]})")
+            matches = match(first, other)
             homography = read_homography(homography_path(data_path, seq, k))
-            errors = projection_errors(keypoints1, keypoints2, matches, homography)
+            errors = projection_errors(first.keypoints, other.keypoints, matches, homography)
             accuracies = pair_accuracies(errors)
             target = i_err if seq[0] == "i" else v_err
             for t, accuracy in zip(CACHE_THRESHOLDS, accuracies):
@@ -238,68 +255,90 @@ def summarize(cache: Cache, max_threshold: int = 10) -> dict:
 # methods
 # ---------------------------------------------------------------------------------------------
 
-def parse_methods(entries: list) -> list[Method]:
-    """Config ``methods`` → `Method`s; each entry is 'sift' or {name, features, postfix}."""
+def parse_methods(entries: list) -> list[Method | FeatureFolder]:
+    """Config ``methods`` → :class:`evaluation.methods.Method` s (names) and
+    :class:`FeatureFolder` s (``{name, features, postfix}``), with distinct names."""
     if not isinstance(entries, list) or not entries:
-        raise SCFeatError("config key 'methods': expected a non-empty list of "
-                          "{name, features, postfix} entries or 'sift'")
+        raise SCFeatError(f"config key 'methods': expected a non-empty list of methods ({SYNTAX}) "
+                          f"or {{name, features, postfix}} entries")
     methods = []
     for index, entry in enumerate(entries):
-        if entry == "sift":
-            methods.append(Method("sift"))
+        where = f"config key 'methods[{index}]'"
+        if isinstance(entry, str):
+            methods.append(parse_method(entry, where))
             continue
         if not isinstance(entry, dict) or set(entry) != METHOD_KEYS \
                 or not all(isinstance(entry[key], str) and entry[key] for key in METHOD_KEYS):
-            raise SCFeatError(f"config key 'methods[{index}]': expected 'sift' or a mapping with "
-                              f"exactly the non-empty strings {sorted(METHOD_KEYS)}, got {entry!r}")
+            raise SCFeatError(f"{where}: expected a method ({SYNTAX}) or a mapping with exactly "
+                              f"the non-empty strings {sorted(METHOD_KEYS)}, got {entry!r}")
         if not re.fullmatch(r"[A-Za-z0-9._-]+", entry["name"]):
-            raise SCFeatError(f"config key 'methods[{index}].name': {entry['name']!r} may only "
-                              f"hold letters, digits, '.', '_' and '-' (it names the cache file)")
-        methods.append(Method(entry["name"], Path(entry["features"]), entry["postfix"]))
-    names = [m.name for m in methods]
+            raise SCFeatError(f"{where}.name: {entry['name']!r} may only hold letters, digits, "
+                              f"'.', '_' and '-' (it names the cache file)")
+        methods.append(FeatureFolder(entry["name"], Path(entry["features"]), entry["postfix"]))
+    names = [m.label for m in methods]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise SCFeatError(f"config key 'methods': names must be unique, repeated: {duplicates}")
     return methods
 
 
-def evaluate_method(method: Method, data_path: str | Path, sequences: list[str],
-                    cache_dir: str | Path,
-                    device: torch.device | str = "cpu") -> tuple[Cache, Path]:
+def method_feature_files(method: Method, data_path: Path, sequences: list[str],
+                         cache_dir: str | Path, max_keypoints: int | None = None,
+                         device: torch.device | str = "cpu") -> dict[tuple[str, int], Path]:
+    """The feature files of ``method`` for images 1..6 of every sequence, extracted once into
+    ``<cache_dir>/features/<features label>-<hash>/<seq>/<k>.npz`` (keyed by what makes the
+    features, the image files and the keypoint budget)."""
+    images = {(s, k): image_path(data_path, s, k) for s in sequences for k in range(1, 7)}
+    _require_files(list(images.values()), "image")
+    max_keypoints = budget(method, max_keypoints)
+    key = method_signature(method, f"hpatches max_keypoints={max_keypoints} "
+                                   f"images={files_signature(list(images.values()))}")
+    folder = Path(cache_dir) / "features" / f"{method.features_label}-{key[:16]}"
+    loaders = {f"{s}/{k}": (lambda path=path: (load_image(path), {}))
+               for (s, k), path in images.items()}
+    files = cached_features(method, loaders, folder, max_keypoints, device)
+    return {(s, k): files[f"{s}/{k}"] for s, k in images}
+
+
+def evaluate_method(method: Method | FeatureFolder, data_path: str | Path, sequences: list[str],
+                    cache_dir: str | Path, device: torch.device | str = "cpu",
+                    max_keypoints: int | None = None) -> tuple[Cache, Path]:
     """The cache of one method, reused when its signature matches, else computed and saved.
 
-    Returns ``(cache, cache_path)``. Nothing is written unless the whole evaluation succeeds.
+    A :class:`Method` is extracted from the images first (:func:`method_feature_files`, with
+    the budget ``max_keypoints`` or the method's default). Returns ``(cache, cache_path)``.
+    Nothing is written unless the whole evaluation succeeds.
     """
     data_path = Path(data_path)
-    if method.features is None:  # SIFT baseline, from the images
-        sources = [image_path(data_path, s, k) for s in sequences for k in range(1, 7)]
-        _require_files(sources, "image")
-        extra = f"sift opencv-{cv2.__version__}"
-
-        def read(seq: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-            return sift_features(image_path(data_path, seq, k))
-    else:
+    if isinstance(method, FeatureFolder):
         if not method.features.is_dir():
             raise SCFeatError(f"features folder {method.features} of method '{method.name}' "
                               f"does not exist (run the extraction first, or fix config key "
                               f"'methods')")
-        sources = [feature_path(method.features, s, k, method.postfix)
-                   for s in sequences for k in range(1, 7)]
-        _require_files(sources, f"feature ('{method.name}', <seq>/<k>.ppm.{method.postfix})")
-        extra = f"features {method.postfix}"
+        files = {(s, k): feature_path(method.features, s, k, method.postfix)
+                 for s in sequences for k in range(1, 7)}
+        _require_files(list(files.values()),
+                       f"feature ('{method.name}', <seq>/<k>.ppm.<{method.postfix}>)")
+        matcher = "mnn"
+    else:
+        files = method_feature_files(method, data_path, sequences, cache_dir, max_keypoints,
+                                     device)
+        matcher = method.matcher
 
-        def read(seq: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-            return read_feature_file(feature_path(method.features, seq, k, method.postfix))
+    def read(seq: str, k: int) -> Features:
+        return read_features(files[(seq, k)])
 
     homographies = [homography_path(data_path, s, k) for s in sequences for k in TARGET_IMAGES]
     _require_files(homographies, "homography")
-    signature = files_signature(sources + homographies, f"{PROTOCOL_VERSION}\n{extra}")
-    cache_path = Path(cache_dir) / f"{method.name}-{signature[:16]}.npy"
+    signature = files_signature(list(files.values()) + homographies,
+                                f"{PROTOCOL_VERSION}\nmatcher {matcher}")
+    cache_path = Path(cache_dir) / f"{method.label}-{signature[:16]}.npy"
     if cache_path.is_file():
-        logger.info("%s: reusing %s", method.name, cache_path)
+        logger.info("%s: reusing %s", method.label, cache_path)
         return load_cache(cache_path), cache_path
-    logger.info("%s: evaluating %d sequences", method.name, len(sequences))
-    cache = evaluate_sequences(data_path, sequences, read, device)
+    logger.info("%s: evaluating %d sequences", method.label, len(sequences))
+    match = None if isinstance(method, FeatureFolder) else make_matcher(method, device)
+    cache = evaluate_sequences(data_path, sequences, read, device, match)
     save_cache(cache_path, cache)
     return cache, cache_path
 
@@ -387,9 +426,9 @@ def run_evaluation(conf: dict, print_fn: Callable[[str], None] = print) -> dict[
     results = {}
     for method in methods:
         cache, cache_path = evaluate_method(method, conf["data_path"], sequences,
-                                            conf["cache_dir"], device)
-        print_fn(f"{method.name}: cache {cache_path}")
-        results[method.name] = summarize(cache, max_threshold)
+                                            conf["cache_dir"], device, conf["max_keypoints"])
+        print_fn(f"{method.label}: cache {cache_path}")
+        results[method.label] = summarize(cache, max_threshold)
     for name, cache in compare_caches.items():
         label = name if name not in results else f"{name} (cache)"
         results[label] = summarize(cache, max_threshold)

@@ -1,7 +1,8 @@
 """Visual localisation with pycolmap and the Aachen Day-Night protocol's measures.
 
-Per scene: the reference images, whose poses are known, are matched exhaustively (mutual
-nearest neighbours, COLMAP's geometric verification) and triangulated with their known
+Per scene: the reference images, whose poses are known, are matched exhaustively (the
+method's matcher, :mod:`evaluation.methods`; COLMAP's geometric verification) and triangulated
+with their known
 cameras (``pycolmap.triangulate_points``); each query image is matched to every reference
 image, its keypoints matched to a reference keypoint with a 3-D point give 2D–3D
 correspondences, and ``pycolmap.estimate_and_refine_absolute_pose`` (LO-RANSAC, 12 px, then
@@ -22,10 +23,12 @@ import numpy as np
 import torch
 
 from dataloader.megadepth_layout import CameraRecord
-from evaluation.matching import match_numpy, method_label
+from evaluation.matching import Features
+from evaluation.methods import Matcher, Method, make_matcher
 from evaluation.reconstruction import (COLMAP_PIXEL_OFFSET, _pycolmap, build_database,
-                                       camera_centre, colmap_camera, extract_features,
-                                       list_images, read_ground_truth, rotation_angle)
+                                       camera_centre, colmap_camera, exhaustive_matches,
+                                       extract_features, list_images, read_ground_truth,
+                                       rotation_angle)
 from utils.errors import SCFeatError
 
 logger = logging.getLogger(__name__)
@@ -71,13 +74,12 @@ def reference_model(database: Path, cameras: dict[str, CameraRecord]):
 
 
 def triangulate_references(images_dir: Path, references: list[str],
-                           features: dict[str, tuple[np.ndarray, np.ndarray]],
-                           cameras: dict[str, CameraRecord], out_dir: Path, ratio: float | None,
-                           device: torch.device | str):
-    """The 3-D points of the reference images, triangulated from their known poses."""
+                           features: dict[str, Features], cameras: dict[str, CameraRecord],
+                           out_dir: Path, match: Matcher):
+    """The 3-D points of the reference images, matched by ``match`` and triangulated from
+    their known poses."""
     pycolmap = _pycolmap()
-    matches = {(a, b): match_numpy(features[a][1], features[b][1], ratio, device)
-               for i, a in enumerate(references) for b in references[i + 1:]}
+    matches = exhaustive_matches(features, references, match)
     database = out_dir / "references.db"
     build_database(database, images_dir, references, features, matches, cameras)
     model = reference_model(database, cameras)
@@ -88,23 +90,21 @@ def triangulate_references(images_dir: Path, references: list[str],
                                        options=options)
 
 
-def correspondences_2d3d(query: tuple[np.ndarray, np.ndarray], model,
-                         features: dict[str, tuple[np.ndarray, np.ndarray]],
-                         ratio: float | None, device: torch.device | str,
+def correspondences_2d3d(query: Features, model, features: dict[str, Features], match: Matcher,
                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Query pixels ``K×2`` and world points ``K×3`` from matches to every reference image
+    """Query pixels ``K×2`` and world points ``K×3`` from ``match`` es to every reference image
     (one entry per distinct (query keypoint, 3-D point))."""
     pairs = set()
     for image in model.images.values():
         point_ids = np.array([p.point3D_id if p.has_point3D() else -1 for p in image.points2D])
-        matches = match_numpy(query[1], features[image.name][1], ratio, device)
+        matches = match(query, features[image.name])
         for query_index, reference_index in matches:
             if point_ids[reference_index] >= 0:
                 pairs.add((int(query_index), int(point_ids[reference_index])))
     if not pairs:
         return np.zeros((0, 2)), np.zeros((0, 3))
     pairs = sorted(pairs)
-    points2d = query[0][[q for q, _ in pairs]]
+    points2d = query.keypoints[[q for q, _ in pairs]]
     points3d = np.array([model.points3D[p].xyz for _, p in pairs])
     return points2d, points3d
 
@@ -144,25 +144,26 @@ def recall_at(errors: list[tuple[float, float]], thresholds=AACHEN_THRESHOLDS) -
             for metres, degrees in thresholds]
 
 
-def localize_scene(images_dir: str | Path, poses: str | Path, method: str, out_dir: str | Path,
-                   queries: list[str] | None = None, query_every: int = 4,
-                   max_keypoints: int = 2048, ratio: float | None = None,
+def localize_scene(images_dir: str | Path, poses: str | Path, method: Method,
+                   out_dir: str | Path, queries: list[str] | None = None, query_every: int = 4,
+                   max_keypoints: int | None = 2048, ratio: float | None = None,
                    device: torch.device | str = "cpu", seed: int = 0) -> list[dict]:
-    """Localise the queries of one scene; one record per query (name, errors, inliers)."""
+    """Localise the queries of one scene with ``method`` (features and matcher); one record per
+    query (name, errors, inliers). ``max_keypoints`` ``None``: the method's own budget."""
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     names = list_images(images_dir)
     cameras = read_ground_truth(poses, names)
     references, chosen = split_queries(names, queries, query_every)
     features = extract_features(method, images_dir, names, out_dir / "features", max_keypoints,
                                 device)
-    scene_dir = out_dir / f"{method_label(method)}-{images_dir.name}"
-    model = triangulate_references(images_dir, references, features, cameras, scene_dir, ratio,
-                                   device)
+    scene_dir = out_dir / f"{method.label}-{images_dir.name}"
+    match = make_matcher(method, device, ratio)
+    model = triangulate_references(images_dir, references, features, cameras, scene_dir, match)
     logger.info("%s: %d reference images, %d 3-D points", images_dir, len(references),
                 model.num_points3D())
     records = []
     for name in chosen:
-        points2d, points3d = correspondences_2d3d(features[name], model, features, ratio, device)
+        points2d, points3d = correspondences_2d3d(features[name], model, features, match)
         estimate = localize_query(points2d, points3d, cameras[name], seed)
         centre_error, rotation_error = query_errors(estimate, cameras[name])
         records.append({"scene": images_dir.name, "query": name, "matches_2d3d": len(points2d),

@@ -1,6 +1,7 @@
 """Features and matching shared by every evaluation (HPatches, relative pose, reconstruction,
-localisation): feature files, the OpenCV SIFT baseline, features from a checkpoint, mutual
-nearest-neighbour matching, and per-image feature caches keyed by their inputs.
+localisation): feature files, SIFT of an image file, mutual nearest-neighbour matching. The
+methods themselves (extractors, matchers, feature caches) are defined in
+:mod:`evaluation.methods`.
 
 Keypoints are pixels ``x, y`` with pixel centres at integers (the extraction's convention).
 """
@@ -8,24 +9,25 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import NamedTuple
 
-import cv2
 import numpy as np
 import torch
 
+from model.peers import SiftExtractor
 from utils.atomic import atomic_open
-from utils.checkpoint import checkpoint_files
-from utils.files import files_signature
 from utils.errors import SCFeatError
 from utils.image import load_image
 
 logger = logging.getLogger(__name__)
 
-SIFT = "sift"
 
-# image (H×W×3 uint8 RGB) → (keypoints N×2 float64, descriptors N×D float32, unit norm)
-Extractor = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+class Features(NamedTuple):
+    """One image's features for matching: ``keypoints`` ``N×2`` float64, ``descriptors``
+    ``N×D`` float32 and ``image_size`` ``(width, height)`` (``None`` when the file lacks it)."""
+    keypoints: np.ndarray
+    descriptors: np.ndarray
+    image_size: tuple[int, int] | None = None
 
 
 def require_files(paths: list[Path], what: str) -> None:
@@ -43,6 +45,12 @@ def require_files(paths: list[Path], what: str) -> None:
 
 def read_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``keypoints`` (``N×2`` x, y; extra columns ignored) and ``descriptors`` (``N×D``)."""
+    features = read_features(path)
+    return features.keypoints, features.descriptors
+
+
+def read_features(path: Path) -> Features:
+    """A feature file's :class:`Features`; ``image_size`` when the file holds one."""
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = {"keypoints", "descriptors"} - set(data.files)
@@ -50,18 +58,20 @@ def read_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 raise SCFeatError(f"feature file {path} lacks {sorted(missing)} (expected an npz "
                                   f"with keypoints N×2, scores N, descriptors N×D)")
             keypoints, descriptors = data["keypoints"], data["descriptors"]
+            size = data["image_size"] if "image_size" in data.files else None
     except SCFeatError:
         raise
     except Exception as error:  # np.load raises several types for a corrupt file
         raise SCFeatError(f"cannot read feature file {path} as npz: {error}") from error
+    size = None if size is None else (int(size[0]), int(size[1]))
     if keypoints.size == 0:  # no features: valid, the pairs of this image score 0
         width = descriptors.shape[-1] if descriptors.ndim == 2 else 0
-        return np.zeros((0, 2)), np.zeros((0, width), np.float32)
+        return Features(np.zeros((0, 2)), np.zeros((0, width), np.float32), size)
     if keypoints.ndim != 2 or keypoints.shape[1] < 2 or descriptors.ndim != 2 \
             or len(keypoints) != len(descriptors):
         raise SCFeatError(f"feature file {path}: expected keypoints N×2 and descriptors N×D with "
                           f"the same N, got {keypoints.shape} and {descriptors.shape}")
-    return keypoints[:, :2].astype(np.float64), descriptors.astype(np.float32)
+    return Features(keypoints[:, :2].astype(np.float64), descriptors.astype(np.float32), size)
 
 
 def write_feature_file(path: Path, keypoints: np.ndarray, descriptors: np.ndarray,
@@ -73,73 +83,11 @@ def write_feature_file(path: Path, keypoints: np.ndarray, descriptors: np.ndarra
                  descriptors=np.asarray(descriptors, np.float32), **extra)
 
 
-# ---------------------------------------------------------------------------------------------
-# extractors
-# ---------------------------------------------------------------------------------------------
-
-def sift_from_gray(gray: np.ndarray, max_keypoints: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """OpenCV SIFT on an ``H×W`` uint8 image: keypoints ``N×2`` and L2-normalised descriptors
-    ``N×128``; ``max_keypoints`` 0 keeps all (else OpenCV keeps the strongest)."""
-    keypoints, descriptors = cv2.SIFT_create(nfeatures=max_keypoints).detectAndCompute(gray, None)
-    if descriptors is None:
-        return np.zeros((0, 2)), np.zeros((0, 128), np.float32)
-    descriptors = descriptors / np.linalg.norm(descriptors, axis=1, keepdims=True).clip(1e-12)
-    return np.array([kp.pt for kp in keypoints], np.float64), descriptors.astype(np.float32)
-
-
 def sift_features(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`sift_from_gray` of the image file ``path`` (all keypoints)."""
-    return sift_from_gray(load_image(path, grey=True))
-
-
-def check_method(entry: object, origin: str) -> str:
-    """A method entry: ``'sift'`` or an existing checkpoint folder (returned as given)."""
-    if entry == SIFT:
-        return SIFT
-    if not isinstance(entry, str) or not entry:
-        raise SCFeatError(f"{origin}: expected 'sift' or a checkpoint folder, got {entry!r}")
-    files = checkpoint_files(entry)
-    missing = [path.name for path in files if not path.is_file()]
-    if missing:
-        raise SCFeatError(f"{origin}: '{Path(entry)}' is not a checkpoint folder (expected 'sift' "
-                          f"or a folder with {' and '.join(p.name for p in files)}; missing "
-                          f"{', '.join(missing)})")
-    return entry
-
-
-def method_label(method: str) -> str:
-    """A short file-safe name: ``sift``, or ``<run>-<checkpoint>`` for ``.../<run>/<ckpt>``."""
-    if method == SIFT:
-        return SIFT
-    folder = Path(method).resolve()
-    label = f"{folder.parent.name}-{folder.name}" if folder.parent.name else folder.name
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
-
-
-def method_signature(method: str, extra: str = "") -> str:
-    """:func:`files_signature` of what makes a method's features: the checkpoint files (and the
-    run's ``config.yaml``), or OpenCV's version for SIFT; plus ``extra``."""
-    if method == SIFT:
-        return files_signature([], f"{extra}\nsift opencv-{cv2.__version__}")
-    sources = checkpoint_files(method) + [Path(method).parent / "config.yaml"]
-    return files_signature([p for p in sources if p.is_file()], f"{extra}\ncheckpoint")
-
-
-def make_extractor(method: str, max_keypoints: int,
-                   device: torch.device | str | None = None) -> Extractor:
-    """The features of ``method`` (``'sift'`` or a checkpoint folder) for an RGB image, at
-    most ``max_keypoints`` (the network's detector keeps at least 128)."""
-    if method == SIFT:
-        return lambda image: sift_from_gray(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY),
-                                            max_keypoints)
-    from model.scfeat import SCFeatModel  # late: SIFT-only runs need no network
-
-    model = SCFeatModel.from_checkpoint(method, device)
-
-    def extract(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        features = model.detect_and_describe(image, num_pts=max(max_keypoints, 128))
-        return features["keypoints"].astype(np.float64), features["descriptors"]
-    return extract
+    """OpenCV SIFT (all keypoints) of the image file ``path`` read as grey:
+    ``(keypoints N×2, descriptors N×128)``."""
+    found = SiftExtractor().extract(load_image(path, grey=True))
+    return found["keypoints"].astype(np.float64), found["descriptors"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +124,12 @@ def mnn_matches(desc1: torch.Tensor, desc2: torch.Tensor, chunk: int = 4096,
     return torch.stack([ids1[keep], nn12[keep]], dim=1)
 
 
+def mnn_matcher(device: torch.device | str = "cpu", ratio: float | None = None):
+    """``match(features0, features1) → K×2``: :func:`match_numpy` of the two :class:`Features`'
+    descriptors (with Lowe's ``ratio`` when given) on ``device``."""
+    return lambda first, second: match_numpy(first.descriptors, second.descriptors, ratio, device)
+
+
 def match_numpy(desc1: np.ndarray, desc2: np.ndarray, ratio: float | None = None,
                 device: torch.device | str = "cpu") -> np.ndarray:
     """:func:`mnn_matches` of numpy descriptors → ``K×2`` int64 indices."""
@@ -184,37 +138,3 @@ def match_numpy(desc1: np.ndarray, desc2: np.ndarray, ratio: float | None = None
     return mnn_matches(torch.from_numpy(np.ascontiguousarray(desc1)).to(device),
                        torch.from_numpy(np.ascontiguousarray(desc2)).to(device),
                        ratio=ratio).cpu().numpy()
-
-
-# ---------------------------------------------------------------------------------------------
-# per-image feature caches
-# ---------------------------------------------------------------------------------------------
-
-def cached_features(method: str, images: dict[str, Callable[[], tuple[np.ndarray, dict]]],
-                    folder: Path, max_keypoints: int, device: torch.device | str | None = None,
-                    ) -> dict[str, Path]:
-    """Features of every image, written once to ``<folder>/<key>.npz`` and reused afterwards.
-
-    ``images``: ``{key: function returning (the H×W×3 uint8 RGB image, extra arrays to store
-    beside the features)}`` (keys may contain ``/``). ``folder`` must be specific to the method and everything that changes its
-    features (see :func:`method_signature`). The network is loaded only when a file is
-    missing. Returns ``{key: feature file}``.
-    """
-    paths = {key: folder / f"{key}.npz" for key in images}
-    todo = [key for key, path in paths.items() if not path.is_file()]
-    if todo:
-        logger.info("%s: extracting %d images into %s", method_label(method), len(todo), folder)
-        extract = make_extractor(method, max_keypoints, device)
-        for key in _progress(todo, method_label(method)):
-            image, extra = images[key]()
-            keypoints, descriptors = extract(image)
-            write_feature_file(paths[key], keypoints, descriptors, **extra)
-    return paths
-
-
-def _progress(items: list, label: str):
-    try:
-        from tqdm import tqdm
-        return tqdm(items, desc=f"features {label}", leave=False, disable=None)
-    except ImportError:  # tqdm is optional here
-        return items

@@ -1,7 +1,8 @@
 """Relative pose on MegaDepth-1500-style test pairs (the LoFTR and glue-factory protocols).
 
 Per pair: features of both images (resized so the longer side is ``resize``, intrinsics scaled
-alike), mutual nearest-neighbour matches (optionally a ratio test), an essential matrix by
+alike), the method's matches (:mod:`evaluation.methods`: mutual nearest neighbours, optionally
+with a ratio test, or LightGlue), an essential matrix by
 
 * ``opencv`` — the LoFTR protocol: ``cv2.findEssentialMat`` on points normalised by ``K``,
   RANSAC threshold in pixels divided by the mean focal length, confidence 0.99999, the
@@ -35,12 +36,13 @@ import numpy as np
 import torch
 
 from dataloader.megadepth_layout import parse_numbers
-from evaluation.matching import (cached_features, check_method, files_signature, match_numpy,
-                                 method_label, method_signature, read_feature_file,
-                                 require_files)
+from evaluation.matching import read_features, require_files
+from evaluation.methods import (Matcher, Method, budget, cached_features, make_matcher,
+                                method_signature, parse_methods)
 from utils.cli import resolve_device
 from utils.atomic import atomic_target, write_json
 from utils.errors import SCFeatError
+from utils.files import files_signature
 from utils.image import load_image
 
 logger = logging.getLogger(__name__)
@@ -61,10 +63,10 @@ default_conf = {
     "pairs_file": "pairs_calibrated.txt",  # relative to data_path (or absolute)
     "images_dir": "images",  # glue-factory's image root, relative to data_path
     "scene_info_dir": "megadepth_test_1500_scene_info",  # LoFTR's, relative to data_path
-    "methods": ["sift"],  # 'sift' or checkpoint folders
+    "methods": ["sift"],  # evaluation.methods names: sift, disk, aliked+lightglue, checkpoints...
     "resize": 1600,  # longer image side in pixels; None keeps the images' size
-    "max_keypoints": 2048,
-    "ratio": None,  # Lowe's ratio on top of the mutual check; None: mutual check only
+    "max_keypoints": 2048,  # every method's budget; None: each method's own default
+    "ratio": None,  # Lowe's ratio on top of the mutual check (not for LightGlue); None: none
     "estimator": "opencv",
     "ransac_threshold": None,  # pixels; None: DEFAULT_RANSAC_THRESHOLD of the estimator
     "confidence": 0.99999,
@@ -383,29 +385,30 @@ def evaluate_pair(pair: PosePair, points0: np.ndarray, points1: np.ndarray, K0: 
 
 
 def evaluate_matches(pairs: list[PosePair], feature_files: dict[str, Path], conf: dict,
-                     device: torch.device | str = "cpu") -> list[dict]:
-    """Match and estimate every pair; one record per pair (see :func:`evaluate_pair`)."""
+                     match: Matcher) -> list[dict]:
+    """Match (``match``, see :func:`evaluation.methods.make_matcher`) and estimate every pair;
+    one record per pair (see :func:`evaluate_pair`)."""
     records = []
     for pair in _progress(pairs):
-        features = [read_feature_file(feature_files[key]) for key in (pair.key0, pair.key1)]
+        features = [read_features(feature_files[key]) for key in (pair.key0, pair.key1)]
         extras = [_read_extras(feature_files[key]) for key in (pair.key0, pair.key1)]
-        matches = match_numpy(features[0][1], features[1][1], conf["ratio"], device)
-        points0 = features[0][0][matches[:, 0]]
-        points1 = features[1][0][matches[:, 1]]
+        matches = match(features[0], features[1])
+        points0 = features[0].keypoints[matches[:, 0]]
+        points1 = features[1].keypoints[matches[:, 1]]
         K0 = scale_intrinsics(pair.K0, extras[0]["scale"])
         K1 = scale_intrinsics(pair.K1, extras[1]["scale"])
-        sizes = (tuple(extras[0]["image_size"]), tuple(extras[1]["image_size"]))
+        sizes = (features[0].image_size, features[1].image_size)
         records.append(evaluate_pair(pair, points0, points1, K0, K1, sizes, conf))
     return records
 
 
 def _read_extras(path: Path) -> dict[str, np.ndarray]:
-    """The ``scale`` ``[sx, sy]`` and ``image_size`` ``[w, h]`` stored with the features."""
+    """The ``scale`` ``[sx, sy]`` stored with the features."""
     with np.load(path, allow_pickle=False) as data:
         if "scale" not in data.files or "image_size" not in data.files:
             raise SCFeatError(f"feature file {path} lacks 'scale'/'image_size' (written by an "
                               f"older version? delete the cache folder {path.parent})")
-        return {"scale": data["scale"].astype(np.float64), "image_size": data["image_size"]}
+        return {"scale": data["scale"].astype(np.float64)}
 
 
 def summarize(records: list[dict]) -> dict:
@@ -420,7 +423,7 @@ def summarize(records: list[dict]) -> dict:
 
 
 def image_loaders(pairs: list[PosePair], resize: int | None) -> dict[str, Callable]:
-    """``{image key: function → (resized RGB image, {scale, image_size})}`` of all pairs."""
+    """``{image key: function → (resized RGB image, {scale})}`` of all pairs."""
     paths = {}
     for pair in pairs:
         paths[pair.key0], paths[pair.key1] = pair.path0, pair.path1
@@ -428,31 +431,34 @@ def image_loaders(pairs: list[PosePair], resize: int | None) -> dict[str, Callab
     def loader(path: Path) -> Callable:
         def load() -> tuple[np.ndarray, dict]:
             image, scales = resize_long_side(load_image(path), resize)
-            return image, {"scale": scales, "image_size": np.array(image.shape[1::-1])}
+            return image, {"scale": scales}
         return load
     return {key: loader(path) for key, path in paths.items()}
 
 
-def evaluate_method(method: str, pairs: list[PosePair], index_files: list[Path], conf: dict,
+def evaluate_method(method: Method, pairs: list[PosePair], index_files: list[Path], conf: dict,
                     device: torch.device | str = "cpu") -> tuple[list[dict], Path]:
     """Per-pair records of one method, from the cache when its inputs are unchanged.
 
-    Features go to ``<cache_dir>/features/<label>-<hash>/`` (keyed by the checkpoint files,
-    the image files, ``resize`` and ``max_keypoints``); the records to ``<cache_dir>/<label>-<hash>.json``
-    (keyed by the feature files, the index files and the protocol settings).
+    Features go to ``<cache_dir>/features/<features label>-<hash>/`` (keyed by what makes the
+    features, the image files, ``resize`` and the keypoint budget, so methods that differ only
+    in their matcher share them); the records to ``<cache_dir>/<label>-<hash>.json`` (keyed by
+    the feature files, the index files, the matcher and the protocol settings).
     """
-    label = method_label(method)
+    label = method.label
     cache_dir = Path(conf["cache_dir"])
     images = sorted({path for pair in pairs for path in (pair.path0, pair.path1)})
+    max_keypoints = budget(method, conf["max_keypoints"])
     feature_key = method_signature(method, f"resize={conf['resize']} "
-                                           f"max_keypoints={conf['max_keypoints']} "
+                                           f"max_keypoints={max_keypoints} "
                                            f"images={files_signature(images)}")
-    folder = cache_dir / "features" / f"{label}-{feature_key[:16]}"
+    folder = cache_dir / "features" / f"{method.features_label}-{feature_key[:16]}"
     feature_files = cached_features(method, image_loaders(pairs, conf["resize"]), folder,
-                                    conf["max_keypoints"], device)
+                                    max_keypoints, device)
     settings = {key: conf[key] for key in ("estimator", "confidence", "ratio",
                                            "epipolar_threshold", "seed")}
     settings["ransac_threshold"] = ransac_threshold(conf)
+    settings["matcher"] = method.matcher
     signature = files_signature(list(feature_files.values()) + index_files,
                                 f"{PROTOCOL_VERSION}\n{json.dumps(settings, sort_keys=True)}")
     cache_path = cache_dir / f"{label}-{signature[:16]}.json"
@@ -465,8 +471,9 @@ def evaluate_method(method: str, pairs: list[PosePair], index_files: list[Path],
                            error)
     logger.info("%s: evaluating %d pairs", label, len(pairs))
     cv2.setRNGSeed(conf["seed"])  # OpenCV's RANSAC draws from the global generator
-    records = evaluate_matches(pairs, feature_files, conf, device)
-    write_json(cache_path, {"protocol": PROTOCOL_VERSION, "method": method,
+    records = evaluate_matches(pairs, feature_files, conf,
+                               make_matcher(method, device, conf["ratio"]))
+    write_json(cache_path, {"protocol": PROTOCOL_VERSION, "method": method.name,
                             "settings": settings, "records": records}, indent=None)
     return records, cache_path
 
@@ -534,15 +541,10 @@ def run_pose_evaluation(conf: dict, print_fn: Callable[[str], None] = print) -> 
     """Evaluate the configured methods; print a table and one ``AUC@5/10/20`` line per method
     (the last method's last), write the JSON and the plot. Returns ``{label: summary}``."""
     conf = {**default_conf, **conf}
-    methods = [check_method(m, f"config key 'methods[{k}]'") for k, m in enumerate(conf["methods"])]
-    if not methods:
-        raise SCFeatError("config key 'methods': expected a non-empty list of 'sift' or "
-                          "checkpoint folders")
-    labels = [method_label(m) for m in methods]
-    if len(set(labels)) != len(labels):
-        raise SCFeatError(f"config key 'methods': two methods share a name: {labels}")
-    if conf["max_keypoints"] < 1:
-        raise SCFeatError(f"config key 'max_keypoints': expected a positive number, got "
+    methods = parse_methods(conf["methods"])
+    labels = [method.label for method in methods]
+    if conf["max_keypoints"] is not None and conf["max_keypoints"] < 1:
+        raise SCFeatError(f"config key 'max_keypoints': expected a positive number or null, got "
                           f"{conf['max_keypoints']}")
     if conf["resize"] is not None and conf["resize"] < 16:
         raise SCFeatError(f"config key 'resize': expected at least 16 pixels or null, got "

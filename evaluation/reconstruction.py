@@ -1,8 +1,8 @@
 """3-D reconstruction with pycolmap and the measures of the ETH local-feature benchmark.
 
-Steps: features of every image (``sift`` or a checkpoint, cached), exhaustive mutual
-nearest-neighbour matching, import into a COLMAP database, COLMAP's geometric verification,
-incremental mapping. Reported (:func:`reconstruction_statistics`): registered images, 3-D
+Steps: features of every image (any method of :mod:`evaluation.methods`, cached), exhaustive
+matching with the method's matcher (mutual nearest neighbours or LightGlue), import into a
+COLMAP database, COLMAP's geometric verification, incremental mapping. Reported (:func:`reconstruction_statistics`): registered images, 3-D
 points, observations, mean track length, mean reprojection error (pixels) — the ETH table —
 and, with ground-truth cameras (``img_cam.txt`` layout, e.g. ``tools.synthetic
 megadepth1500``'s ``poses/<scene>.txt``), the rotation and camera-centre errors of the
@@ -22,10 +22,12 @@ import numpy as np
 import torch
 
 from dataloader.megadepth_layout import CameraRecord, read_img_cam
-from evaluation.matching import (cached_features, check_method, files_signature, match_numpy,
-                                 method_label, method_signature, read_feature_file)
+from evaluation.matching import Features, read_features
+from evaluation.methods import (SYNTAX, Matcher, Method, budget, cached_features, make_matcher,
+                                method_signature)
 from utils.cli import run_cli, setup_logging
 from utils.errors import SCFeatError
+from utils.files import files_signature
 from utils.image import load_image
 
 logger = logging.getLogger(__name__)
@@ -59,10 +61,13 @@ def colmap_cli(work) -> int:
 
 def add_feature_arguments(parser) -> None:
     """The options ``reconstruct.py`` and ``localize.py`` share (an ``argparse`` parser)."""
-    parser.add_argument("--features", required=True, help="'sift' or a checkpoint folder")
+    parser.add_argument("--features", required=True, metavar="METHOD",
+                        help=f"the method: {SYNTAX} (evaluation/methods.py)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--max-keypoints", type=int, default=2048)
-    parser.add_argument("--ratio", type=float, default=None, help="Lowe's ratio test (none)")
+    parser.add_argument("--max-keypoints", type=int, default=2048,
+                        help="keypoint budget of the method (default 2048)")
+    parser.add_argument("--ratio", type=float, default=None,
+                        help="Lowe's ratio test on top of mutual nearest neighbours (none)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
 
@@ -93,27 +98,26 @@ def read_ground_truth(path: str | Path, names: list[str]) -> dict[str, CameraRec
     return {name: cameras[name] for name in names}
 
 
-def extract_features(method: str, images_dir: Path, names: list[str], cache_dir: Path,
-                     max_keypoints: int, device: torch.device | str | None = None,
-                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{name: (keypoints N×2, descriptors N×D)}`` of every image, cached under
-    ``<cache_dir>/<label>-<hash>/`` (keyed by the checkpoint, the image files and
-    ``max_keypoints``)."""
-    check_method(method, "--features")
+def extract_features(method: Method, images_dir: Path, names: list[str], cache_dir: Path,
+                     max_keypoints: int | None, device: torch.device | str | None = None,
+                     ) -> dict[str, Features]:
+    """``{name: Features}`` of every image, cached under ``<cache_dir>/<features label>-<hash>/``
+    (keyed by what makes the features, the image files and the keypoint budget)."""
     images = files_signature([Path(images_dir) / name for name in names])
+    max_keypoints = budget(method, max_keypoints)
     key = method_signature(method, f"full-size max_keypoints={max_keypoints} images={images}")
-    folder = Path(cache_dir) / f"{method_label(method)}-{key[:16]}"
+    folder = Path(cache_dir) / f"{method.features_label}-{key[:16]}"
     loaders = {name: (lambda path=Path(images_dir) / name: (load_image(path), {}))
                for name in names}
     files = cached_features(method, loaders, folder, max_keypoints, device)
-    return {name: read_feature_file(files[name]) for name in names}
+    return {name: read_features(files[name]) for name in names}
 
 
-def exhaustive_matches(features: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str],
-                       ratio: float | None = None, device: torch.device | str = "cpu",
+def exhaustive_matches(features: dict[str, Features], names: list[str], match: Matcher,
                        ) -> dict[tuple[str, str], np.ndarray]:
-    """Mutual nearest-neighbour matches ``K×2`` of every pair ``(names[i], names[j])``, i < j."""
-    return {(a, b): match_numpy(features[a][1], features[b][1], ratio, device)
+    """Matches ``K×2`` (``match``, see :func:`evaluation.methods.make_matcher`) of every pair
+    ``(names[i], names[j])``, i < j."""
+    return {(a, b): match(features[a], features[b])
             for i, a in enumerate(names) for b in names[i + 1:]}
 
 
@@ -128,7 +132,7 @@ def colmap_camera(record: CameraRecord):
 
 
 def build_database(database: Path, images_dir: Path, names: list[str],
-                   features: dict[str, tuple[np.ndarray, np.ndarray]],
+                   features: dict[str, Features],
                    matches: dict[tuple[str, str], np.ndarray],
                    cameras: dict[str, CameraRecord] | None = None) -> dict[str, int]:
     """A new COLMAP database with one camera per image, the keypoints and the raw matches, then
@@ -149,7 +153,7 @@ def build_database(database: Path, images_dir: Path, names: list[str],
                 camera.camera_id = image.camera_id
                 camera.has_prior_focal_length = True
                 db.update_camera(camera)
-            keypoints = features[image.name][0] + COLMAP_PIXEL_OFFSET
+            keypoints = features[image.name].keypoints + COLMAP_PIXEL_OFFSET
             db.write_keypoints(image.image_id, keypoints.astype(np.float32))
         for (a, b), pair_matches in matches.items():
             db.write_matches(ids[a], ids[b], pair_matches.astype(np.uint32))
@@ -257,20 +261,20 @@ def pose_errors(reconstruction, cameras: dict[str, CameraRecord]) -> dict:
             "centre_error_max": float(np.max(centre_errors))}
 
 
-def run_reconstruction(images_dir: str | Path, method: str, out_dir: str | Path,
-                       ground_truth: str | Path | None = None, max_keypoints: int = 2048,
+def run_reconstruction(images_dir: str | Path, method: Method, out_dir: str | Path,
+                       ground_truth: str | Path | None = None, max_keypoints: int | None = 2048,
                        ratio: float | None = None, device: torch.device | str = "cpu",
                        seed: int = 0) -> dict:
-    """Reconstruct ``images_dir`` with the features of ``method`` into ``out_dir``
-    (``features/``, ``database.db``, ``sparse/``); returns the statistics (and pose errors with
-    ``ground_truth``)."""
+    """Reconstruct ``images_dir`` with ``method`` (features and matcher) into ``out_dir``
+    (``features/``, ``<label>.db``, ``sparse-<label>/``); returns the statistics (and pose
+    errors with ``ground_truth``). ``max_keypoints`` ``None``: the method's own budget."""
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     names = list_images(images_dir)
     cameras = read_ground_truth(ground_truth, names) if ground_truth else None
     features = extract_features(method, images_dir, names, out_dir / "features", max_keypoints,
                                 device)
-    matches = exhaustive_matches(features, names, ratio, device)
-    label = method_label(method)
+    matches = exhaustive_matches(features, names, make_matcher(method, device, ratio))
+    label = method.label
     database = out_dir / f"{label}.db"
     build_database(database, images_dir, names, features, matches, cameras)
     reconstruction = run_mapper(database, images_dir, out_dir / f"sparse-{label}",

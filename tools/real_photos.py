@@ -1,15 +1,19 @@
 """Matching accuracy on real photographs that the synthetic data never uses, at their own
-resolution: ``python -m tools.real_photos --checkpoints LABEL=DIR [LABEL=DIR ...] [--out DIR]``.
+resolution: ``python -m tools.real_photos [--methods M ...] [--checkpoints LABEL=DIR ...]
+[--max-keypoints N] [--out DIR]``.
 
 From each held-out photograph of scikit-image's wheel (``HELD_OUT_PHOTOS``: none of them is in
 ``tools.synthetic``'s ``MEGADEPTH_PHOTOS`` or ``HPATCHES_PHOTOS``) it writes an illumination and
 a viewpoint sequence in the HPatches layout with ``tools.synthetic.make_hpatches_sequence``, at a
 size chosen so that the photograph is not rescaled (the sequence generator covers 1.4× the
 output size, so the output is about 1/1.4 of the photograph; sizes are multiples of 16, so the
-extraction crops nothing). The networks' features come from the demo's extraction
-(``tools.demo_stages.extract``: ``config/demo/extract.yaml``), the evaluation is ``evaluation.hpatches``
-(D2-Net protocol, MMA@1..10) with OpenCV SIFT beside; the table also gives each method's share of
-keypoints within ``BORDER_PX`` px of the image border (a collapsed detector puts most there).
+extraction crops nothing). ``--methods`` (default ``sift disk aliked xfeat``) are any methods of
+``evaluation/methods.py`` extracted from the images (each with its own keypoint budget unless
+``--max-keypoints``); the ``--checkpoints`` are extracted by the demo's extraction
+(``tools.demo_stages.extract``: ``config/demo/extract.yaml``). The evaluation is
+``evaluation.hpatches`` (D2-Net protocol, MMA@1..10); the table also gives each method's
+keypoints per image and their share within ``BORDER_PX`` px of the image border (a collapsed
+detector puts most there).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import argparse
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -67,20 +71,13 @@ def make_sequences(out: Path, photos: Sequence[str], seed: int) -> Path:
     return out
 
 
-def border_share(features: Path, sequences: Path, postfix: str = "scfeat") -> tuple[float, float]:
+def border_share(keypoints_of: Callable[[Path], np.ndarray], sequences: Path) -> tuple[float, float]:
     """Mean keypoints per image and the share of them within ``BORDER_PX`` px of the border,
-    over every image of ``sequences`` (features: ``<features>/<seq>/<k>.ppm.<postfix>``;
-    ``None`` for SIFT, computed from the images)."""
-    from evaluation.matching import read_feature_file, sift_features
-
+    over every image of ``sequences``; ``keypoints_of(image file) → N×2``."""
     counts, near = [], []
     for image_file in sorted(sequences.glob("*/*.ppm")):
         height, width = load_image(image_file, grey=True).shape
-        if features is None:
-            keypoints, _ = sift_features(image_file)
-        else:
-            keypoints, _ = read_feature_file(
-                features / image_file.parent.name / f"{image_file.name}.{postfix}")
+        keypoints = keypoints_of(image_file)
         x, y = keypoints[:, 0], keypoints[:, 1]
         close = (x < BORDER_PX) | (y < BORDER_PX) | (x > width - 1 - BORDER_PX) \
             | (y > height - 1 - BORDER_PX)
@@ -90,12 +87,15 @@ def border_share(features: Path, sequences: Path, postfix: str = "scfeat") -> tu
 
 
 def parse_checkpoints(entries: Sequence[str]) -> dict[str, Path]:
+    from evaluation.methods import EXTRACTORS
+
     checkpoints = {}
     for entry in entries:
         label, sep, folder = entry.partition("=")
-        if not sep or not label.isidentifier() or label == "sift":
+        if not sep or not label.isidentifier() or label in EXTRACTORS:
             raise SCFeatError(f"--checkpoints {entry!r}: expected LABEL=DIR with a label of "
-                              f"letters, digits and '_' (not 'sift'), e.g. trained=ckpts/run/001")
+                              f"letters, digits and '_' (not a method name such as 'sift'), e.g. "
+                              f"trained=ckpts/run/001")
         path = Path(folder)
         if not ((path / "backbone.pth").is_file() and (path / "localheader.pth").is_file()):
             raise SCFeatError(f"--checkpoints {entry!r}: {path} is not a checkpoint folder "
@@ -104,45 +104,75 @@ def parse_checkpoints(entries: Sequence[str]) -> dict[str, Path]:
     return checkpoints
 
 
+def evaluate_photos(methods: Sequence[str], checkpoints: dict[str, Path], out: Path,
+                    photos: Sequence[str], seed: int, device: str,
+                    max_keypoints: int | None = None) -> dict[str, dict]:
+    """Make the sequences, evaluate every method and checkpoint (printing the MMA table), then
+    print keypoints per image and the share near the border. Returns ``{label: summary}``."""
+    from evaluation.hpatches import parse_methods, method_feature_files, run_evaluation
+    from evaluation.matching import read_feature_file
+    from tools import demo_stages
+
+    unknown = [p for p in photos if p not in HELD_OUT_PHOTOS]
+    if unknown or not photos:
+        raise SCFeatError(f"--photos: unknown {unknown}; expected some of {list(HELD_OUT_PHOTOS)}")
+    parsed = parse_methods(list(methods)) if methods else []  # checked before any work
+    sequences = make_sequences(out / f"sequences-s{seed}-{'-'.join(photos)}", photos, seed)
+    result = demo_stages.DemoResult()
+    features = {label: demo_stages.extract(label, folder, f"photos-{label}", out, sequences,
+                                           device, result)
+                for label, folder in checkpoints.items()}
+    entries = list(methods) + [{"name": label, "features": str(path), "postfix": "scfeat"}
+                               for label, path in features.items()]
+    cache_dir = out / "eval" / "cache"
+    summaries = run_evaluation({"data_path": str(sequences), "methods": entries,
+                                "compare_caches": [], "cache_dir": str(cache_dir),
+                                "output_plot": str(out / "mma.png"), "thresholds": 10,
+                                "exclude_high_res": True, "max_keypoints": max_keypoints})
+    readers = {}
+    names = sorted(p.name for p in sequences.iterdir() if p.is_dir())
+    for method in parsed:
+        files = method_feature_files(method, sequences, names, cache_dir, max_keypoints, device)
+        readers[method.label] = lambda image, files=files: read_feature_file(
+            files[(image.parent.name, int(image.stem))])[0]
+    for label, path in features.items():
+        readers[label] = lambda image, path=path: read_feature_file(
+            path / image.parent.name / f"{image.name}.scfeat")[0]
+    width = max(len("method"), *(len(label) for label in readers))
+    print(f"\n{'method':<{width}}{'kpts/image':>11}{'within ' + str(BORDER_PX) + ' px of border':>26}")
+    for label, keypoints_of in readers.items():
+        count, share = border_share(keypoints_of, sequences)
+        print(f"{label:<{width}}{count:>11.0f}{share:>26.3f}")
+    return summaries
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.real_photos",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoints", nargs="+", required=True, metavar="LABEL=DIR")
+    parser.add_argument("--methods", nargs="*", default=["sift", "disk", "aliked", "xfeat"],
+                        metavar="METHOD", help="methods of evaluation/methods.py (default: sift "
+                                               "disk aliked xfeat)")
+    parser.add_argument("--checkpoints", nargs="*", default=[], metavar="LABEL=DIR",
+                        help="checkpoints, extracted with config/demo/extract.yaml")
+    parser.add_argument("--max-keypoints", type=int, default=None,
+                        help="keypoint budget of every --methods entry (default: each method's)")
     parser.add_argument("--out", type=Path, default=Path("real_photos_output"))
     parser.add_argument("--photos", default=",".join(HELD_OUT_PHOTOS),
                         help=f"comma-separated, from {', '.join(HELD_OUT_PHOTOS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args(argv)
-    from tools import demo_stages
-    from evaluation.hpatches import run_evaluation
-
     try:
-        checkpoints = parse_checkpoints(args.checkpoints)
-        photos = [p for p in args.photos.split(",") if p]
-        unknown = [p for p in photos if p not in HELD_OUT_PHOTOS]
-        if unknown or not photos:
-            raise SCFeatError(f"--photos: unknown {unknown}; expected some of "
-                              f"{list(HELD_OUT_PHOTOS)}")
-        sequences = make_sequences(args.out / f"sequences-s{args.seed}-{'-'.join(photos)}",
-                                   photos, args.seed)
-        result = demo_stages.DemoResult()
-        features = {label: demo_stages.extract(label, folder, f"photos-{label}", args.out, sequences,
-                                        args.device, result)
-                    for label, folder in checkpoints.items()}
-        methods = ["sift"] + [{"name": label, "features": str(path), "postfix": "scfeat"}
-                              for label, path in features.items()]
-        run_evaluation({"data_path": str(sequences), "methods": methods, "compare_caches": [],
-                        "cache_dir": str(args.out / "eval" / "cache"),
-                        "output_plot": str(args.out / "mma.png"), "thresholds": 10,
-                        "exclude_high_res": True})
+        if not args.methods and not args.checkpoints:
+            raise SCFeatError("nothing to evaluate: give --methods and/or --checkpoints")
+        if args.max_keypoints is not None and args.max_keypoints < 1:
+            raise SCFeatError(f"--max-keypoints must be at least 1, got {args.max_keypoints}")
+        evaluate_photos(args.methods, parse_checkpoints(args.checkpoints), args.out,
+                        [p for p in args.photos.split(",") if p], args.seed, args.device,
+                        args.max_keypoints)
     except SCFeatError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"\n{'method':<12}{'kpts/image':>11}{'within ' + str(BORDER_PX) + ' px of border':>26}")
-    for label, path in [("sift", None), *features.items()]:
-        count, share = border_share(path, sequences)
-        print(f"{label:<12}{count:>11.0f}{share:>26.3f}")
     return 0
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import evaluate_hpatches
-from evaluation.hpatches import (HIGH_RES_SEQUENCES, Method, default_compare_caches,
+from evaluation.hpatches import (HIGH_RES_SEQUENCES, FeatureFolder, default_compare_caches,
                                  evaluate_method, files_signature,
                                  list_sequences, load_cache, mnn_matches, parse_methods,
                                  run_evaluation, save_cache, summarize)
@@ -73,7 +73,7 @@ def synthetic(tmp_path):
     for k in range(2, 6):
         write_features(features, "v_syn", k, POINTS + SHIFT + [1.5, 2.0], ONE_HOT)
     write_features(features, "v_syn", 6, np.zeros((0, 2)), np.zeros((0, 8), np.float32))
-    return data, features, Method("syn", features, POSTFIX)
+    return data, features, FeatureFolder("syn", features, POSTFIX)
 
 
 def test_mma_on_known_errors(synthetic, tmp_path):
@@ -213,7 +213,8 @@ def test_sift_baseline_on_translated_texture(tmp_path):
     texture = cv2.cvtColor(cv2.equalizeHist(texture), cv2.COLOR_GRAY2BGR)
     data = make_layout(tmp_path / "hp", {"i_tex": np.zeros(2), "v_tex": np.array([5.0, 3.0])},
                        size=(120, 160), texture=texture)
-    cache, _ = evaluate_method(Method("sift"), data, list_sequences(data), tmp_path / "cache")
+    cache, _ = evaluate_method(parse_methods(["sift"])[0], data, list_sequences(data),
+                               tmp_path / "cache")
     summary = summarize(cache, 3)
     assert summary["mean_matches"] > 20
     assert summary["mma"][2] > 0.9
@@ -259,3 +260,31 @@ def test_save_cache_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_cache(path, ({}, {}, [np.array([]), np.array([]), np.array([])]))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_every_method_gets_a_row_and_features_are_shared_by_matchers(tmp_path, capsys):
+    """``methods=[sift, disk, aliked, xfeat, <checkpoint>, disk+lightglue]``: one row each,
+    features extracted once per extractor (disk+lightglue reuses disk's) with the budget."""
+    from conftest import save_random_checkpoint
+    from tools.synthetic import make_hpatches
+
+    data = tmp_path / "hpatches"
+    make_hpatches(data, sequences=2, size=(96, 128), seed=0)
+    checkpoint = tmp_path / "run" / "000"
+    save_random_checkpoint(checkpoint)
+    methods = ["sift", "disk", "aliked", "xfeat", str(checkpoint), "disk+lightglue"]
+    args = ["--config", "config/eval_hpatches.yaml", f"data_path={data}",
+            f"methods=[{','.join(methods)}]", "max_keypoints=200", "compare_caches=[]",
+            f"cache_dir={tmp_path / 'cache'}", f"output_plot={tmp_path / 'mma.png'}"]
+    assert evaluate_hpatches.main(args) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
+            if "all " in line}
+    assert list(rows) == ["sift", "disk", "aliked", "xfeat", "run-000", "disk+lightglue"]
+    for line in rows.values():
+        mma = [float(v) for v in line.split()[3:13]]
+        assert 0 <= mma[0] <= mma[-1] <= 1 and float(line.split()[-2]) <= 200  # features
+    folders = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache" / "features").iterdir())
+    assert folders == ["aliked", "disk", "run-000", "sift", "xfeat"]
+    assert evaluate_hpatches.main(args[:3] + ["methods=[sift+lightglue]"] + args[4:]) == 2
+    assert "no LightGlue weights for 'sift'" in capsys.readouterr().err

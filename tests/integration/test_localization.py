@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import localize
+from evaluation.matching import mnn_matcher
 from evaluation.localization import (correspondences_2d3d, localize_query, query_errors,
                                      recall_at, split_queries, summarize,
                                      triangulate_references)
@@ -35,11 +36,11 @@ def test_triangulated_references_localise_exact_queries(tmp_path):
     references, queries = split_queries(names, None, 3)
     assert queries == [names[0], names[3], names[6]] and len(references) == 4
     model = triangulate_references(tmp_path / "images", references, features, cameras,
-                                   tmp_path / "model", None, "cpu")
+                                   tmp_path / "model", mnn_matcher())
     assert model.num_points3D() > 200
     records = []
     for name in queries:
-        points2d, points3d = correspondences_2d3d(features[name], model, features, None, "cpu")
+        points2d, points3d = correspondences_2d3d(features[name], model, features, mnn_matcher())
         # Each triangulated point is where the scene's point is (exact data, known poses).
         truth = world[features[name][1].argmax(axis=1)]
         index = {tuple(p): k for k, p in enumerate(features[name][0])}
@@ -87,3 +88,17 @@ def test_cli_localises_a_synthetic_scene_with_sift(tmp_path, capsys):
     results = json.loads((out / "sift.json").read_text())
     assert [q["query"] for q in results["queries"]] == ["img_000.jpg", "img_004.jpg"]
     assert results["summary"]["recall"]["5.0m,10.0deg"] == 1.0
+
+
+@pytest.mark.slow
+def test_cli_localises_with_a_peer(tmp_path, capsys):
+    from tools.synthetic import make_megadepth1500
+    data = tmp_path / "data"
+    make_megadepth1500(data, scenes=1, images=8, pairs=3, size=(180, 240), seed=2)
+    out = tmp_path / "out"
+    assert localize.main(["--images", str(data / "images" / "synth_0000"), "--poses",
+                          str(data / "poses" / "synth_0000.txt"), "--features", "aliked",
+                          "--out", str(out)]) == 0
+    assert "aliked: 2 queries" in capsys.readouterr().out
+    results = json.loads((out / "aliked.json").read_text())
+    assert results["summary"]["recall"]["5.0m,10.0deg"] > 0

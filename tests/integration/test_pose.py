@@ -319,3 +319,17 @@ def test_shipped_config_validates_and_points_where_the_readme_generates():
     assert conf["layout"] == "gluefactory" and conf["estimator"] in ("opencv", "poselib")
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert f"python -m tools.synthetic megadepth1500 --out {conf['data_path']}" in readme
+
+
+@pytest.mark.slow
+def test_peers_and_lightglue_run(synthetic_set, tmp_path):
+    printed = []
+    summaries = run_pose_evaluation({**default_conf, "data_path": str(synthetic_set),
+                                     "methods": ["disk+lightglue", "aliked", "xfeat+lightglue"],
+                                     "resize": 128, "max_keypoints": 256,
+                                     "cache_dir": str(tmp_path / "c"), "output_json": None,
+                                     "output_plot": None}, printed.append)
+    assert list(summaries) == ["disk+lightglue", "aliked", "xfeat+lightglue"]
+    assert printed[-1].startswith("AUC@5/10/20 xfeat+lightglue: ")
+    for summary in summaries.values():
+        assert summary["mean_matches"] > 10 and summary["failed"] < summary["pairs"]

@@ -34,5 +34,24 @@ def test_sequences_hold_warped_and_relit_images(tmp_path):
 def test_checkpoint_arguments_are_checked(tmp_path):
     with pytest.raises(SCFeatError, match="LABEL=DIR"):
         real_photos.parse_checkpoints(["no-label"])
+    with pytest.raises(SCFeatError, match="not a method name"):
+        real_photos.parse_checkpoints([f"disk={tmp_path}"])
     with pytest.raises(SCFeatError, match="not a checkpoint folder"):
         real_photos.parse_checkpoints([f"trained={tmp_path}"])
+
+
+@pytest.mark.slow
+def test_peers_are_evaluated_beside_sift(tmp_path, capsys):
+    assert real_photos.main(["--methods", "sift", "xfeat", "xfeat+lightglue", "--photos",
+                             "motorcycle_right", "--max-keypoints", "300",
+                             "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("kpts/image"):].splitlines()[1:]
+    assert [line.split()[0] for line in table] == ["sift", "xfeat", "xfeat+lightglue"]
+    assert all(0 < float(line.split()[1]) <= 300 for line in table)
+    for label in ("sift", "xfeat", "xfeat+lightglue"):
+        assert any(line.startswith(f"{label} ") and "all 10" in line for line in out.splitlines())
+    assert real_photos.main(["--methods", "dsik", "--out", str(tmp_path)]) == 2
+    assert "did you mean 'disk'" in capsys.readouterr().err
+    assert real_photos.main(["--methods", "--out", str(tmp_path)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err

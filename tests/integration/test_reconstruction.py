@@ -11,6 +11,7 @@ import pytest
 
 import reconstruct
 from dataloader.megadepth_layout import CameraRecord
+from evaluation.matching import Features, mnn_matcher
 from evaluation.reconstruction import (build_database, exhaustive_matches, list_images,
                                        pose_errors, read_ground_truth,
                                        reconstruction_statistics, run_mapper)
@@ -37,8 +38,8 @@ def exact_scene(folder: Path, images: int = 6, points: int = 300, seed: int = 0)
     every 3-D point's projection in every image that sees it, with a one-hot descriptor per
     point so mutual nearest neighbours are exactly the true correspondences.
 
-    Returns ``(names, cameras {name: CameraRecord}, features {name: (keypoints, descriptors)},
-    world points points×3)``.
+    Returns ``(names, cameras {name: CameraRecord}, features {name: Features(keypoints,
+    descriptors)}, world points points×3)``.
     """
     rng = np.random.default_rng(seed)
     world = np.stack([rng.uniform(-2, 2, points), rng.uniform(-1.5, 1.5, points),
@@ -60,14 +61,14 @@ def exact_scene(folder: Path, images: int = 6, points: int = 300, seed: int = 0)
         cv2.imwrite(str(folder / name), np.full((HEIGHT, WIDTH, 3), 128, np.uint8))
         names.append(name)
         cameras[name] = CameraRecord(WIDTH, HEIGHT, K, pose)
-        features[name] = (pixels[visible], np.eye(points, dtype=np.float32)[visible])
+        features[name] = Features(pixels[visible], np.eye(points, dtype=np.float32)[visible])
     return names, cameras, features, world
 
 
 def test_exact_correspondences_reconstruct_every_image_sub_pixel(tmp_path):
     names, cameras, features, _ = exact_scene(tmp_path / "images")
     assert min(len(f[0]) for f in features.values()) > 150  # the scene is well covered
-    matches = exhaustive_matches(features, names)
+    matches = exhaustive_matches(features, names, mnn_matcher())
     database = tmp_path / "scene.db"
     build_database(database, tmp_path / "images", names, features, matches, cameras)
     reconstruction = run_mapper(database, tmp_path / "images", tmp_path / "sparse",
@@ -89,7 +90,7 @@ def test_pose_errors_see_a_wrong_camera(tmp_path):
     names, cameras, features, _ = exact_scene(tmp_path / "images")
     database = tmp_path / "scene.db"
     build_database(database, tmp_path / "images", names, features,
-                   exhaustive_matches(features, names), cameras)
+                   exhaustive_matches(features, names, mnn_matcher()), cameras)
     reconstruction = run_mapper(database, tmp_path / "images", tmp_path / "sparse", True)
     wrong = dict(cameras)
     pose = cameras[names[2]].pose.copy()
@@ -134,3 +135,20 @@ def test_cli_reconstructs_a_synthetic_scene_with_sift(tmp_path, capsys):
     assert f"{statistics['registered']} of 6 images registered" in printed
     assert statistics["registered"] >= 5 and statistics["mean_reprojection_error"] < 1.5
     assert statistics["rotation_error_median"] < 1.0
+
+
+@pytest.mark.slow
+def test_cli_reconstructs_with_a_peer_and_lightglue(tmp_path, capsys):
+    from tools.synthetic import make_megadepth1500
+    data = tmp_path / "data"
+    make_megadepth1500(data, scenes=1, images=5, pairs=3, size=(180, 240), seed=1)
+    out = tmp_path / "out"
+    assert reconstruct.main(["--images", str(data / "images" / "synth_0000"), "--features",
+                             "xfeat+lightglue", "--max-keypoints", "1024", "--out", str(out),
+                             "--gt", str(data / "poses" / "synth_0000.txt")]) == 0
+    statistics = json.loads((out / "xfeat+lightglue.json").read_text())
+    assert statistics["method"] == "xfeat+lightglue" and statistics["registered"] >= 4
+    assert statistics["rotation_error_median"] < 2.0
+    assert reconstruct.main(["--images", str(data / "images" / "synth_0000"), "--features",
+                             "xfeat+lighterglue", "--out", str(out)]) == 2
+    assert "unknown matcher '+lighterglue'" in capsys.readouterr().err
