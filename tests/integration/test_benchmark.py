@@ -226,3 +226,26 @@ def test_extraction_times_reference_ops_and_ours_side_by_side(tmp_path):
     assert len(report["layers"]) == 5
     from model import blocks
     assert blocks.LOWRES_CONV and blocks.FUSED_CPU_INFERENCE == blocks._FUSED_AVAILABLE
+
+
+@pytest.mark.slow
+def test_methods_are_timed_side_by_side_with_their_ratio_to_scfeat(tmp_path, capsys):
+    from tools import benchmark_methods
+    out = tmp_path / "methods.json"
+    assert benchmark_methods.main(["--size", "64x96", "--repeat", "2", "--max-keypoints", "200",
+                                   "--json", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed[3:-1]] == list(benchmark_methods.METHODS)
+    report = json.loads(out.read_text())
+    assert report["size"] == [64, 96] and report["image"] == benchmark_methods.PHOTO
+    methods = report["methods"]
+    assert methods["scfeat"]["ratio"] == 1.0
+    for name, entry in methods.items():
+        assert 0 < entry["min_ms"] <= entry["median_ms"] and entry["budget"] == 200
+        assert entry["ratio"] == pytest.approx(entry["median_ms"] / methods["scfeat"]["median_ms"])
+        assert 0 < entry["keypoints"] <= 200, name
+    # the benchmark's own table, through --only methods
+    assert benchmark.main(["--only", "methods", "--size", "64x96", "--repeat", "1"]) == 0
+    table = capsys.readouterr().out
+    assert all(f"{name} extract()" in table for name in benchmark_methods.METHODS)
+    assert "1.00× SCFeat's time" in table

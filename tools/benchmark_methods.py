@@ -1,0 +1,194 @@
+"""Extraction time of every method side by side on one image:
+``python -m tools.benchmark_methods [--size 480x640] [--repeat 5] [--device cpu|cuda]
+[--checkpoint DIR] [--max-keypoints N] [--threads N] [--json FILE]`` (also part of
+``python -m tools.benchmark --only methods``).
+
+Each method runs its whole per-image path, ``extract(image)`` of :mod:`evaluation.methods`
+(a numpy uint8 RGB photograph in, numpy keypoints, scores and descriptors out): SCFeat
+(``detect_and_describe`` of ``--checkpoint``, or of a network with random weights: the time
+does not depend on the weights, only on the keypoint count, which the table gives), DISK,
+ALIKED (n16), XFeat and OpenCV SIFT, each with its evaluation budget (or ``--max-keypoints``
+for all). After one warm-up call each, every round runs every method once in turn, so that a
+change of the machine's load hits all of them alike. The table gives the median and minimum
+milliseconds per image, images per second, the keypoints found, and each method's median time
+over SCFeat's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from utils.cli import network_size, resolve_device, run_cli  # noqa: E402
+
+METHODS = ("scfeat", "disk", "aliked", "xfeat", "sift")
+PHOTO = "motorcycle"  # scikit-image's street scene (motorcycle_left.png, 500×741)
+
+
+def photograph(height: int, width: int) -> np.ndarray:
+    """``H×W×3`` uint8: the centre of :data:`PHOTO` cropped to the aspect ratio, resized."""
+    from tools.synthetic import load_photo
+
+    photo = load_photo(PHOTO)
+    scale = min(photo.shape[0] / height, photo.shape[1] / width)
+    crop_h, crop_w = int(round(height * scale)), int(round(width * scale))
+    top, left = (photo.shape[0] - crop_h) // 2, (photo.shape[1] - crop_w) // 2
+    return cv2.resize(photo[top:top + crop_h, left:left + crop_w], (width, height),
+                      interpolation=cv2.INTER_AREA)
+
+
+def random_scfeat(device: torch.device) -> torch.nn.Module:
+    """SCFeat with the default model settings and random weights (seed 0), in eval mode."""
+    from registry import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model("SCFeatModel", {"backbone_config": {"pretrained": False}})
+    return model.to(device).eval()
+
+
+def method_extractors(device: torch.device, checkpoint: str | None = None,
+                      max_keypoints: int | None = None) -> dict[str, tuple[Callable, int | None]]:
+    """``{name: (extract(image) → features, keypoint budget)}`` of :data:`METHODS`, as the
+    evaluations build them (:func:`evaluation.methods.make_extractor`)."""
+    from evaluation.methods import budget, make_extractor, parse_method
+    from model.extractor import detector_schema
+
+    extractors = {}
+    for name in METHODS:
+        if name == "scfeat" and checkpoint is None:
+            model = random_scfeat(device)
+            options = {} if max_keypoints is None else {"num_pts": max_keypoints}
+            extractors[name] = (lambda image: model.detect_and_describe(image, **options),
+                                options.get("num_pts"))
+        else:
+            method = parse_method(checkpoint if name == "scfeat" else name, "--checkpoint")
+            extractor = make_extractor(method, max_keypoints, device)
+            extractors[name] = (extractor.extract, budget(method, max_keypoints))
+    if extractors["scfeat"][1] is None:  # the detector's own default
+        extractors["scfeat"] = (extractors["scfeat"][0],
+                                detector_schema("generate_kpts_single")["num_pts"])
+    return extractors
+
+
+def time_methods(extractors: dict[str, tuple[Callable, int | None]], image, repeat: int
+                 ) -> dict[str, dict]:
+    """One warm-up call of each, then ``repeat`` rounds of every method in turn; per method the
+    median and minimum ms, the keypoints and the budget."""
+    times: dict[str, list[float]] = {name: [] for name in extractors}
+    counts = {name: len(extract(image)["keypoints"]) for name, (extract, _) in extractors.items()}
+    for _ in range(repeat):
+        for name, (extract, _) in extractors.items():
+            start = time.perf_counter()
+            extract(image)  # numpy out: a CUDA method has finished when it returns
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_ms": 1000 * statistics.median(values), "min_ms": 1000 * min(values),
+                   "keypoints": counts[name], "budget": extractors[name][1]}
+            for name, values in times.items()}
+
+
+def add_ratios(results: dict[str, dict], base: str = "scfeat") -> dict[str, dict]:
+    """Each method's median time over ``base``'s (``ratio``), in place."""
+    for entry in results.values():
+        entry["ratio"] = entry["median_ms"] / results[base]["median_ms"]
+    return results
+
+
+def format_methods(results: dict[str, dict]) -> str:
+    """The ratio table (one row per method)."""
+    header = f"{'method':<8}{'budget':>8}{'keypoints':>11}{'median ms':>11}{'min ms':>9}" \
+             f"{'images/s':>10}{'× SCFeat':>10}"
+    lines = [header, "-" * len(header)]
+    for name, entry in results.items():
+        budget = "all" if entry["budget"] is None else str(entry["budget"])
+        lines.append(f"{name:<8}{budget:>8}{entry['keypoints']:>11}{entry['median_ms']:>11.1f}"
+                     f"{entry['min_ms']:>9.1f}{1000 / entry['median_ms']:>10.1f}"
+                     f"{entry['ratio']:>10.2f}")
+    return "\n".join(lines)
+
+
+def bench_methods(args, device: torch.device) -> dict:
+    """Time :data:`METHODS` on :func:`photograph` at ``args.size`` (``args.repeat`` rounds;
+    ``args.checkpoint``, ``args.max_keypoints`` when present): ``{size, image, methods:
+    {name: {median_ms, min_ms, keypoints, budget, ratio}}}``."""
+    height, width = args.size
+    extractors = method_extractors(device, getattr(args, "checkpoint", None),
+                                   getattr(args, "max_keypoints", None))
+    results = add_ratios(time_methods(extractors, photograph(height, width), args.repeat))
+    return {"size": [height, width], "image": PHOTO, "methods": results}
+
+
+def method_note(entry: dict) -> str:
+    """A short note on one method's timing (for ``tools.benchmark``'s table)."""
+    budget = "all" if entry["budget"] is None else entry["budget"]
+    return f"{entry['ratio']:.2f}× SCFeat's time; {entry['keypoints']} keypoints (budget {budget})"
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tools.benchmark_methods",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=network_size, default=(480, 640), metavar="HxW",
+                        help="image size (default 480x640)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds (default 5)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available")
+    parser.add_argument("--checkpoint", default=None,
+                        help="SCFeat checkpoint folder (default: random weights)")
+    parser.add_argument("--max-keypoints", type=int, default=None,
+                        help="budget of every method (default: each method's own)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    args = parser.parse_args(argv)
+    if args.repeat < 1 or (args.max_keypoints is not None and args.max_keypoints < 1):
+        parser.error("--repeat and --max-keypoints must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device, "--device")
+    threads = torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        used_threads = torch.get_num_threads()
+        report = bench_methods(args, device)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"extraction per image at {args.size[0]}x{args.size[1]} ({PHOTO}): {device} "
+          f"({machine(device)}), torch {torch.__version__}, {used_threads} threads, "
+          + (f"load average {load:.2f} at start, " if load is not None else "")
+          + f"{args.repeat} rounds")
+    print(format_methods(report["methods"]))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": str(device), "machine": machine(device),
+                                         "torch": torch.__version__, "threads": used_threads,
+                                         "load_average_start": load, **report}, indent=2))
+        print(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
