@@ -5,7 +5,7 @@ A method is written ``<features>[+lightglue]``:
 * ``<features>``: ``sift`` (OpenCV), ``disk``, ``aliked`` (``aliked-n16``), ``aliked-n16rot``,
   ``aliked-n32``, ``aliked-t16``, ``xfeat`` (:mod:`model.peers`), or an SCFeat checkpoint
   folder (``backbone.pth``, ``localheader.pth``; :meth:`model.scfeat.SCFeatModel.detect_and_describe`
-  with the detector's defaults);
+  with the detector's defaults and the budget as ``num_pts``: :class:`CheckpointExtractor`);
 * matching: mutual nearest neighbours of the descriptors (``mnn``, no suffix), or
   ``+lightglue`` where trained LightGlue weights exist: ``disk+lightglue``,
   ``aliked+lightglue`` and ``xfeat+lightglue`` (XFeat's LighterGlue; :mod:`model.lightglue`).
@@ -49,7 +49,8 @@ MNN = "mnn"
 FEATURES_VERSION = "features-v2"  # bump when the content of feature files changes
 SYNTAX = ("sift, disk, aliked, aliked-n16rot, aliked-n32, aliked-t16, xfeat or a checkpoint "
           "folder, optionally +lightglue")
-MIN_CHECKPOINT_KEYPOINTS = 128  # the network's detector is asked for at least this many
+# An SCFeat checkpoint's budget: the original's HPatches extraction (config/extract_hpatches.yaml)
+CHECKPOINT_MAX_KEYPOINTS = 8192
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ class Method:
         return self.features_label + (f"+{LIGHTGLUE}" if self.matcher == LIGHTGLUE else "")
 
     def default_max_keypoints(self) -> int | None:
-        return None if self.checkpoint is not None else EXTRACTORS[self.features].max_keypoints
+        if self.checkpoint is not None:
+            return CHECKPOINT_MAX_KEYPOINTS
+        return EXTRACTORS[self.features].max_keypoints
 
 
 def parse_method(entry: object, origin: str) -> Method:
@@ -164,20 +167,22 @@ def parse_methods(entries: object, key: str = "methods") -> list[Method]:
 # ---------------------------------------------------------------------------------------------
 
 class CheckpointExtractor:
-    """An SCFeat checkpoint behind ``extract(image)``: ``detect_and_describe`` with the
-    detector's defaults and ``num_pts`` the budget (at least :data:`MIN_CHECKPOINT_KEYPOINTS`;
-    ``None``: the detector's default)."""
+    """An SCFeat network behind ``extract(image)``: ``detect_and_describe`` with the detector's
+    defaults and ``num_pts`` the budget (the detector returns at least 128 keypoints)."""
 
-    def __init__(self, folder: Path, max_keypoints: int | None,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, max_keypoints: int) -> None:
+        self.model = model
+        self.conf = {"max_keypoints": max_keypoints}
+
+    @classmethod
+    def from_folder(cls, folder: Path, max_keypoints: int,
+                    device: torch.device | str | None = None) -> "CheckpointExtractor":
         from model.scfeat import SCFeatModel  # late: runs without a checkpoint load no network
 
-        self.model = SCFeatModel.from_checkpoint(folder, device)
-        self.options = {} if max_keypoints is None else \
-            {"num_pts": max(max_keypoints, MIN_CHECKPOINT_KEYPOINTS)}
+        return cls(SCFeatModel.from_checkpoint(folder, device), max_keypoints)
 
     def extract(self, image: object) -> dict[str, np.ndarray]:
-        return self.model.detect_and_describe(image, **self.options)
+        return self.model.detect_and_describe(image, num_pts=self.conf["max_keypoints"])
 
 
 def budget(method: Method, max_keypoints: int | None) -> int | None:
@@ -190,7 +195,8 @@ def make_extractor(method: Method, max_keypoints: int | None = None,
     """The extractor of ``method`` (an object with ``extract(image) → {keypoints, scores,
     descriptors}``, see :mod:`model.peers`) with the budget :func:`budget`, on ``device``."""
     if method.checkpoint is not None:
-        return CheckpointExtractor(method.checkpoint, max_keypoints, device)
+        return CheckpointExtractor.from_folder(method.checkpoint, budget(method, max_keypoints),
+                                               device)
     extractor = EXTRACTORS[method.features].build(budget(method, max_keypoints))
     if isinstance(extractor, torch.nn.Module):
         extractor.to("cpu" if device is None else device)

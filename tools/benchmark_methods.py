@@ -65,23 +65,18 @@ def method_extractors(device: torch.device, checkpoint: str | None = None,
                       max_keypoints: int | None = None) -> dict[str, tuple[Callable, int | None]]:
     """``{name: (extract(image) → features, keypoint budget)}`` of :data:`METHODS`, as the
     evaluations build them (:func:`evaluation.methods.make_extractor`)."""
-    from evaluation.methods import budget, make_extractor, parse_method
-    from model.extractor import detector_schema
+    from evaluation.methods import (CHECKPOINT_MAX_KEYPOINTS, CheckpointExtractor, budget,
+                                    make_extractor, parse_method)
 
     extractors = {}
     for name in METHODS:
         if name == "scfeat" and checkpoint is None:
-            model = random_scfeat(device)
-            options = {} if max_keypoints is None else {"num_pts": max_keypoints}
-            extractors[name] = (lambda image: model.detect_and_describe(image, **options),
-                                options.get("num_pts"))
+            extractor = CheckpointExtractor(random_scfeat(device),
+                                            max_keypoints or CHECKPOINT_MAX_KEYPOINTS)
         else:
             method = parse_method(checkpoint if name == "scfeat" else name, "--checkpoint")
             extractor = make_extractor(method, max_keypoints, device)
-            extractors[name] = (extractor.extract, budget(method, max_keypoints))
-    if extractors["scfeat"][1] is None:  # the detector's own default
-        extractors["scfeat"] = (extractors["scfeat"][0],
-                                detector_schema("generate_kpts_single")["num_pts"])
+        extractors[name] = (extractor.extract, extractor.conf["max_keypoints"])
     return extractors
 
 

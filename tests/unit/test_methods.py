@@ -69,11 +69,11 @@ def test_budgets_are_the_published_defaults_unless_given(checkpoint):
     assert budget(parse_method("aliked", "m"), None) == 2048
     assert budget(parse_method("xfeat", "m"), None) == 4096
     assert budget(parse_method("xfeat", "m"), 500) == 500
-    assert budget(parse_method(str(checkpoint), "m"), None) is None  # the detector's default
+    assert budget(parse_method(str(checkpoint), "m"), None) == 8192  # the original's extraction
 
 
-def test_every_extractor_is_built_with_its_budget():
-    for name in EXTRACTORS:
+def test_every_extractor_is_built_with_its_budget(checkpoint):
+    for name in [*EXTRACTORS, str(checkpoint)]:
         extractor = make_extractor(parse_method(name, "m"), 300)
         assert extractor.conf["max_keypoints"] == 300
         assert callable(extractor.extract)
