@@ -11,9 +11,10 @@ extraction crops nothing). ``--methods`` (default ``sift disk aliked xfeat``) ar
 ``evaluation/methods.py`` extracted from the images (each with its own keypoint budget unless
 ``--max-keypoints``); the ``--checkpoints`` are extracted by the demo's extraction
 (``tools.demo_stages.extract``: ``config/demo/extract.yaml``). The evaluation is
-``evaluation.hpatches`` (D2-Net protocol, MMA@1..10); the table also gives each method's
-keypoints per image and their share within ``BORDER_PX`` px of the image border (a collapsed
-detector puts most there).
+``evaluation.hpatches`` (D2-Net protocol, MMA@1..10), then per photograph (MMA@3 and keypoints per image: a method that
+finds a handful of keypoints on a low-texture photograph still gets a high MMA from them); the
+last table gives each method's keypoints per image and their share within ``BORDER_PX`` px of
+the image border (a collapsed detector puts most there).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from utils.errors import SCFeatError
 from utils.image import load_image
 
 BORDER_PX = 8
+PHOTO_THRESHOLD = 3  # px, the per-photograph table's MMA
 # name → (file in skimage/data, centre crop H×W or None, sequence size H×W (multiples of 16))
 HELD_OUT_PHOTOS = {
     "motorcycle_right": ("motorcycle_right.png", None, (352, 528)),  # 500×741 photograph
@@ -108,8 +110,10 @@ def evaluate_photos(methods: Sequence[str], checkpoints: dict[str, Path], out: P
                     photos: Sequence[str], seed: int, device: str,
                     max_keypoints: int | None = None) -> dict[str, dict]:
     """Make the sequences, evaluate every method and checkpoint (printing the MMA table), then
-    print keypoints per image and the share near the border. Returns ``{label: summary}``."""
-    from evaluation.hpatches import parse_methods, method_feature_files, run_evaluation
+    print each method's MMA@3 and keypoints per image on each photograph, and its keypoints
+    per image and their share near the border. Returns ``{label: summary}``."""
+    from evaluation.hpatches import (evaluate_method, method_feature_files, parse_methods,
+                                     run_evaluation, summarize)
     from evaluation.matching import read_feature_file
     from tools import demo_stages
 
@@ -129,6 +133,19 @@ def evaluate_photos(methods: Sequence[str], checkpoints: dict[str, Path], out: P
                                 "compare_caches": [], "cache_dir": str(cache_dir),
                                 "output_plot": str(out / "mma.png"), "thresholds": 10,
                                 "exclude_high_res": True, "max_keypoints": max_keypoints})
+    evaluated = parse_methods(entries)
+    width = max(len("method"), *(len(method.label) for method in evaluated))
+    print(f"\nper photograph (illumination and viewpoint sequence): MMA@{PHOTO_THRESHOLD}px, "
+          f"keypoints per image")
+    print(f"{'method':<{width}}" + "".join(f"{photo:>22}" for photo in photos))
+    for method in evaluated:
+        cells = []
+        for photo in photos:
+            cache, _ = evaluate_method(method, sequences, [f"i_{photo}", f"v_{photo}"], cache_dir,
+                                       device, max_keypoints)
+            summary = summarize(cache, PHOTO_THRESHOLD)
+            cells.append(f"{summary['mma'][-1]:>14.3f}{summary['mean_features']:>8.0f}")
+        print(f"{method.label:<{width}}" + "".join(cells))
     readers = {}
     names = sorted(p.name for p in sequences.iterdir() if p.is_dir())
     for method in parsed:
@@ -138,7 +155,6 @@ def evaluate_photos(methods: Sequence[str], checkpoints: dict[str, Path], out: P
     for label, path in features.items():
         readers[label] = lambda image, path=path: read_feature_file(
             path / image.parent.name / f"{image.name}.scfeat")[0]
-    width = max(len("method"), *(len(label) for label in readers))
     print(f"\n{'method':<{width}}{'kpts/image':>11}{'within ' + str(BORDER_PX) + ' px of border':>26}")
     for label, keypoints_of in readers.items():
         count, share = border_share(keypoints_of, sequences)

@@ -51,6 +51,10 @@ def test_peers_are_evaluated_beside_sift(tmp_path, capsys):
     assert all(0 < float(line.split()[1]) <= 300 for line in table)
     for label in ("sift", "xfeat", "xfeat+lightglue"):
         assert any(line.startswith(f"{label} ") and "all 10" in line for line in out.splitlines())
+    photo = out[out.index("per photograph"):].splitlines()
+    assert photo[1].split() == ["method", "motorcycle_right"]
+    assert [line.split()[0] for line in photo[2:5]] == ["sift", "xfeat", "xfeat+lightglue"]
+    assert all(0 < float(line.split()[1]) <= 1 for line in photo[2:5])
     assert real_photos.main(["--methods", "dsik", "--out", str(tmp_path)]) == 2
     assert "did you mean 'disk'" in capsys.readouterr().err
     assert real_photos.main(["--methods", "--out", str(tmp_path)]) == 2
