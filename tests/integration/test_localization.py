@@ -75,30 +75,18 @@ def test_bad_query_choices(tmp_path):
                           "--features", "sift", "--out", str(tmp_path / "out")]) == 2
 
 
-def test_cli_localises_a_synthetic_scene_with_sift(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["sift", pytest.param("aliked", marks=pytest.mark.slow)])
+def test_cli_localises_a_synthetic_scene(method, tmp_path, capsys):
     from tools.synthetic import make_megadepth1500
     data = tmp_path / "data"
     make_megadepth1500(data, scenes=1, images=8, pairs=3, size=(180, 240), seed=2)
     out = tmp_path / "out"
     assert localize.main(["--images", str(data / "images" / "synth_0000"), "--poses",
-                          str(data / "poses" / "synth_0000.txt"), "--features", "sift",
+                          str(data / "poses" / "synth_0000.txt"), "--features", method,
                           "--out", str(out)]) == 0
     last = capsys.readouterr().out.strip().split("\n")[-1]
-    assert last.startswith("localised within (0.25 m, 2.0°) / (0.5 m, 5.0°) / (5.0 m, 10.0°) sift: ")
-    results = json.loads((out / "sift.json").read_text())
+    assert last.startswith(f"localised within (0.25 m, 2.0°) / (0.5 m, 5.0°) / (5.0 m, 10.0°) "
+                           f"{method}: ")
+    results = json.loads((out / f"{method}.json").read_text())
     assert [q["query"] for q in results["queries"]] == ["img_000.jpg", "img_004.jpg"]
     assert results["summary"]["recall"]["5.0m,10.0deg"] == 1.0
-
-
-@pytest.mark.slow
-def test_cli_localises_with_a_peer(tmp_path, capsys):
-    from tools.synthetic import make_megadepth1500
-    data = tmp_path / "data"
-    make_megadepth1500(data, scenes=1, images=8, pairs=3, size=(180, 240), seed=2)
-    out = tmp_path / "out"
-    assert localize.main(["--images", str(data / "images" / "synth_0000"), "--poses",
-                          str(data / "poses" / "synth_0000.txt"), "--features", "aliked",
-                          "--out", str(out)]) == 0
-    assert "aliked: 2 queries" in capsys.readouterr().out
-    results = json.loads((out / "aliked.json").read_text())
-    assert results["summary"]["recall"]["5.0m,10.0deg"] > 0
