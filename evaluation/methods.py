@@ -5,7 +5,8 @@ A method is written ``<features>[+lightglue]``:
 * ``<features>``: ``sift`` (OpenCV), ``disk``, ``aliked`` (``aliked-n16``), ``aliked-n16rot``,
   ``aliked-n32``, ``aliked-t16``, ``xfeat`` (:mod:`model.peers`), or an SCFeat checkpoint
   folder (``backbone.pth``, ``localheader.pth``; :meth:`model.scfeat.SCFeatModel.detect_and_describe`
-  with the detector's defaults and the budget as ``num_pts``: :class:`CheckpointExtractor`);
+  with the original HPatches extraction's keypoint selection and the budget as ``num_pts``:
+  :class:`CheckpointExtractor`);
 * matching: mutual nearest neighbours of the descriptors (``mnn``, no suffix), or
   ``+lightglue`` where trained LightGlue weights exist: ``disk+lightglue``,
   ``aliked+lightglue`` and ``xfeat+lightglue`` (XFeat's LighterGlue; :mod:`model.lightglue`).
@@ -49,8 +50,10 @@ MNN = "mnn"
 FEATURES_VERSION = "features-v2"  # bump when the content of feature files changes
 SYNTAX = ("sift, disk, aliked, aliked-n16rot, aliked-n32, aliked-t16, xfeat or a checkpoint "
           "folder, optionally +lightglue")
-# An SCFeat checkpoint's budget: the original's HPatches extraction (config/extract_hpatches.yaml)
+# An SCFeat checkpoint's keypoint selection: the original's HPatches extraction
+# (config/extract_hpatches.yaml: num_pts 8192, thr 1.0, thr_mod abs), num_pts the budget
 CHECKPOINT_MAX_KEYPOINTS = 8192
+CHECKPOINT_DETECTOR = {"thr": 1.0, "thr_mod": "abs"}
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ def _aliked(model_name: str) -> Callable[[int | None], object]:
 
 
 EXTRACTORS = {
-    # all keypoints: the HPatches baseline of D2-Net and of this project
+    # all keypoints (OpenCV's default): this project's SIFT baseline
     "sift": ExtractorSpec(lambda budget: SiftExtractor(max_keypoints=budget), None, None, ()),
     # 2048: LightGlue's and glue-factory's setting for DISK and ALIKED
     "disk": ExtractorSpec(lambda budget: DiskExtractor(max_keypoints=budget), 2048, "disk",
@@ -167,8 +170,9 @@ def parse_methods(entries: object, key: str = "methods") -> list[Method]:
 # ---------------------------------------------------------------------------------------------
 
 class CheckpointExtractor:
-    """An SCFeat network behind ``extract(image)``: ``detect_and_describe`` with the detector's
-    defaults and ``num_pts`` the budget (the detector returns at least 128 keypoints)."""
+    """An SCFeat network behind ``extract(image)``: ``detect_and_describe`` with the original
+    HPatches extraction's keypoint selection (:data:`CHECKPOINT_DETECTOR`) and ``num_pts`` the
+    budget (the detector returns at least 128 keypoints)."""
 
     def __init__(self, model: torch.nn.Module, max_keypoints: int) -> None:
         self.model = model
@@ -182,7 +186,8 @@ class CheckpointExtractor:
         return cls(SCFeatModel.from_checkpoint(folder, device), max_keypoints)
 
     def extract(self, image: object) -> dict[str, np.ndarray]:
-        return self.model.detect_and_describe(image, num_pts=self.conf["max_keypoints"])
+        return self.model.detect_and_describe(image, num_pts=self.conf["max_keypoints"],
+                                              **CHECKPOINT_DETECTOR)
 
 
 def budget(method: Method, max_keypoints: int | None) -> int | None:
@@ -237,7 +242,8 @@ def method_signature(method: Method, extra: str = "") -> str:
     header = f"{extra}\n{FEATURES_VERSION}"
     if method.checkpoint is not None:
         sources = checkpoint_files(method.checkpoint) + [method.checkpoint.parent / "config.yaml"]
-        return files_signature([p for p in sources if p.is_file()], f"{header}\ncheckpoint")
+        return files_signature([p for p in sources if p.is_file()],
+                               f"{header}\ncheckpoint {sorted(CHECKPOINT_DETECTOR.items())}")
     if method.features == "sift":
         return files_signature([], f"{header}\nsift opencv-{cv2.__version__}")
     weights = [weight_file(name) for name in EXTRACTORS[method.features].weights]

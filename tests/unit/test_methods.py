@@ -9,7 +9,8 @@ import pytest
 
 from conftest import save_random_checkpoint
 from evaluation.matching import Features, read_features
-from evaluation.methods import (CHECKPOINT, EXTRACTORS, LIGHTGLUE, MNN, Method, budget,
+from evaluation.methods import (CHECKPOINT, CHECKPOINT_DETECTOR, CHECKPOINT_MAX_KEYPOINTS,
+                                EXTRACTORS, LIGHTGLUE, MNN, Method, budget,
                                 cached_features, make_extractor, make_matcher, method_signature,
                                 parse_method, parse_methods)
 from utils.errors import SCFeatError
@@ -80,8 +81,20 @@ def test_every_extractor_is_built_with_its_budget(checkpoint):
     assert make_extractor(parse_method("aliked-t16", "m")).conf["model_name"] == "aliked-t16"
 
 
-def test_a_checkpoint_extracts_with_at_least_128_keypoints(checkpoint):
+def test_a_checkpoint_extracts_as_the_original_hpatches_extraction(checkpoint):
+    """The keypoint selection of config/extract_hpatches.yaml, num_pts the budget (at least
+    128: the detector's minimum)."""
+    from utils.config import read_yaml
+    detector = read_yaml(Path(__file__).parents[2] / "config" / "extract_hpatches.yaml")[
+        "detector_config"]
+    assert CHECKPOINT_DETECTOR == {key: detector[key] for key in CHECKPOINT_DETECTOR}
+    assert CHECKPOINT_MAX_KEYPOINTS == detector["num_pts"]
     image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    extractor = make_extractor(parse_method(str(checkpoint), "m"), 300)
+    expected = extractor.model.detect_and_describe(image, num_pts=300, thr=1.0, thr_mod="abs")
+    found = extractor.extract(image)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(found[key], value)
     found = make_extractor(parse_method(str(checkpoint), "m"), 20).extract(image)
     assert len(found["keypoints"]) == 128 and found["descriptors"].shape == (128, 128)
 
