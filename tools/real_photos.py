@@ -1,9 +1,9 @@
-"""Matching accuracy on real photographs that the synthetic data never uses, at their own
+"""Matching accuracy on real photographs that training never uses, at their own
 resolution: ``python -m tools.real_photos [--methods M ...] [--checkpoints LABEL=DIR ...]
 [--max-keypoints N] [--out DIR]``.
 
-From each held-out photograph of scikit-image's wheel (``HELD_OUT_PHOTOS``: none of them is in
-``tools.synthetic``'s ``MEGADEPTH_PHOTOS`` or ``HPATCHES_PHOTOS``) it writes an illumination and
+From each held-out photograph of scikit-image's wheel (``HELD_OUT_PHOTOS``: none of them is a
+training photograph, ``tools.synthetic``'s ``MEGADEPTH_PHOTOS``) it writes an illumination and
 a viewpoint sequence in the HPatches layout with ``tools.synthetic.make_hpatches_sequence``, at a
 size chosen so that the photograph is not rescaled (the sequence generator covers 1.4× the
 output size, so the output is about 1/1.4 of the photograph; sizes are multiples of 16, so the
@@ -36,15 +36,20 @@ HELD_OUT_PHOTOS = {
     "motorcycle_right": ("motorcycle_right.png", None, (352, 528)),  # 500×741 photograph
     "cell": ("cell.png", None, (464, 384)),                          # 660×550 microscopy, grey
     "retina": ("retina.jpg", (720, 720), (512, 512)),                # 1411×1411 fundus photo
+    # the demo's photographs (demo.py): textured, and small enough for a CPU
+    "camera": ("camera.png", (320, 448), (224, 320)),                # 512×512, grey
+    "coins": ("coins.png", None, (208, 272)),                        # 303×384, grey
+    "motorcycle_centre": ("motorcycle_right.png", (320, 448), (224, 320)),
 }
+DEFAULT_PHOTOS = ("motorcycle_right", "cell", "retina")  # python -m tools.real_photos
 
 
 def load_held_out(name: str) -> np.ndarray:
     """One of ``HELD_OUT_PHOTOS`` → ``H×W×3`` uint8 RGB (centre-cropped when so listed)."""
-    from tools.synthetic import HPATCHES_PHOTOS, MEGADEPTH_PHOTOS, PHOTO_FILES
+    from tools.synthetic import MEGADEPTH_PHOTOS, PHOTO_FILES
 
     file, crop, _ = HELD_OUT_PHOTOS[name]
-    assert file not in {PHOTO_FILES[p] for p in MEGADEPTH_PHOTOS + HPATCHES_PHOTOS}
+    assert file not in {PHOTO_FILES[p] for p in MEGADEPTH_PHOTOS}
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
         raise SCFeatError("tools.real_photos needs scikit-image (pip install scikit-image)")
@@ -173,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-keypoints", type=int, default=None,
                         help="keypoint budget of every --methods entry (default: each method's)")
     parser.add_argument("--out", type=Path, default=Path("real_photos_output"))
-    parser.add_argument("--photos", default=",".join(HELD_OUT_PHOTOS),
+    parser.add_argument("--photos", default=",".join(DEFAULT_PHOTOS),
                         help=f"comma-separated, from {', '.join(HELD_OUT_PHOTOS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
