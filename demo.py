@@ -1,30 +1,37 @@
-"""The whole SCFeat pipeline on synthetic data, in minutes on a CPU:
-``python demo.py [--steps N] [--out DIR] [--device auto|cpu|cuda]``.
+"""The whole SCFeat pipeline in minutes on a CPU, measured on real photographs that training
+never sees: ``python demo.py [--steps N] [--out DIR] [--device auto|cpu|cuda]``.
 
-1. synthetic MegaDepth-style training pairs and HPatches-style sequences under ``<out>/data/``
-   (``tools.synthetic``);
+1. synthetic MegaDepth-style training pairs (``tools.synthetic``, from the training photographs
+   ``MEGADEPTH_PHOTOS``) and HPatches-layout sequences from three held-out scikit-image
+   photographs (``tools.real_photos``: ``camera``, ``coins``, ``motorcycle_centre``; one
+   illumination and one viewpoint sequence each, at the photographs' own scale), under
+   ``<out>/data/``;
 2. stage 1 (``config/demo/train_desc.yaml``: the backbone learns descriptors from camera poses),
    then stage 2 (``config/demo/train_det.yaml``: the detector, frozen backbone), checkpoints
    under ``<out>/ckpts/``;
-3. features on the synthetic HPatches (``config/demo/extract.yaml``) for the untrained network
-   (the random initialisation stage 1 starts from, with BatchNorm statistics estimated on the
-   training data, saved as ``<out>/ckpts/demo-untrained/000``) and for the trained one (the
-   last stage-2 epoch);
-4. the HPatches evaluation (``config/demo/eval.yaml``: mean matching accuracy of SIFT, the
-   untrained and the trained network), printed as a table and plotted to ``<out>/mma.png``.
+3. the untrained network: the random initialisation stage 1 starts from, with BatchNorm
+   statistics estimated on the training data (``<out>/ckpts/demo-untrained/000``);
+4. features of the photographs (``config/demo/extract.yaml`` with a fixed keypoint budget)
+   for the untrained network, stage 1's and stage 2's checkpoints, each once with its own
+   keypoints and once describing OpenCV SIFT's keypoints, and for the methods in ``BASELINES``
+   (OpenCV SIFT);
+5. the HPatches evaluation (``config/demo/eval.yaml``, D2-Net protocol): a table of MMA@1/3/5
+   per method with its own keypoints (the whole pipeline) and with SIFT's keypoints (the
+   descriptors alone); the full table goes to ``<out>/eval/mma.txt``, the curves to
+   ``<out>/mma.png``.
 
 ``--steps N`` (default 80) sets the training length: stage 1 runs N optimiser steps (split over
-the config's epochs, rounded up to a multiple of them), stage 2 runs N // 2 (at least 1). The
-defaults take about 3 minutes on 2 idle CPU cores (most of it stage 1, about 1.4 s a step) and
-write about 0.9 GB, mostly the training states. Stage 1 keeps improving up to about 200 steps
-and then flattens (measured on held-out data over a long run: docs/training.md, "Stage 1 over
-a long CPU run"), so ``--steps 200`` gives the better descriptors in about twice the default's time.
+the config's epochs, rounded up to a multiple of them), stage 2 runs N // 2 (at least 1).
+``--keypoints K`` (default 512) is every method's budget: at most K keypoints per image, its
+K strongest (the networks' detector without a score threshold, OpenCV SIFT by response). With
+the original's absolute threshold (1.0) few pixels of these photographs pass and the detector
+falls back to its minimum of 128, too few for the measure. ``--seed`` sets the training seed
+(model initialisation, data order, queries); the data and the photographs stay the same.
 
 Re-running the same command continues: finished stages are reused (data, checkpoints, features
 and evaluation caches), an interrupted training run resumes from its last saved state. Ctrl-C
-is safe at any time. The options that shape the results (``--steps``, ``--size``,
-``--hpatches-size``, ``--sequences``) are recorded in ``<out>/demo.json``; re-running with
-other values asks for another ``--out``.
+is safe at any time. The options that shape the results are recorded in ``<out>/demo.json``;
+re-running with other values asks for another ``--out``.
 """
 from __future__ import annotations
 
@@ -35,19 +42,23 @@ import sys
 import time
 from pathlib import Path
 
-from tools.demo_stages import (DESC_CONFIG, DET_CONFIG, REPO, DemoResult, banner, evaluate, extract,
-                               format_seconds, make_data, make_untrained,
+from tools.demo_stages import (DESC_CONFIG, DET_CONFIG, REPO, DemoResult, StageRecord, banner,
+                               budget_overrides, evaluate, extract, format_seconds, make_data,
+                               make_untrained, method_features, plural, results_table, same_backbone,
                                train_stage, yaml_str)
 from utils.atomic import write_json
 from utils.cli import resolve_device, run_cli, setup_logging
 
 DEFAULT_STEPS = 80
-DEFAULT_SIZE = "128x160"           # synthetic MegaDepth images (the stage-1/2 input size)
-DEFAULT_HPATCHES_SIZE = "160x224"  # synthetic HPatches images
-DEFAULT_SEQUENCES = 6              # half illumination, half viewpoint
+DEFAULT_SIZE = "128x160"     # synthetic training images (the stage-1/2 input size)
+DEFAULT_KEYPOINTS = 512      # every method's budget per image on the photographs
+MIN_KEYPOINTS = 128          # the detector's own minimum
+# tools.real_photos.HELD_OUT_PHOTOS entries: none is a training photograph
+PHOTOS = ("camera", "coins", "motorcycle_centre")
+PHOTO_SEED = 0
+# Methods extracted by name beside the networks (evaluation.matching.make_extractor).
+BASELINES = ("sift",)
 SETTINGS_FILE = "demo.json"
-TRAINED_FEATURES = "demo-hpatches"  # config/demo/extract.yaml's output_root
-UNTRAINED_FEATURES = "demo-hpatches-untrained"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,8 +77,9 @@ def positive_int(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="The whole SCFeat pipeline on synthetic data, in minutes on a CPU.",
-        epilog="\n".join(__doc__.split("\n")[2:]),
+        description="The whole SCFeat pipeline in minutes on a CPU, measured on held-out real "
+                    "photographs.",
+        epilog="\n".join(__doc__.split("\n")[3:]),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
                         help=f"stage-1 training steps; stage 2 runs steps // 2 (default "
@@ -80,38 +92,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", default=DEFAULT_SIZE, metavar="HxW",
                         help=f"synthetic training image size, multiples of 16 (default "
                              f"{DEFAULT_SIZE})")
-    parser.add_argument("--hpatches-size", default=DEFAULT_HPATCHES_SIZE, metavar="HxW",
-                        help=f"synthetic HPatches image size (default {DEFAULT_HPATCHES_SIZE})")
-    parser.add_argument("--sequences", type=positive_int, default=DEFAULT_SEQUENCES,
-                        help=f"synthetic HPatches sequences, half illumination and half "
-                             f"viewpoint (default {DEFAULT_SEQUENCES})")
+    parser.add_argument("--keypoints", type=positive_int, default=DEFAULT_KEYPOINTS,
+                        help=f"keypoints per image of every method, at least {MIN_KEYPOINTS} "
+                             f"(default {DEFAULT_KEYPOINTS})")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed: initialisation, data order, queries (default 0)")
     return parser.parse_args(argv)
 
 
-def parse_sizes(args: argparse.Namespace) -> tuple[tuple[int, int], tuple[int, int]]:
+def parse_training_size(args: argparse.Namespace) -> tuple[int, int]:
     from utils.cli import parse_size
     from utils.errors import SCFeatError
 
-    sizes = []
-    for option, text, example in (("--size", args.size, DEFAULT_SIZE),
-                                  ("--hpatches-size", args.hpatches_size, DEFAULT_HPATCHES_SIZE)):
-        try:
-            sizes.append(parse_size(text))
-        except SCFeatError:
-            raise SCFeatError(f"{option} {text!r}: expected HEIGHTxWIDTH with both between 32 "
-                              f"and 4096, e.g. {example}") from None
-    if sizes[0][0] % 16 or sizes[0][1] % 16:
+    try:
+        size = parse_size(args.size)
+    except SCFeatError:
+        raise SCFeatError(f"--size {args.size!r}: expected HEIGHTxWIDTH with both between 32 "
+                          f"and 4096, e.g. {DEFAULT_SIZE}") from None
+    if size[0] % 16 or size[1] % 16:
         raise SCFeatError(f"--size {args.size!r}: the training images go through the network "
                           f"uncropped, so height and width must be multiples of 16 "
                           f"(e.g. {DEFAULT_SIZE})")
-    return sizes[0], sizes[1]
+    if args.keypoints < MIN_KEYPOINTS:
+        raise SCFeatError(f"--keypoints {args.keypoints}: the detector keeps at least "
+                          f"{MIN_KEYPOINTS} keypoints, so every method's budget must be at least "
+                          f"{MIN_KEYPOINTS}")
+    return size
 
 
-def settings_of(args: argparse.Namespace, size: tuple[int, int],
-                hpatches_size: tuple[int, int]) -> dict:
+def settings_of(args: argparse.Namespace, size: tuple[int, int]) -> dict:
     """The options that shape the outputs (recorded in ``<out>/demo.json``)."""
-    return {"steps": args.steps, "size": "x".join(map(str, size)),
-            "hpatches_size": "x".join(map(str, hpatches_size)), "sequences": args.sequences}
+    return {"steps": args.steps, "size": "x".join(map(str, size)), "keypoints": args.keypoints,
+            "seed": args.seed, "photos": list(PHOTOS)}
 
 
 def check_settings(out: Path, settings: dict) -> None:
@@ -141,27 +153,74 @@ def check_settings(out: Path, settings: dict) -> None:
 # the demo
 # ---------------------------------------------------------------------------------------------
 
+def make_photos(out: Path, result: DemoResult) -> Path:
+    """The held-out photographs' sequences under ``<out>/data/photos`` (made once)."""
+    from tools.real_photos import make_sequences
+
+    folder = out / "data" / "photos"
+    start = time.perf_counter()
+    reused = folder.is_dir() and any(folder.iterdir())
+    make_sequences(folder, PHOTOS, PHOTO_SEED)
+    print(f"{'reusing' if reused else 'wrote'} {folder}: "
+          f"{len(list(folder.glob('*/*.ppm')))} images of {', '.join(PHOTOS)}")
+    result.stages.append(StageRecord("held-out photographs", time.perf_counter() - start,
+                                     reused, str(folder)))
+    return folder
+
+
+def features(networks: dict[str, Path], photos: Path, out: Path, keypoints: int, device: str,
+             result: DemoResult) -> tuple[dict[str, tuple[Path, str]], list]:
+    """Every method's features on ``photos``: ``({evaluation name: (folder, postfix)}, table
+    rows [(label, own-keypoints name, SIFT-keypoints name or None)])``."""
+    methods, rows = {}, []
+    fixed_of: dict[Path, str] = {}  # checkpoint → the name of its features at SIFT's keypoints
+    for label, checkpoint in networks.items():
+        name = label.replace(" ", "")
+        own = extract(f"features, {label}", checkpoint, f"photos-{name}", out, photos, device,
+                      result, budget_overrides(keypoints, sift_keypoints=False))
+        methods[name] = (own, "scfeat")
+        earlier = next((other for other in fixed_of if same_backbone(other, checkpoint)), None)
+        if earlier is None:
+            folder = extract(f"features, {label}, SIFT's keypoints", checkpoint,
+                             f"photos-{name}-siftkp", out, photos, device, result,
+                             budget_overrides(keypoints, sift_keypoints=True))
+            fixed_of[checkpoint] = f"{name}-siftkp"
+            methods[fixed_of[checkpoint]] = (folder, "scfeat")
+        else:
+            fixed_of[checkpoint] = fixed_of[earlier]
+            print(f"{label}: the backbone of {earlier}, so its descriptors at SIFT's keypoints "
+                  f"are those of {fixed_of[earlier]}")
+        rows.append((label, name, fixed_of[checkpoint]))
+    for method in BASELINES:
+        methods[method] = (method_features(method, photos, out, keypoints, result), "npz")
+        rows.append((method, method, "sift" if method == "sift" else None))
+    return methods, rows
+
+
 def run_demo(args: argparse.Namespace) -> DemoResult:
     """All stages; raises ``SCFeatError`` or ``KeyboardInterrupt``."""
     from schemas import load_train_config  # late: --help and option errors stay fast
     from utils.errors import SCFeatError
 
-    size, hpatches_size = parse_sizes(args)
+    size = parse_training_size(args)
     device = str(resolve_device(args.device, "--device"))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SCFeatError(f"--out {out}: exists and is not a folder")
-    check_settings(out, settings_of(args, size, hpatches_size))
+    check_settings(out, settings_of(args, size))
     result = DemoResult()
     total = 6
     ckpts = out / "ckpts"
 
-    banner(1, total, "synthetic data")
-    megadepth, hpatches = make_data(out, size, hpatches_size, args.sequences, result)
+    banner(1, total, "data: synthetic training pairs, held-out photographs")
+    megadepth = make_data(out, size, result)
+    photos = make_photos(out, result)
+    result.paths["data"] = out / "data"
 
     banner(2, total, f"stage 1: descriptors ({DESC_CONFIG.relative_to(REPO)}) on {device}")
     common = [f"output_root={yaml_str(ckpts)}",
-              f"data_config_train.data_path={yaml_str(megadepth)}", f"device={device}"]
+              f"data_config_train.data_path={yaml_str(megadepth)}", f"device={device}",
+              f"seed={args.seed}"]
     epochs = load_train_config(DESC_CONFIG, common)["epoch"]
     desc_overrides = common + [f"epoch_step={math.ceil(args.steps / epochs)}"]
     desc_conf = load_train_config(DESC_CONFIG, desc_overrides)
@@ -174,41 +233,51 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     det_conf = load_train_config(DET_CONFIG, det_overrides)
     stage2 = train_stage("stage 2: detector", DET_CONFIG, det_conf, stage1, result)
 
-    banner(4, total, "features of the untrained network")
-    untrained_ckpt = make_untrained(out, desc_conf, result)
-    untrained = extract("extraction, untrained", untrained_ckpt, UNTRAINED_FEATURES, out,
-                        hpatches, device, result)
+    banner(4, total, "the untrained network")
+    untrained = make_untrained(out, desc_conf, result)
+    networks = {"untrained": untrained, "stage 1": stage1, "stage 2": stage2}
+    result.paths["checkpoint_folders"] = networks
 
-    banner(5, total, "features of the trained network")
-    trained = extract("extraction, trained", stage2, TRAINED_FEATURES, out, hpatches, device,
-                      result)
-    result.paths["features"] = [untrained, trained]
+    banner(5, total, f"features of the held-out photographs, at most {args.keypoints} "
+                     f"keypoints per image")
+    methods, rows = features(networks, photos, out, args.keypoints, device, result)
 
-    banner(6, total, "HPatches evaluation (synthetic sequences)")
-    result.results = evaluate(out, hpatches, untrained, trained, result)
-    result.paths["checkpoint_folders"] = [untrained_ckpt, stage1, stage2]
+    banner(6, total, "evaluation on the held-out photographs")
+    result.results = evaluate(out, photos, methods, result)
+    result.rows = rows
+    result.paths["photos"] = photos
     return result
 
 
-def print_summary(result: DemoResult, total_seconds: float) -> None:
+def print_summary(result: DemoResult, args: argparse.Namespace, total_seconds: float) -> None:
+    from evaluation.hpatches import list_sequences
+
     print(f"\n=== summary: {format_seconds(total_seconds)} in all ===")
     width = max(len(stage.name) for stage in result.stages)
     for stage in result.stages:
         when = "reused" if stage.reused else format_seconds(stage.seconds)
         print(f"  {stage.name:<{width}}  {when:>14}  {stage.detail}")
-    mma3 = ", ".join(f"{name} {summary['mma'][2]:.3f}" for name, summary in result.results.items()
-                     if len(summary["mma"]) >= 3)
-    if mma3:
-        print(f"MMA@3px, all pairs: {mma3}")
-    untrained, stage1, stage2 = result.paths["checkpoint_folders"]
+    networks = result.paths["checkpoint_folders"]
     print(f"data:        {result.paths['data']}")
-    print(f"checkpoints: {stage1} (stage 1), {stage2} (stage 2), {untrained} (untrained)")
-    print(f"features:    {result.paths['features'][1]} (trained), "
-          f"{result.paths['features'][0]} (untrained)")
-    print(f"caches:      {result.paths['caches']}")
-    print(f"plot:        {result.paths['plot']}")
-    print("(a few dozen steps from random weights on synthetic data: this checks that the whole "
-          "pipeline runs; it is not a benchmark)")
+    print("checkpoints: " + ", ".join(f"{path} ({label})" for label, path in networks.items()))
+    print(f"evaluation:  {result.paths['table']} (MMA@1..10, illumination and viewpoint), "
+          f"{result.paths['plot']}")
+    sequences = list_sequences(result.paths["photos"])
+    pairs = 5 * len(sequences)
+    print(f"\nHeld-out real photographs ({', '.join(PHOTOS)}: {len(sequences)} sequences, "
+          f"{pairs} image pairs), at most {args.keypoints} keypoints per image:\n")
+    print(results_table(result.results, result.rows))
+    print(f"""
+untrained: stage 1's random initialisation (BatchNorm statistics of the training data);
+stage 1:   after {plural(args.steps, 'step')} (trained descriptors, untrained detector);
+stage 2:   stage 1, then {plural(max(1, args.steps // 2), 'step')} of the detector alone (same descriptors);
+sift:      OpenCV SIFT.
+MMA@t: the share of mutual nearest-neighbour matches (image 1 to each of images 2-6) within
+t px of the true position, averaged over the image pairs. Own keypoints: each method's
+detector, its {args.keypoints} strongest. SIFT's keypoints: every network describes the
+keypoints of OpenCV SIFT (at most {args.keypoints}), which compares the descriptors alone.
+Minutes of training from random weights on synthetic data: far from SCFeat's published
+quality (docs/evaluation.md).""")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     def work() -> int:
-        print_summary(run_demo(args), time.perf_counter() - start)
+        print_summary(run_demo(args), args, time.perf_counter() - start)
         return 0
     return run_cli(work, interrupted="finished stages and the training state are kept; run the "
                                      "same command again to continue")

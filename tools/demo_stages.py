@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from utils.atomic import write_json
 from utils.checkpoint import checkpoint_files, is_checkpoint
@@ -46,6 +46,7 @@ class DemoResult:
     stages: list[StageRecord] = field(default_factory=list)
     results: dict = field(default_factory=dict)   # method → evaluation summary
     paths: dict = field(default_factory=dict)     # what → path, for the final summary
+    rows: list = field(default_factory=list)      # the table: (label, method, at SIFT's keypoints)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,33 +94,23 @@ def banner(index: int, total: int, title: str) -> None:
 # stages
 # ---------------------------------------------------------------------------------------------
 
-def make_data(out: Path, size: tuple[int, int], hpatches_size: tuple[int, int], sequences: int,
-              result: DemoResult) -> tuple[Path, Path]:
-    """Synthetic MegaDepth and HPatches under ``<out>/data`` (each written atomically, so an
-    existing folder is complete)."""
-    from tools.synthetic import make_hpatches, make_megadepth
+def make_data(out: Path, size: tuple[int, int], result: DemoResult) -> Path:
+    """Synthetic MegaDepth-style training pairs under ``<out>/data/megadepth`` (written
+    atomically, so an existing folder is complete)."""
+    from tools.synthetic import make_megadepth
 
     start = time.perf_counter()
-    megadepth, hpatches = out / "data" / "megadepth", out / "data" / "hpatches"
-    made = []
+    megadepth = out / "data" / "megadepth"
     if non_empty_dir(megadepth):
         print(f"reusing {megadepth}")
-    else:
-        counts = make_megadepth(megadepth, size=size, seed=DATA_SEED)
-        made.append(f"{counts['pairs']} training pairs")
-        print(f"wrote {megadepth}: {counts['scenes']} scenes, {counts['images']} images, "
-              f"{counts['pairs']} pairs at {size[0]}×{size[1]}")
-    if non_empty_dir(hpatches):
-        print(f"reusing {hpatches}")
-    else:
-        counts = make_hpatches(hpatches, sequences=sequences, size=hpatches_size, seed=DATA_SEED)
-        made.append(f"{counts['sequences']} HPatches sequences")
-        print(f"wrote {hpatches}: {counts['sequences']} sequences, {counts['images']} images at "
-              f"{hpatches_size[0]}×{hpatches_size[1]}")
-    result.stages.append(StageRecord("synthetic data", time.perf_counter() - start, not made,
-                                     ", ".join(made) if made else str(out / "data")))
-    result.paths["data"] = out / "data"
-    return megadepth, hpatches
+        result.stages.append(StageRecord("training data", 0.0, True, str(megadepth)))
+        return megadepth
+    counts = make_megadepth(megadepth, size=size, seed=DATA_SEED)
+    print(f"wrote {megadepth}: {counts['scenes']} scenes, {counts['images']} images, "
+          f"{counts['pairs']} pairs at {size[0]}×{size[1]}")
+    result.stages.append(StageRecord("training data", time.perf_counter() - start, False,
+                                     f"{counts['pairs']} synthetic pairs"))
+    return megadepth
 
 
 def train_stage(name: str, config: Path, conf: dict, source: Path | None,
@@ -246,21 +237,24 @@ def make_untrained(out: Path, desc_conf: dict, result: DemoResult) -> Path:
     return folder
 
 
-def extract(name: str, checkpoint: Path, output_root: str, out: Path, hpatches: Path,
-            device: str, result: DemoResult) -> Path:
-    """Features of every synthetic HPatches image with ``checkpoint`` (reused when the
-    checkpoint and the images are unchanged); returns the ``desc`` folder."""
+def extract(name: str, checkpoint: Path, output_root: str, out: Path, sequences: Path,
+            device: str, result: DemoResult, overrides: Sequence[str] = ()) -> Path:
+    """Features of every image of ``sequences`` (HPatches layout) with ``checkpoint`` and
+    ``config/demo/extract.yaml`` (plus ``overrides``, ``KEY=VALUE``), written under the absolute
+    ``<out>/ckpts/<output_root>`` and reused when the checkpoint, the images and the settings
+    are unchanged; returns the ``desc`` folder."""
     from extraction import feature_file, output_dir, run_extraction
     from schemas import load_extract_config
 
     # Absolute: extraction writes a relative output_root under ./ckpts.
     overrides = [f"output_root={yaml_str((out / 'ckpts' / output_root).resolve())}",
                  f"load_path={yaml_str(checkpoint)}",
-                 f"data_config_extract.data_path={yaml_str(hpatches)}", f"device={device}"]
+                 f"data_config_extract.data_path={yaml_str(sequences)}", f"device={device}",
+                 *overrides]
     conf = load_extract_config(EXTRACT_CONFIG, overrides)
     out_dir = output_dir(conf)
     desc = out_dir / "desc"
-    images = sorted(hpatches.glob("*/*.ppm"))
+    images = sorted(sequences.glob("*/*.ppm"))
     sources = checkpoint_files(checkpoint) + images
     signature = files_signature(sources, json.dumps(conf, sort_keys=True, default=str))
     expected = [feature_file(out_dir, f"{p.parent.name}/{p.name}", conf["postfix"]) for p in images]
@@ -288,25 +282,103 @@ def extract(name: str, checkpoint: Path, output_root: str, out: Path, hpatches: 
     return desc
 
 
-def evaluate(out: Path, hpatches: Path, untrained: Path, trained: Path,
+def budget_overrides(keypoints: int, sift_keypoints: bool) -> list[str]:
+    """``config/demo/extract.yaml`` overrides for a keypoint budget: the detector keeps its
+    ``keypoints`` strongest local maxima (no score threshold); with ``sift_keypoints`` the
+    network describes OpenCV SIFT's ``keypoints`` strongest keypoints instead."""
+    overrides = [f"detector_config.num_pts={keypoints}", "detector_config.thr=null"]
+    if sift_keypoints:
+        overrides += ["use_sift=true", f"data_config_extract.sift_max_pts={keypoints}"]
+    return overrides
+
+
+def same_backbone(first: Path, second: Path) -> bool:
+    """Whether two checkpoint folders hold the same backbone weights and statistics (stage 2
+    trains the detector alone, so its descriptors are stage 1's)."""
+    import torch
+
+    from utils.checkpoint import load_state_dict_file
+
+    a = load_state_dict_file(Path(first) / "backbone.pth")
+    b = load_state_dict_file(Path(second) / "backbone.pth")
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def method_features(method: str, sequences: Path, out: Path, keypoints: int,
+                    result: DemoResult) -> Path:
+    """Features of a method extracted by name (``sift``: OpenCV SIFT), at most ``keypoints``
+    per image, for every image of ``sequences``: ``<folder>/<seq>/<k>.ppm.npz`` in the absolute
+    ``<out>/ckpts/photos-<method>``, reused when the method, the images and the budget are
+    unchanged."""
+    from evaluation.matching import cached_features, method_signature, read_rgb
+
+    images = sorted(sequences.glob("*/*.ppm"))
+    signature = method_signature(method, files_signature(images, f"max_keypoints={keypoints}"))
+    folder = Path(out).resolve() / "ckpts" / f"photos-{method}"
+    loaders = {f"{p.parent.name}/{p.name}": (lambda p=p: (read_rgb(p), {})) for p in images}
+    start = time.perf_counter()
+    reused = stamp_matches(folder, signature) \
+        and all((folder / f"{key}.npz").is_file() for key in loaders)
+    if reused:
+        print(f"reusing {folder}")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        cached_features(method, loaders, folder, keypoints)
+        write_stamp(folder, signature, images)
+    result.stages.append(StageRecord(f"features, {method}", time.perf_counter() - start, reused,
+                                     str(folder)))
+    return folder
+
+
+def evaluate(out: Path, sequences: Path, methods: dict[str, tuple[Path, str]],
              result: DemoResult) -> dict:
-    """SIFT, the untrained and the trained network on the synthetic HPatches."""
+    """``evaluation.hpatches`` (``config/demo/eval.yaml``) on ``sequences`` for ``methods``
+    (name → (features folder, postfix)); returns ``{name: summary}``. Its full table (MMA@1..10,
+    illumination and viewpoint apart) goes to ``<out>/eval/mma.txt``, the curves to
+    ``<out>/mma.png``."""
     from evaluation.hpatches import run_evaluation
     from schemas import load_eval_hpatches_config
+    from utils.atomic import atomic_open
 
     conf = load_eval_hpatches_config(EVAL_CONFIG)
-    postfix = "scfeat"
     conf.update(
-        data_path=str(hpatches),
-        methods=["sift",
-                 {"name": "untrained", "features": str(untrained), "postfix": postfix},
-                 {"name": "trained", "features": str(trained), "postfix": postfix}],
+        data_path=str(sequences),
+        methods=[{"name": name, "features": str(folder), "postfix": postfix}
+                 for name, (folder, postfix) in methods.items()],
         compare_caches=[], cache_dir=str(out / "eval" / "cache"),
         output_plot=str(out / "mma.png"))
     start = time.perf_counter()
-    results = run_evaluation(conf)
+    lines: list[str] = []
+    results = run_evaluation(conf, print_fn=lines.append)
+    table = out / "eval" / "mma.txt"
+    with atomic_open(table, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
     result.stages.append(StageRecord("evaluation", time.perf_counter() - start, False,
-                                     f"{len(results)} methods, {conf['output_plot']}"))
+                                     f"{len(results)} methods, {table}"))
     result.paths["caches"] = Path(conf["cache_dir"])
+    result.paths["table"] = table
     result.paths["plot"] = Path(conf["output_plot"])
     return results
+
+
+def results_table(results: dict[str, dict], rows: list[tuple[str, str, str | None]],
+                  thresholds: Sequence[int] = (1, 3, 5)) -> str:
+    """The demo's table: one line per ``(label, method, method with SIFT's keypoints or
+    None)``; MMA at ``thresholds`` and keypoints per image with the method's own keypoints,
+    then MMA with SIFT's keypoints (``-`` where the method cannot describe given keypoints)."""
+    width = max(len("method"), *(len(label) for label, _, _ in rows))
+    mma = "".join(f"{'MMA@' + str(t):>7}" for t in thresholds)
+    own_width, sift_width = len(mma) + 12, len(mma)
+    fixed_title = "SIFT's keypoints"
+    lines = [f"{'':<{width}}  {'own keypoints':^{own_width}}   {fixed_title:^{sift_width}}".rstrip(),
+             f"{'method':<{width}}  {mma}{'kpts/image':>12}   {mma}"]
+    for label, own, fixed in rows:
+        summary = results[own]
+        line = (f"{label:<{width}}  " + "".join(f"{summary['mma'][t - 1]:>7.3f}" for t in thresholds)
+                + f"{summary['mean_features']:>12.0f}   ")
+        if fixed is None:
+            line += "".join(f"{'-':>7}" for _ in thresholds)
+        else:
+            line += "".join(f"{results[fixed]['mma'][t - 1]:>7.3f}" for t in thresholds)
+        lines.append(line.rstrip())
+    return "\n".join(lines)

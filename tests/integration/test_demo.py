@@ -1,5 +1,6 @@
-"""``python demo.py`` end to end at a tiny size (2 training steps, 64×96 training images, two
-96×128 HPatches sequences), then a second run that reuses every stage, and the option errors."""
+"""``python demo.py`` end to end at a tiny size (2 training steps, 64×96 training images, one
+held-out photograph at 64×96, 128 keypoints), then a second run that reuses every stage, and
+the option errors."""
 from __future__ import annotations
 
 import contextlib
@@ -8,25 +9,34 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import demo
+from tools import real_photos
 from utils.checkpoint import is_checkpoint
 
-TINY = ["--steps", "2", "--size", "64x96", "--hpatches-size", "96x128", "--sequences", "2",
-        "--device", "cpu"]
-METHODS = ("sift", "untrained", "trained")
-ROW = re.compile(r"^(\S+)\s+all (\d+)\s+((?:[-\d.]+\s+){10})(\d+)\s+(\d+)\s*$")
+TINY = ["--steps", "2", "--size", "64x96", "--keypoints", "128", "--device", "cpu"]
+ROWS = ("untrained", "stage 1", "stage 2", "sift")
+TINY_PHOTO = ("coins.png", (90, 134), (64, 96))  # a centre of coins at its own scale
+FEATURES = ("photos-untrained", "photos-untrained-siftkp", "photos-stage1",
+            "photos-stage1-siftkp", "photos-stage2")
 
 
-def table_rows(text: str) -> dict[str, list[float]]:
-    """``method → MMA@1..10`` of the 'all pairs' rows of the printed table."""
+def table_rows(text: str) -> dict[str, list[float | None]]:
+    """``label → [MMA@1, @3, @5, keypoints/image, MMA@1, @3, @5 with SIFT's keypoints]`` of the
+    printed table (``None`` for ``-``); asserts its two header lines."""
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split() == [
+        "method", "MMA@1", "MMA@3", "MMA@5", "kpts/image", "MMA@1", "MMA@3", "MMA@5"])
+    assert lines[header - 1].split() == ["own", "keypoints", "SIFT's", "keypoints"]
     rows = {}
-    for line in text.splitlines():
-        match = ROW.match(line)
-        if match:
-            rows[match.group(1)] = [float(v) for v in match.group(3).split()]
+    for line in lines[header + 1:]:
+        if not line.strip():
+            break
+        label, *values = line.rsplit(maxsplit=7)  # labels may hold a space
+        rows[label] = [None if v == "-" else float(v) for v in values]
     return rows
 
 
@@ -38,12 +48,22 @@ def global_step(run_dir: Path) -> int:
 
 def outputs_mtimes(out: Path) -> dict[Path, int]:
     """Modification times of every checkpoint, training state and feature file."""
-    files = [p for p in (out / "ckpts").rglob("*") if p.is_file() and p.suffix in (".pth", ".scfeat")]
+    files = [p for p in (out / "ckpts").rglob("*")
+             if p.is_file() and p.suffix in (".pth", ".scfeat", ".npz")]
     return {p: p.stat().st_mtime_ns for p in files}
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def tiny_photos():
+    """The demo's photographs replaced by one small one (64×96 sequences)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(real_photos.HELD_OUT_PHOTOS, "tiny", TINY_PHOTO)
+        patch.setattr(demo, "PHOTOS", ("tiny",))
+        yield
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, tiny_photos):
     """The first run: ``(out folder, exit code, stdout, seconds)``."""
     out = tmp_path_factory.mktemp("demo") / "demo_output"
     stdout = io.StringIO()
@@ -53,12 +73,21 @@ def demo_run(tmp_path_factory):
     return out, code, stdout.getvalue(), time.perf_counter() - start
 
 
-def check_table(printed: str) -> dict[str, list[float]]:
+def check_table(printed: str) -> dict[str, list[float | None]]:
     rows = table_rows(printed)
-    assert sorted(rows) == sorted(METHODS), printed
-    for name, values in rows.items():
-        assert len(values) == 10 and all(0.0 <= v <= 1.0 for v in values), (name, values)
-        assert values == sorted(values), name  # accuracy cannot drop as the threshold grows
+    assert list(rows) == list(ROWS), printed
+    for label, values in rows.items():
+        own, keypoints, fixed = values[:3], values[3], values[4:]
+        for mma in (own, fixed):
+            assert all(0.0 <= v <= 1.0 for v in mma), (label, values)
+            assert mma == sorted(mma), label  # accuracy cannot drop as the threshold grows
+        # every network keeps the budget (no score threshold); SIFT at most the budget
+        assert keypoints == 128 if label != "sift" else 0 < keypoints <= 128, (label, keypoints)
+    assert rows["sift"][:3] == rows["sift"][4:]  # SIFT's own keypoints are SIFT's keypoints
+    assert rows["stage 2"][4:] == rows["stage 1"][4:]  # stage 2 keeps stage 1's descriptors
+    for note in ("untrained:", "stage 1:", "stage 2:", "sift:", "MMA@t:", "Own keypoints:",
+                 "SIFT's keypoints:"):
+        assert note in printed, note
     return rows
 
 
@@ -67,6 +96,8 @@ def test_first_run_trains_extracts_and_evaluates(demo_run):
     out, code, printed, _ = demo_run
     assert code == 0, printed
     check_table(printed)
+    assert "Held-out real photographs (tiny: 2 sequences, 10 image pairs), at most 128 " \
+           "keypoints per image" in printed
     assert "summary" in printed and str(out / "mma.png") in printed
     ckpts = out / "ckpts"
     assert global_step(ckpts / "demo-descriptor") == 2       # --steps 2 over the 2 epochs
@@ -76,7 +107,6 @@ def test_first_run_trains_extracts_and_evaluates(demo_run):
     assert (ckpts / "demo-untrained" / "config.yaml").is_file()
     # The untrained network: stage 1's random initialisation (same seed), with BatchNorm
     # statistics estimated on the training data instead of the initial mean 0 / variance 1.
-    import torch
     from registry import build_model
     from utils.checkpoint import load_state_dict_file
     untrained = load_state_dict_file(ckpts / "demo-untrained" / "000" / "backbone.pth")
@@ -86,13 +116,28 @@ def test_first_run_trains_extracts_and_evaluates(demo_run):
     assert torch.equal(untrained["layer1.0.conv1.weight"], fresh["layer1.0.conv1.weight"])
     assert not torch.allclose(untrained["firstbn.running_var"], fresh["firstbn.running_var"])
     assert not torch.allclose(untrained["layer3.0.bn1.running_mean"], fresh["layer3.0.bn1.running_mean"])
-    images = sorted((out / "data" / "hpatches").glob("*/*.ppm"))
-    assert len(images) == 12
-    for features in ("demo-hpatches", "demo-hpatches-untrained"):
+
+    images = sorted((out / "data" / "photos").glob("*/*.ppm"))
+    assert [p.parent.name for p in images[::6]] == ["i_tiny", "v_tiny"] and len(images) == 12
+    for features in FEATURES:
         for image in images:
-            assert (ckpts / features / "desc" / image.parent.name / f"{image.name}.scfeat").is_file()
+            path = ckpts / features / "desc" / image.parent.name / f"{image.name}.scfeat"
+            assert path.is_file(), path
+    # the networks with SIFT's keypoints describe the points the SIFT row matches
+    sift = ckpts / "photos-sift"
+    for image in images:
+        name = f"{image.parent.name}/{image.name}"
+        with np.load(sift / f"{name}.npz") as own, \
+                np.load(ckpts / "photos-stage1-siftkp" / "desc" / f"{name}.scfeat") as fixed:
+            assert len(own["keypoints"]) <= 128
+            assert np.allclose(np.sort(own["keypoints"], axis=0),
+                               np.sort(fixed["keypoints"], axis=0), atol=1e-3)
+    # stage 2's descriptors at SIFT's keypoints are stage 1's (the same backbone): not extracted
+    assert not (ckpts / "photos-stage2-siftkp").exists()
     caches = sorted((out / "eval" / "cache").glob("*.npy"))
-    assert sorted(p.name.split("-")[0] for p in caches) == sorted(METHODS)
+    assert sorted(p.name.rsplit("-", 1)[0] for p in caches) == sorted(
+        ["untrained", "untrained-siftkp", "stage1", "stage1-siftkp", "stage2", "sift"])
+    assert "stage1-siftkp" in (out / "eval" / "mma.txt").read_text()
     plot = out / "mma.png"
     assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -110,9 +155,11 @@ def test_second_run_reuses_every_stage(demo_run, capsys):
     printed = capsys.readouterr().out
 
     assert check_table(printed) == table_rows(first_printed)
-    assert "training " not in printed and "extracting " not in printed
-    assert printed.count("reusing") == 7  # 2 data sets, 2 runs, the untrained net, 2 feature sets
-    assert "summary" in printed and str(out / "mma.png") in printed
+    assert not re.search(r"^(training|extracting) ", printed, re.MULTILINE), printed
+    # data, photographs, 2 runs, the untrained net, 5 feature sets of the networks, SIFT's
+    assert printed.count("reusing") == 11
+    reused = [line for line in printed.splitlines() if line.startswith("  ") and " reused " in line]
+    assert len(reused) == 11
     assert global_step(out / "ckpts" / "demo-descriptor") == 2
     assert global_step(out / "ckpts" / "demo-keypoint") == 1
     assert outputs_mtimes(out) == before  # nothing retrained or re-extracted
@@ -124,20 +171,23 @@ def test_second_run_reuses_every_stage(demo_run, capsys):
 def test_other_settings_for_the_same_out_are_refused(demo_run, capsys):
     out = demo_run[0]
     capsys.readouterr()
-    args = [*TINY, "--out", str(out)]
-    args[args.index("--steps") + 1] = "3"
-    assert demo.main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "--steps 2 (now 3)" in err and "--out" in err
-    assert "Traceback" not in err
+    for option, value, message in (("--steps", "3", "--steps 2 (now 3)"),
+                                   ("--keypoints", "256", "--keypoints 128 (now 256)")):
+        args = [*TINY, "--out", str(out)]
+        if option in args:
+            args[args.index(option) + 1] = value
+        assert demo.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "--out" in err, err
+        assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("option, value, message", [
     ("--size", "60x96", "multiples of 16"),
     ("--size", "big", "expected HEIGHTxWIDTH"),
-    ("--hpatches-size", "8x8", "expected HEIGHTxWIDTH"),
+    ("--keypoints", "100", "at least 128"),
 ])
-def test_bad_sizes_are_reported(tmp_path, capsys, option, value, message):
+def test_bad_options_are_reported(tmp_path, capsys, option, value, message):
     assert demo.main(["--out", str(tmp_path / "out"), option, value]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and option in err and message in err
@@ -149,5 +199,24 @@ def test_help_documents_the_options(capsys):
         demo.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--steps", "--out", "--device", "--size", "--hpatches-size", "--sequences"):
+    for option in ("--steps", "--out", "--device", "--size", "--keypoints", "--seed"):
         assert option in text
+
+
+def test_the_table_lists_every_row_and_marks_what_a_method_cannot_do():
+    from tools.demo_stages import results_table
+
+    def summary(mma3: float, keypoints: float) -> dict:
+        return {"mma": np.array([mma3 - 0.1, mma3 - 0.05, mma3, mma3 + 0.01, mma3 + 0.02]),
+                "mean_features": keypoints}
+    results = {"untrained": summary(0.3, 512), "untrained-siftkp": summary(0.4, 300),
+               "stage1": summary(0.35, 512), "stage1-siftkp": summary(0.5, 300),
+               "sift": summary(0.8, 300), "disk": summary(0.7, 512)}
+    text = results_table(results, [("untrained", "untrained", "untrained-siftkp"),
+                                   ("stage 1", "stage1", "stage1-siftkp"),
+                                   ("sift", "sift", "sift"), ("disk", "disk", None)])
+    rows = table_rows(text)
+    assert list(rows) == ["untrained", "stage 1", "sift", "disk"]
+    assert rows["untrained"] == [0.2, 0.3, 0.32, 512, 0.3, 0.4, 0.42]  # MMA@1, @3, @5
+    assert rows["stage 1"][4:] == [0.4, 0.5, 0.52]
+    assert rows["disk"] == [0.6, 0.7, 0.72, 512, None, None, None]

@@ -400,7 +400,7 @@ def test_shipped_configs_validate(model_and_checkpoint):
     # The shipped evaluation configs read where the shipped extraction configs write.
     for extract, evaluate, method in [(CONFIG, "eval_hpatches.yaml", "scfeat"),
                                       (REPO_ROOT / "config" / "demo" / "extract.yaml",
-                                       "demo/eval.yaml", "trained")]:
+                                       "demo/eval.yaml", "stage2")]:
         written = Path(os.path.normpath(output_dir(load_extract_config(extract, [checkpoint]))))
         methods = parse_methods(load_eval_hpatches_config(REPO_ROOT / "config" / evaluate)["methods"])
         assert {m.name: m.features for m in methods}[method] == written / "desc"
