@@ -1,5 +1,6 @@
 """The whole SCFeat pipeline in minutes on a CPU, measured on real photographs that training
-never sees: ``python demo.py [--steps N] [--out DIR] [--device auto|cpu|cuda]``.
+never sees: ``python demo.py [--steps N] [--keypoints K] [--seed S] [--out DIR]
+[--device auto|cpu|cuda]``.
 
 1. synthetic MegaDepth-style training pairs (``tools.synthetic``, from the training photographs
    ``MEGADEPTH_PHOTOS``) and HPatches-layout sequences from three held-out scikit-image
@@ -15,13 +16,16 @@ never sees: ``python demo.py [--steps N] [--out DIR] [--device auto|cpu|cuda]``.
    for the untrained network, stage 1's and stage 2's checkpoints, each once with its own
    keypoints and once describing OpenCV SIFT's keypoints, and for the methods in ``BASELINES``
    (OpenCV SIFT);
-5. the HPatches evaluation (``config/demo/eval.yaml``, D2-Net protocol): a table of MMA@1/3/5
-   per method with its own keypoints (the whole pipeline) and with SIFT's keypoints (the
-   descriptors alone); the full table goes to ``<out>/eval/mma.txt``, the curves to
-   ``<out>/mma.png``.
+5. the HPatches evaluation (``config/demo/eval.yaml``, D2-Net protocol): a table of MMA@3 per
+   method (all pairs, illumination, viewpoint) with its own keypoints (the whole pipeline) and
+   with SIFT's keypoints (the descriptors alone); the full table (MMA@1..10) goes to
+   ``<out>/eval/mma.txt``, the curves to ``<out>/mma.png``.
 
-``--steps N`` (default 80) sets the training length: stage 1 runs N optimiser steps (split over
-the config's epochs, rounded up to a multiple of them), stage 2 runs N // 2 (at least 1).
+``--steps N`` (default 40) sets the training length: stage 1 runs N optimiser steps (split over
+the config's epochs, rounded up to a multiple of them), stage 2 runs N // 2 (at least 1). From
+random weights, stage 1's gain on the held-out photographs comes within its first 20-40 steps
+and then erodes at the config's constant learning rate (docs/training.md, "Stage 1 on held-out
+photographs"), so the default stops at 40.
 ``--keypoints K`` (default 512) is every method's budget: at most K keypoints per image, its
 K strongest (the networks' detector without a score threshold, OpenCV SIFT by response). With
 the original's absolute threshold (1.0) few pixels of these photographs pass and the detector
@@ -49,7 +53,7 @@ from tools.demo_stages import (DESC_CONFIG, DET_CONFIG, REPO, DemoResult, StageR
 from utils.atomic import write_json
 from utils.cli import resolve_device, run_cli, setup_logging
 
-DEFAULT_STEPS = 80
+DEFAULT_STEPS = 40           # stage 1; stage 2 runs DEFAULT_STEPS // 2
 DEFAULT_SIZE = "128x160"     # synthetic training images (the stage-1/2 input size)
 DEFAULT_KEYPOINTS = 512      # every method's budget per image on the photographs
 MIN_KEYPOINTS = 128          # the detector's own minimum
@@ -267,15 +271,17 @@ def print_summary(result: DemoResult, args: argparse.Namespace, total_seconds: f
     print(f"\nHeld-out real photographs ({', '.join(PHOTOS)}: {len(sequences)} sequences, "
           f"{pairs} image pairs), at most {args.keypoints} keypoints per image:\n")
     print(results_table(result.results, result.rows))
+    stage2 = plural(max(1, args.steps // 2), "step")
     print(f"""
 untrained: stage 1's random initialisation (BatchNorm statistics of the training data);
 stage 1:   after {plural(args.steps, 'step')} (trained descriptors, untrained detector);
-stage 2:   stage 1, then {plural(max(1, args.steps // 2), 'step')} of the detector alone (same descriptors);
+stage 2:   stage 1, then {stage2} of the detector alone (same descriptors);
 sift:      OpenCV SIFT.
-MMA@t: the share of mutual nearest-neighbour matches (image 1 to each of images 2-6) within
-t px of the true position, averaged over the image pairs. Own keypoints: each method's
-detector, its {args.keypoints} strongest. SIFT's keypoints: every network describes the
-keypoints of OpenCV SIFT (at most {args.keypoints}), which compares the descriptors alone.
+MMA@3: the share of mutual nearest-neighbour matches (image 1 to each of images 2-6) within
+3 px of the true position, averaged over the image pairs: all, the illumination sequences
+(light changes only) and the viewpoint sequences (homographies). Own keypoints: each
+method's detector, its {args.keypoints} strongest. SIFT's keypoints: every network describes
+the keypoints of OpenCV SIFT (at most {args.keypoints}), which compares the descriptors alone.
 Minutes of training from random weights on synthetic data: far from SCFeat's published
 quality (docs/evaluation.md).""")
 

@@ -223,8 +223,10 @@ def make_untrained(out: Path, desc_conf: dict, result: DemoResult) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(desc_conf["seed"])  # as the trainer does before building the model
         model = build_model(desc_conf["model"], model_config)
-    # Cumulative averages over the batches, then eval mode; no gradient, no weight change.
-    update_bn(training_images(desc_conf, BATCHNORM_BATCHES), model.backbone)
+        # Cumulative averages over the batches, then eval mode; no gradient, no weight change.
+        # Inside the seeded block: the training data's colour jitter draws from the global
+        # generator, so the statistics depend on the seed alone, not on what ran before.
+        update_bn(training_images(desc_conf, BATCHNORM_BATCHES), model.backbone)
     save_checkpoint(model, folder)
     # config.yaml last: with it, the folder is complete (every file is written atomically).
     save_config({"model": desc_conf["model"], "model_config": model_config,
@@ -362,23 +364,25 @@ def evaluate(out: Path, sequences: Path, methods: dict[str, tuple[Path, str]],
 
 
 def results_table(results: dict[str, dict], rows: list[tuple[str, str, str | None]],
-                  thresholds: Sequence[int] = (1, 3, 5)) -> str:
+                  threshold: int = 3) -> str:
     """The demo's table: one line per ``(label, method, method with SIFT's keypoints or
-    None)``; MMA at ``thresholds`` and keypoints per image with the method's own keypoints,
-    then MMA with SIFT's keypoints (``-`` where the method cannot describe given keypoints)."""
+    None)``; MMA at ``threshold`` px over all pairs, the illumination and the viewpoint pairs,
+    and keypoints per image, with the method's own keypoints, then the same MMA with SIFT's
+    keypoints (``-`` where the method cannot describe given keypoints)."""
     width = max(len("method"), *(len(label) for label, _, _ in rows))
-    mma = "".join(f"{'MMA@' + str(t):>7}" for t in thresholds)
-    own_width, sift_width = len(mma) + 12, len(mma)
-    fixed_title = "SIFT's keypoints"
-    lines = [f"{'':<{width}}  {'own keypoints':^{own_width}}   {fixed_title:^{sift_width}}".rstrip(),
-             f"{'method':<{width}}  {mma}{'kpts/image':>12}   {mma}"]
+    splits = ("mma", "mma_i", "mma_v")
+    columns = "".join(f"{name:>7}" for name in ("all", "illum", "view"))
+    own_title, fixed_title = f"own keypoints: MMA@{threshold}", f"SIFT's keypoints: MMA@{threshold}"
+    lines = [f"{'':<{width}}  {own_title:^{len(columns) + 12}}   {fixed_title:^{len(columns)}}"
+             .rstrip(), f"{'method':<{width}}  {columns}{'kpts/image':>12}   {columns}"]
     for label, own, fixed in rows:
         summary = results[own]
-        line = (f"{label:<{width}}  " + "".join(f"{summary['mma'][t - 1]:>7.3f}" for t in thresholds)
+        line = (f"{label:<{width}}  "
+                + "".join(f"{summary[key][threshold - 1]:>7.3f}" for key in splits)
                 + f"{summary['mean_features']:>12.0f}   ")
         if fixed is None:
-            line += "".join(f"{'-':>7}" for _ in thresholds)
+            line += "".join(f"{'-':>7}" for _ in splits)
         else:
-            line += "".join(f"{results[fixed]['mma'][t - 1]:>7.3f}" for t in thresholds)
+            line += "".join(f"{results[fixed][key][threshold - 1]:>7.3f}" for key in splits)
         lines.append(line.rstrip())
     return "\n".join(lines)
