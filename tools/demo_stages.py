@@ -306,36 +306,45 @@ def same_backbone(first: Path, second: Path) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
-def method_features(method: str, sequences: Path, out: Path, keypoints: int,
-                    result: DemoResult) -> Path:
-    """Features of a method extracted by name (``sift``: OpenCV SIFT), at most ``keypoints``
-    per image, for every image of ``sequences``: ``<folder>/<seq>/<k>.ppm.npz`` in the absolute
-    ``<out>/ckpts/photos-<method>``, reused when the method, the images and the budget are
-    unchanged."""
-    from evaluation.matching import cached_features, method_signature, read_rgb
+def method_features(method: str, sequences: Path, out: Path, keypoints: int, device: str,
+                    result: DemoResult) -> bool:
+    """Features of a method extracted by name (``evaluation/methods.py``: ``sift``, ``disk``,
+    ...), at most ``keypoints`` per image, for every image of ``sequences``, extracted as the
+    evaluation extracts them (``evaluation.hpatches.method_feature_files``) into its cache under
+    ``<out>/eval/cache`` and reused from there. Returns ``False``, after one line saying why,
+    when the method cannot run here (its wheels are not installed)."""
+    from evaluation.hpatches import list_sequences, method_feature_files
+    from evaluation.methods import missing_requirement, parse_method
 
-    images = sorted(sequences.glob("*/*.ppm"))
-    signature = method_signature(method, files_signature(images, f"max_keypoints={keypoints}"))
-    folder = Path(out).resolve() / "ckpts" / f"photos-{method}"
-    loaders = {f"{p.parent.name}/{p.name}": (lambda p=p: (read_rgb(p), {})) for p in images}
+    parsed = parse_method(method, "demo.BASELINES")
+    missing = missing_requirement(parsed)
+    if missing is not None:
+        print(f"{method}: skipped, {missing}")
+        result.stages.append(StageRecord(f"features, {method}", 0.0, False, "not installed"))
+        return False
+    cache_dir = eval_cache(out)
+    before = set((cache_dir / "features").rglob("*.npz"))
     start = time.perf_counter()
-    reused = stamp_matches(folder, signature) \
-        and all((folder / f"{key}.npz").is_file() for key in loaders)
-    if reused:
-        print(f"reusing {folder}")
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
-        cached_features(method, loaders, folder, keypoints)
-        write_stamp(folder, signature, images)
+    files = method_feature_files(parsed, sequences, list_sequences(sequences), cache_dir,
+                                 keypoints, device)
+    folder = next(iter(files.values())).parents[1]
+    reused = set(files.values()) <= before
+    print(f"{'reusing' if reused else 'extracted'} {folder}")
     result.stages.append(StageRecord(f"features, {method}", time.perf_counter() - start, reused,
                                      str(folder)))
-    return folder
+    return True
 
 
-def evaluate(out: Path, sequences: Path, methods: dict[str, tuple[Path, str]],
-             result: DemoResult) -> dict:
+def eval_cache(out: Path) -> Path:
+    """The evaluation's cache folder (absolute): its matches and the named methods' features."""
+    return Path(out).resolve() / "eval" / "cache"
+
+
+def evaluate(out: Path, sequences: Path, methods: dict[str, tuple[Path, str] | None],
+             keypoints: int, result: DemoResult) -> dict:
     """``evaluation.hpatches`` (``config/demo/eval.yaml``) on ``sequences`` for ``methods``
-    (name → (features folder, postfix)); returns ``{name: summary}``. Its full table (MMA@1..10,
+    (name → (features folder, postfix), or ``None`` for a method extracted by name with
+    ``keypoints`` as its budget); returns ``{name: summary}``. Its full table (MMA@1..10,
     illumination and viewpoint apart) goes to ``<out>/eval/mma.txt``, the curves to
     ``<out>/mma.png``."""
     from evaluation.hpatches import run_evaluation
@@ -344,11 +353,11 @@ def evaluate(out: Path, sequences: Path, methods: dict[str, tuple[Path, str]],
 
     conf = load_eval_hpatches_config(EVAL_CONFIG)
     conf.update(
-        data_path=str(sequences),
-        methods=[{"name": name, "features": str(folder), "postfix": postfix}
-                 for name, (folder, postfix) in methods.items()],
-        compare_caches=[], cache_dir=str(out / "eval" / "cache"),
-        output_plot=str(out / "mma.png"))
+        data_path=str(sequences), max_keypoints=keypoints,
+        methods=[name if where is None else
+                 {"name": name, "features": str(where[0]), "postfix": where[1]}
+                 for name, where in methods.items()],
+        compare_caches=[], cache_dir=str(eval_cache(out)), output_plot=str(out / "mma.png"))
     start = time.perf_counter()
     lines: list[str] = []
     results = run_evaluation(conf, print_fn=lines.append)

@@ -1,6 +1,6 @@
 """``python demo.py`` end to end at a tiny size (2 training steps, 64×96 training images, one
-held-out photograph at 64×96, 128 keypoints), then a second run that reuses every stage, and
-the option errors."""
+held-out photograph at 64×96, 128 keypoints), then a second run that reuses every stage, a
+third without one peer's wheel, and the option errors."""
 from __future__ import annotations
 
 import contextlib
@@ -14,11 +14,15 @@ import pytest
 import torch
 
 import demo
+from evaluation.hpatches import method_feature_files
+from evaluation.methods import parse_method
 from tools import real_photos
 from utils.checkpoint import is_checkpoint
 
 TINY = ["--steps", "2", "--size", "64x96", "--keypoints", "128", "--device", "cpu"]
-ROWS = ("untrained", "stage 1", "stage 2", "sift")
+NETWORKS = ("untrained", "stage 1", "stage 2")
+PEERS = ("disk", "aliked", "xfeat")
+ROWS = (*NETWORKS, "sift", *PEERS)
 TINY_PHOTO = ("coins.png", (90, 134), (64, 96))  # a centre of coins at its own scale
 FEATURES = ("photos-untrained", "photos-untrained-siftkp", "photos-stage1",
             "photos-stage1-siftkp", "photos-stage2")
@@ -75,27 +79,29 @@ def demo_run(tmp_path_factory, tiny_photos):
     return out, code, stdout.getvalue(), time.perf_counter() - start
 
 
-def check_table(printed: str) -> dict[str, list[float | None]]:
+def check_table(printed: str, rows_expected: tuple[str, ...] = ROWS) -> dict[str, list]:
     rows = table_rows(printed)
-    assert list(rows) == list(ROWS), printed
+    assert list(rows) == list(rows_expected), printed
     for label, values in rows.items():
         own, keypoints, fixed = values[:3], values[3], values[4:]
-        for every, illumination, viewpoint in (own, fixed):
+        # the peers cannot describe given keypoints
+        assert (fixed == [None] * 3) == (label in PEERS), (label, values)
+        for every, illumination, viewpoint in (own, fixed) if label not in PEERS else (own,):
             assert all(0.0 <= v <= 1.0 for v in (every, illumination, viewpoint)), label
             # one illumination and one viewpoint sequence: all pairs = their mean
             assert abs(every - (illumination + viewpoint) / 2) <= 0.001, (label, values)
-        # every network keeps the budget (no score threshold); SIFT at most the budget
-        assert keypoints == 128 if label != "sift" else 0 < keypoints <= 128, (label, keypoints)
+        # every network keeps the budget (no score threshold); the others at most the budget
+        assert keypoints == 128 if label in NETWORKS else 0 < keypoints <= 128, (label, keypoints)
     assert rows["sift"][:3] == rows["sift"][4:]  # SIFT's own keypoints are SIFT's keypoints
     assert rows["stage 2"][4:] == rows["stage 1"][4:]  # stage 2 keeps stage 1's descriptors
-    for note in ("untrained:", "stage 1:", "stage 2:", "sift:", "MMA@3:", "Own keypoints:",
-                 "SIFT's keypoints:"):
+    for note in ("MMA@3:", "Own keypoints:", "SIFT's keypoints:",
+                 *(f"\n{label}:" for label in rows_expected)):
         assert note in printed, note
     return rows
 
 
 @pytest.mark.slow
-def test_first_run_trains_extracts_and_evaluates(demo_run):
+def test_first_run_trains_extracts_and_evaluates(demo_run, monkeypatch):
     out, code, printed, _ = demo_run
     assert code == 0, printed
     check_table(printed)
@@ -126,11 +132,15 @@ def test_first_run_trains_extracts_and_evaluates(demo_run):
         for image in images:
             path = ckpts / features / "desc" / image.parent.name / f"{image.name}.scfeat"
             assert path.is_file(), path
-    # the networks with SIFT's keypoints describe the points the SIFT row matches
-    sift = ckpts / "photos-sift"
+    # the networks with SIFT's keypoints describe the points the SIFT row matches: the files
+    # the evaluation extracted for the method 'sift' at the budget (found, not extracted here)
+    monkeypatch.setattr("evaluation.methods.make_extractor", None)
+    cache = out.resolve() / "eval" / "cache"
+    sift = method_feature_files(parse_method("sift", "m"), out / "data" / "photos",
+                                ["i_tiny", "v_tiny"], cache, 128)
     for image in images:
         name = f"{image.parent.name}/{image.name}"
-        with np.load(sift / f"{name}.npz") as own, \
+        with np.load(sift[(image.parent.name, int(image.stem))]) as own, \
                 np.load(ckpts / "photos-stage1-siftkp" / "desc" / f"{name}.scfeat") as fixed:
             assert len(own["keypoints"]) <= 128
             assert np.allclose(np.sort(own["keypoints"], axis=0),
@@ -139,8 +149,9 @@ def test_first_run_trains_extracts_and_evaluates(demo_run):
     assert not (ckpts / "photos-stage2-siftkp").exists()
     caches = sorted((out / "eval" / "cache").glob("*.npy"))
     assert sorted(p.name.rsplit("-", 1)[0] for p in caches) == sorted(
-        ["untrained", "untrained-siftkp", "stage1", "stage1-siftkp", "stage2", "sift"])
-    assert "stage1-siftkp" in (out / "eval" / "mma.txt").read_text()
+        ["untrained", "untrained-siftkp", "stage1", "stage1-siftkp", "stage2", "sift", *PEERS])
+    table = (out / "eval" / "mma.txt").read_text()
+    assert all(f"\n{name} " in table for name in ("stage1-siftkp", "sift", *PEERS)), table
     plot = out / "mma.png"
     assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -159,15 +170,31 @@ def test_second_run_reuses_every_stage(demo_run, capsys):
 
     assert check_table(printed) == table_rows(first_printed)
     assert not re.search(r"^(training|extracting) ", printed, re.MULTILINE), printed
-    # data, photographs, 2 runs, the untrained net, 5 feature sets of the networks, SIFT's
-    assert printed.count("reusing") == 11
+    # data, photographs, 2 runs, the untrained net, 5 feature sets of the networks, SIFT's and
+    # the 3 peers'
+    assert printed.count("reusing") == 14
     reused = [line for line in printed.splitlines() if line.startswith("  ") and " reused " in line]
-    assert len(reused) == 11
+    assert len(reused) == 14
     assert global_step(out / "ckpts" / "demo-descriptor") == 2
     assert global_step(out / "ckpts" / "demo-keypoint") == 1
     assert outputs_mtimes(out) == before  # nothing retrained or re-extracted
     assert sorted((out / "eval" / "cache").glob("*.npy")) == caches  # the caches were reused
     assert seconds < first_seconds / 3, (seconds, first_seconds)
+
+
+@pytest.mark.slow
+def test_a_peer_without_its_wheel_is_skipped_with_one_line(demo_run, capsys, monkeypatch):
+    from model import peers
+
+    out = demo_run[0]
+    capsys.readouterr()
+    monkeypatch.setitem(peers.WEIGHT_FILES, "xfeat", ("scm_absent.weights", "xfeat.pt"))
+    assert demo.main(TINY + ["--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    check_table(captured.out, tuple(row for row in ROWS if row != "xfeat"))
+    skipped = [line for line in captured.out.splitlines() if line.startswith("xfeat: skipped")]
+    assert len(skipped) == 1 and "package scm-absent, which is not installed" in skipped[0], skipped
+    assert "Traceback" not in captured.out + captured.err
 
 
 @pytest.mark.slow
