@@ -204,6 +204,7 @@ def make_untrained(out: Path, desc_conf: dict, result: DemoResult) -> Path:
     """
     import torch
     from torch.optim.swa_utils import update_bn
+    from tqdm import tqdm
 
     from registry import build_model
     from utils.checkpoint import save_checkpoint
@@ -226,7 +227,10 @@ def make_untrained(out: Path, desc_conf: dict, result: DemoResult) -> Path:
         # Cumulative averages over the batches, then eval mode; no gradient, no weight change.
         # Inside the seeded block: the training data's colour jitter draws from the global
         # generator, so the statistics depend on the seed alone, not on what ran before.
-        update_bn(training_images(desc_conf, BATCHNORM_BATCHES), model.backbone)
+        batches = tqdm(training_images(desc_conf, BATCHNORM_BATCHES),
+                       total=2 * BATCHNORM_BATCHES, desc="BatchNorm statistics", disable=None,
+                       leave=False, dynamic_ncols=True)
+        update_bn(batches, model.backbone)
     save_checkpoint(model, folder)
     # config.yaml last: with it, the folder is complete (every file is written atomically).
     save_config({"model": desc_conf["model"], "model_config": model_config,
