@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
 
+from model import winograd
 from model.lowres_conv import upsample_conv3x3
 
 
@@ -24,8 +25,18 @@ class ConvBlock(nn.Module):
                               padding=(kernel_size - 1) // 2)
         self.gn = nn.GroupNorm(32, out_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activate(self.conv(x))
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """``x``: a map, or maps taken as their concatenation over channels (formed only when
+        the convolution is direct)."""
+        parts = [x] if isinstance(x, torch.Tensor) else list(x)
+        tile = winograd_tile(parts[0], self.conv)
+        if not tile:
+            return self.activate(self.conv(parts[0] if len(parts) == 1 else torch.cat(parts, 1)))
+        weight = self.conv.weight
+        u = None
+        if not (torch.is_grad_enabled() and weight.requires_grad):
+            u = winograd.FILTERS.get(weight, tile)
+        return self.activate(winograd.conv3x3(parts, weight, self.conv.bias, tile, u))
 
     def activate(self, y: torch.Tensor) -> torch.Tensor:
         """GroupNorm → ELU of the convolution's output ``y``."""
@@ -68,14 +79,15 @@ class ResizeBlock(nn.Module):
         return self.conv(x)
 
 
-def join_skip(upsampled: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """Pad ``skip`` to ``upsampled``'s size (split ``diff//2``, ``diff - diff//2``), concatenate
-    ``[upsampled, skip]`` over channels."""
+def join_skip(upsampled: torch.Tensor, skip: torch.Tensor) -> list[torch.Tensor]:
+    """``[upsampled, skip]`` with ``skip`` padded to ``upsampled``'s size (split ``diff//2``,
+    ``diff - diff//2``): their concatenation over channels, as :meth:`ConvBlock.forward`
+    takes it."""
     diff_y = upsampled.shape[-2] - skip.shape[-2]
     diff_x = upsampled.shape[-1] - skip.shape[-1]
     if diff_x or diff_y:
         skip = F.pad(skip, [diff_x // 2, diff_x - diff_x // 2, diff_y // 2, diff_y - diff_y // 2])
-    return torch.cat([upsampled, skip], dim=1)
+    return [upsampled, skip]
 
 
 class PositionwiseNorm(nn.Module):
@@ -126,32 +138,48 @@ LOWRES_CONV = True
 # Output blocks (rows, columns) of the banded interpolation products: one block for the
 # decoder's maps (≤ 120×160 at 480×640), 20 for the detector's full-resolution map.
 LOWRES_CHUNK = (120, 160)
+# Blocks of the channels-last form (model.lowres_conv.upsample_conv3x3_add_) that the
+# detector's inference path adds into conv2's g part: small enough that a block's
+# intermediate stays in the cache.
+LOWRES_CHANNELS_LAST_CHUNK = (16, 64)
+
+
+# 3×3 convolutions with at least WINOGRAD_MIN_CHANNELS input channels (the decoder's iconv3 and
+# iconv2) by Winograd's F(4×4, 3×3) (model/winograd.py), in eval and train mode, forward and
+# backward, on the CPU: 4× fewer multiplications, the same numbers up to floating-point
+# reassociation (float32: ~1e-5 of the output's largest value). Narrower layers stay direct:
+# there the transforms cost more than the products save (docs, Performance). 0 turns it off.
+WINOGRAD_TILE = 4
+WINOGRAD_MIN_CHANNELS = 512
+# The CPU inference path runs the encoder and the detector's full-resolution layers on
+# channels-last maps (oneDNN's convolutions run faster on them; the detector's instance norms
+# and products are written for them, model/instance_norm.py, model/lowres_conv.py).
+CHANNELS_LAST = True
+
+_SWITCHES = ("FUSED_CPU_INFERENCE", "LOWRES_CONV", "WINOGRAD_TILE", "CHANNELS_LAST")
+_DEFAULTS = {name: globals()[name] for name in _SWITCHES}
 
 
 def use_reference_ops(flag: bool = True) -> None:
     """Select the original composition of ops (``True``: no fused CPU inference path, every
-    upsampled map convolved at full resolution) or this implementation's rewrites (``False``,
-    the default). For before/after comparisons (``tools/benchmark.py --reference-ops``) and
-    the command-line tools; both give the same outputs up to float32 rounding."""
-    global FUSED_CPU_INFERENCE, LOWRES_CONV
-    FUSED_CPU_INFERENCE = _FUSED_AVAILABLE and not flag
-    LOWRES_CONV = not flag
+    upsampled map convolved at full resolution, direct convolutions, channels-first maps) or
+    this implementation's rewrites (``False``, the default: every switch above at its
+    default). For before/after comparisons (``tools/benchmark.py --reference-ops``) and the
+    command-line tools; both give the same outputs up to float32 rounding."""
+    reference = {"FUSED_CPU_INFERENCE": False, "LOWRES_CONV": False, "WINOGRAD_TILE": 0,
+                 "CHANNELS_LAST": False}
+    globals().update(reference if flag else _DEFAULTS)
 
 
 @contextmanager
 def reference_ops(flag: bool = True) -> Iterator[None]:
     """:func:`use_reference_ops` for the ``with`` block, the previous settings restored after."""
-    saved = FUSED_CPU_INFERENCE, LOWRES_CONV
+    saved = {name: globals()[name] for name in _SWITCHES}
     use_reference_ops(flag)
     try:
         yield
     finally:
-        _restore(*saved)
-
-
-def _restore(fused: bool, lowres: bool) -> None:
-    global FUSED_CPU_INFERENCE, LOWRES_CONV
-    FUSED_CPU_INFERENCE, LOWRES_CONV = fused, lowres
+        globals().update(saved)
 
 
 def lowres_conv_path(x: torch.Tensor) -> bool:
@@ -160,6 +188,20 @@ def lowres_conv_path(x: torch.Tensor) -> bool:
     differ from the direct ops'), and :data:`LOWRES_CONV` set. Autograd may be on."""
     return (LOWRES_CONV and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled("cpu"))
+
+
+def winograd_tile(x: torch.Tensor, conv: nn.Conv2d) -> int:
+    """F(m×m, 3×3)'s ``m`` for ``conv`` on ``x``, or 0 for the direct convolution: a stride-1,
+    padding-1, ungrouped 3×3 ``conv`` with at least :data:`WINOGRAD_MIN_CHANNELS` input
+    channels on a float32 or float64 CPU tensor outside autocast and ``torch.compile``."""
+    if not (WINOGRAD_TILE and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.in_channels >= WINOGRAD_MIN_CHANNELS and conv.padding_mode == "zeros"):
+        return 0
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+            or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+        return 0
+    return WINOGRAD_TILE
 
 
 def cpu_inference_path(x: torch.Tensor) -> bool:

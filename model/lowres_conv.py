@@ -175,3 +175,47 @@ def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         out = torch.cat(columns, dim=2) if len(columns) > 1 else columns[0]
         out = out.view(batch, cout, height, width)
     return out
+
+
+def upsample_conv3x3_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          align_corners: bool, chunk: tuple[int, int] | None = None
+                          ) -> torch.Tensor:
+    """``out += conv3x3(interpolate(x, out's size))`` (no bias) for a channels-last ``out``
+    ``B×Cout×H×W``, without autograd: :func:`upsample_conv3x3` with every map channels-last,
+    so the products add straight into ``out``'s blocks.
+
+    The nine taps' mix is one GEMM on ``x`` as ``(b, i, j) × Cin`` with the columns ordered
+    ``(dx, dy, c)``: for a fixed ``dy``, the rows ``(j, dx)`` of one low-resolution row are
+    then equally spaced (``3·Cout``), so the width product of each output block is one batched
+    GEMM over ``(b, i)``, ``(S_dx U_W)`` block ``ᵀ · Y``; the height product adds
+    ``Σ_dy (S_dy U_H)`` block ``· T_dy`` into ``out``'s ``rows × (columns·Cout)`` block.
+    """
+    batch, _, h, w = x.shape
+    _, cout, height, width = out.shape
+    ch, cw = chunk or (height, width)
+    nhwc = out.permute(0, 2, 3, 1)  # B×H×W×Cout view
+    if not nhwc.is_contiguous():
+        raise ValueError("upsample_conv3x3_add_: out must be channels-last")
+    mix = weight.permute(1, 3, 2, 0).reshape(weight.shape[1], 9 * cout)  # Cin × (dx, dy, c)
+    y = torch.matmul(x.permute(0, 2, 3, 1).reshape(batch * h * w, -1), mix)  # (b, i, j) × 9C
+    m_w = shifted_interpolation_matrices(w, width, align_corners, x.dtype, x.device)  # 3×w×W
+    m_h = shifted_interpolation_matrices(h, height, align_corners, x.dtype, x.device)  # 3×h×H
+    rows = band_chunks(h, height, align_corners, ch)
+    for a, b, lo, hi in band_chunks(w, width, align_corners, cw):
+        k = hi - lo
+        # (j, dx) × J: row 3·j + dx of the block's width matrix
+        mat_w = m_w[:, lo:hi, a:b].permute(1, 0, 2).reshape(3 * k, b - a).t()
+        mat_w = mat_w.expand(batch * h, b - a, 3 * k)
+        # T[b, i, dy, J, c] for J in [a, b)
+        t = x.new_empty(batch, h, 3, b - a, cout)
+        for dy in range(3):
+            piece = y.as_strided((batch * h, 3 * k, cout), (w * 9 * cout, 3 * cout, 1),
+                                 y.storage_offset() + lo * 9 * cout + dy * cout)
+            torch.bmm(mat_w, piece, out=t[:, :, dy].view(batch * h, b - a, cout))
+        for ra, rb, rlo, rhi in rows:
+            mat_h = m_h[:, rlo:rhi, ra:rb].permute(2, 1, 0).reshape(rb - ra, 3 * (rhi - rlo))
+            for n in range(batch):
+                block = nhwc[n, ra:rb, a:b].view(rb - ra, (b - a) * cout)
+                torch.addmm(block, mat_h, t[n, rlo:rhi].view(3 * (rhi - rlo), (b - a) * cout),
+                            out=block)
+    return out

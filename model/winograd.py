@@ -1,0 +1,164 @@
+"""3×3 convolutions (stride 1, zero padding 1) by Winograd's minimal filtering F(m×m, 3×3).
+
+The output is cut into ``m×m`` tiles; each tile reads an ``α×α`` patch (``α = m + 2``) of the
+zero-padded input. With the transform matrices ``Bᵀ`` (``α×α``), ``G`` (``α×3``) and ``Aᵀ``
+(``m×α``) of Lavin & Gray (2016), one tile of one output channel is
+
+    Y = Aᵀ [ Σ_ci (G g_ci Gᵀ) ⊙ (Bᵀ d_ci B) ] A,
+
+so the sum over input channels becomes ``α²`` independent matrix products
+``M_ξ = U_ξ · V_ξᵀ`` (``U_ξ`` ``Cout×Cin``, the transformed filters; ``V_ξ`` ``tiles×Cin``,
+the transformed patches): ``α²/m²`` multiply-adds per output and input channel instead of 9,
+2.25× fewer for F(2×2, 3×3) and 4× fewer for F(4×4, 3×3).
+
+The input is copied once into a zero-padded channels-last buffer (several inputs are written
+side by side, which is their concatenation over channels); the patches are gathered from it
+(a copy of ``α²/m²`` times the input whose innermost run is a pixel's channels), and ``Bᵀ·B``
+is applied as two products with the ``α×α`` matrix ``Bᵀ``, one per axis. After the ``α²``
+products, ``Aᵀ·A`` is applied the same way and the tiles are copied into the output, with the
+bias (and an optional map) added in that copy. Every step is a matrix product or a copy, so
+the result equals the direct convolution up to floating-point reassociation, and autograd
+gives the input, weight and bias gradients.
+
+Accuracy (tests/unit/test_winograd.py, against float64): F(2) within a few units of the
+direct convolution's own float32 rounding; F(4) about ten times that (its transforms have
+coefficients up to 8 and 1/24), about 1e-5 of the output's largest value; float64 to 1e-13.
+
+:func:`conv3x3` is the operator; :func:`transform_filter` computes ``U`` and
+:data:`FILTERS` caches it per weight for inference. Which layers use it is decided in
+:mod:`model.blocks`.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Sequence
+
+import torch
+
+# Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016): F(2, 3) with the
+# points 0, ±1, ∞; F(4, 3) with 0, ±1, ±2, ∞.
+_MATRICES = {
+    2: {
+        "BT": [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        "G": [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+        "AT": [[1, 1, 1, 0], [0, 1, -1, -1]],
+    },
+    4: {
+        "BT": [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+               [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+        "G": [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+              [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+        "AT": [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+               [0, 1, -1, 8, -8, 1]],
+    },
+}
+TILES = tuple(_MATRICES)
+
+
+@functools.lru_cache(maxsize=32)
+def transform_matrices(m: int, dtype: torch.dtype, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Bᵀ, G, Aᵀ)`` of F(m×m, 3×3): ``α×α``, ``α×3`` and ``m×α``."""
+    if m not in _MATRICES:
+        raise ValueError(f"Winograd F({m}x{m}, 3x3): the tile size must be one of {TILES}")
+    with torch.inference_mode(False), torch.no_grad():
+        return tuple(torch.tensor(_MATRICES[m][k], dtype=dtype, device=device)
+                     for k in ("BT", "G", "AT"))
+
+
+def transform_filter(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """``U = G g Gᵀ`` of every filter: ``Cout×Cin×3×3`` → ``α²×Cout×Cin`` (computed in
+    float64, then rounded to ``weight``'s dtype; differentiable)."""
+    cout, cin = weight.shape[:2]
+    _, g, _ = transform_matrices(m, torch.float64, weight.device)
+    u = torch.matmul(torch.matmul(g, weight.double()), g.t())  # Cout×Cin×α×α
+    alpha = g.shape[0]
+    return u.permute(2, 3, 0, 1).reshape(alpha * alpha, cout, cin).to(weight.dtype).contiguous()
+
+
+class FilterCache:
+    """Transformed filters of inference weights, recomputed when a weight changes (its
+    in-place version counter, storage, shape or dtype) and dropped with the weight."""
+
+    def __init__(self):
+        self._entries: dict[tuple[int, int], tuple] = {}
+
+    def get(self, weight: torch.Tensor, m: int) -> torch.Tensor:
+        ident = (id(weight), m)
+        key = (weight._version, weight.data_ptr(), tuple(weight.shape), weight.dtype)
+        entry = self._entries.get(ident)
+        if entry is None or entry[0]() is not weight or entry[1] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                u = transform_filter(weight.detach(), m)
+            ref = weakref.ref(weight, lambda _, ident=ident: self._entries.pop(ident, None))
+            entry = self._entries[ident] = (ref, key, u)
+        return entry[2]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+FILTERS = FilterCache()
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def conv3x3(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor | None,
+            bias: torch.Tensor | None = None, m: int = 4, u: torch.Tensor | None = None,
+            add: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1) [+ add]`` by Winograd F(m×m, 3×3).
+
+    ``x``: a ``B×Cin×H×W`` map (any strides), or several ``B×Ci×H×W`` maps taken as their
+    concatenation over channels (``torch.cat(x, 1)``, never formed); ``weight``
+    ``Cout×Cin×3×3``; ``u``: its transformed filters (:func:`transform_filter`), computed from
+    ``weight`` when ``None``; ``add``: a ``B×Cout×H×W`` map added to the result →
+    ``B×Cout×H×W`` (contiguous).
+    """
+    parts = [x] if isinstance(x, torch.Tensor) else list(x)
+    batch, _, height, width = parts[0].shape
+    cin = sum(p.shape[1] for p in parts)
+    if u is None:
+        u = transform_filter(weight, m)
+    cout = u.shape[1]
+    bt, _, at = transform_matrices(m, parts[0].dtype, parts[0].device)
+    alpha = m + 2
+    ty, tx = -(-height // m), -(-width // m)
+    grad = _needs_grad(*parts, weight, u, bias, add)
+
+    # Zero-padded channels-last input: padding 1 on the top and left, to whole tiles below.
+    padded = parts[0].new_zeros(batch, ty * m + 2, tx * m + 2, cin)
+    start = 0
+    for p in parts:  # (autograd records the copies)
+        padded[:, 1:height + 1, 1:width + 1, start:start + p.shape[1]].copy_(p.permute(0, 2, 3, 1))
+        start += p.shape[1]
+    # Patches d[a, b, (n, ty, tx), ci] = padded[n, m·ty + a, m·tx + b, ci].
+    patches = padded.unfold(1, alpha, m).unfold(2, alpha, m)  # B×ty×tx×Cin×α×α
+    d = patches.permute(4, 5, 0, 1, 2, 3).reshape(alpha, -1)
+    v = torch.matmul(bt, d).view(alpha, alpha, -1)  # Bᵀ along a
+    v = torch.matmul(bt, v).view(alpha * alpha, batch * ty * tx, cin)  # Bᵀ along b
+    prod = torch.bmm(u, v.transpose(1, 2))  # α²×Cout×(n, ty, tx)
+    y = torch.matmul(at, prod.view(alpha, -1)).view(m, alpha, -1)  # Aᵀ along a
+    y = torch.matmul(at, y)  # Aᵀ along b: (i, j, (co, n, ty, tx))
+    y = y.view(m, m, cout, batch, ty, tx).permute(3, 2, 4, 0, 5, 1)  # B×Cout×ty×i×tx×j
+    if grad:
+        out = y.reshape(batch, cout, ty * m, tx * m)[:, :, :height, :width]
+        if bias is not None:
+            out = out + bias.view(1, -1, 1, 1)
+        return out if add is None else out + add
+    whole = (ty * m, tx * m) == (height, width)
+    out = parts[0].new_empty(batch, cout, ty * m, tx * m)
+    tiles = out.view(batch, cout, ty, m, tx, m)
+    if bias is not None and whole:
+        torch.add(y, bias.view(1, -1, 1, 1, 1, 1), out=tiles)
+    else:
+        tiles.copy_(y)
+    if not whole:
+        out = out[:, :, :height, :width].contiguous()
+        if bias is not None:
+            out += bias.view(1, -1, 1, 1)
+    if add is not None:
+        out += add
+    return out
