@@ -67,12 +67,15 @@ def transform_matrices(m: int, dtype: torch.dtype, device: torch.device
                      for k in ("BT", "G", "AT"))
 
 
-def transform_filter(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """``U = G g Gᵀ`` of every filter: ``Cout×Cin×3×3`` → ``α²×Cout×Cin`` (computed in
-    float64, then rounded to ``weight``'s dtype; differentiable)."""
+def transform_filter(weight: torch.Tensor, m: int, exact: bool = True) -> torch.Tensor:
+    """``U = G g Gᵀ`` of every filter: ``Cout×Cin×3×3`` → ``α²×Cout×Cin``, differentiable;
+    ``exact``: computed in float64, then rounded to ``weight``'s dtype (for the cached
+    inference filters), else in ``weight``'s dtype (in training, where the float64 copies of
+    the weight and its gradient would cost more than the products they feed)."""
     cout, cin = weight.shape[:2]
-    _, g, _ = transform_matrices(m, torch.float64, weight.device)
-    u = torch.matmul(torch.matmul(g, weight.double()), g.t())  # Cout×Cin×α×α
+    dtype = torch.float64 if exact else weight.dtype
+    _, g, _ = transform_matrices(m, dtype, weight.device)
+    u = torch.matmul(torch.matmul(g, weight.to(dtype)), g.t())  # Cout×Cin×α×α
     alpha = g.shape[0]
     return u.permute(2, 3, 0, 1).reshape(alpha * alpha, cout, cin).to(weight.dtype).contiguous()
 
@@ -121,7 +124,7 @@ def conv3x3(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor | Non
     batch, _, height, width = parts[0].shape
     cin = sum(p.shape[1] for p in parts)
     if u is None:
-        u = transform_filter(weight, m)
+        u = transform_filter(weight, m, exact=not _needs_grad(weight))
     cout = u.shape[1]
     bt, _, at = transform_matrices(m, parts[0].dtype, parts[0].device)
     alpha = m + 2

@@ -36,10 +36,13 @@ def test_float64_equals_instance_norm(small_bands):
     torch.testing.assert_close(rstd, torch.rsqrt(var + 1e-5), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("band", [4096, instance_norm.BAND_ELEMENTS])
 @pytest.mark.parametrize("mean", [0.0, 30.0])
-def test_float32_is_as_close_as_the_channels_first_kernel(mean):
-    """A map 15 standard deviations off zero: the statistics in float32 must not lose what
-    the channels-first kernel keeps (PyTorch's channels-last batch norm errs by ~50× more)."""
+def test_float32_is_as_close_as_the_channels_first_kernel(mean, band, monkeypatch):
+    """A map 15 standard deviations off zero, in many bands or one: the statistics in float32
+    must not lose what the channels-first kernel keeps (PyTorch's channels-last batch norm
+    errs by ~50× more)."""
+    monkeypatch.setattr(instance_norm, "BAND_ELEMENTS", band)
     x = _map(torch.float32, batch=1, channels=16, mean=mean, seed=1, size=(240, 320))
     truth = F.instance_norm(x.double())
     channels_first = float((F.instance_norm(x.contiguous()) - truth).abs().max())

@@ -106,27 +106,34 @@ def test_unknown_tile_size_is_refused():
 def test_layers_take_winograd_only_where_allowed():
     wide = torch.nn.Conv2d(blocks.WINOGRAD_MIN_CHANNELS, 4, 3, padding=1)
     x = torch.randn(1, blocks.WINOGRAD_MIN_CHANNELS, 5, 5)
-    assert blocks.winograd_tile(x, wide) == blocks.WINOGRAD_TILE == 4
-    assert blocks.winograd_tile(x.double(), wide) == 4
-    assert blocks.winograd_tile(x.half(), wide) == 0
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert blocks.winograd_tile(x, wide) == 0
-    for other in (torch.nn.Conv2d(blocks.WINOGRAD_MIN_CHANNELS - 1, 4, 3, padding=1),
-                  torch.nn.Conv2d(blocks.WINOGRAD_MIN_CHANNELS, 4, 3, padding=1, stride=2),
-                  torch.nn.Conv2d(blocks.WINOGRAD_MIN_CHANNELS, 4, 1),
-                  torch.nn.Conv2d(blocks.WINOGRAD_MIN_CHANNELS, 4, 3, padding=1,
-                                  padding_mode="reflect")):
-        assert blocks.winograd_tile(torch.randn(1, other.in_channels, 5, 5), other) == 0
-    with blocks.reference_ops():
-        assert blocks.winograd_tile(x, wide) == 0
-    assert blocks.winograd_tile(x, wide) == 4
+    with torch.no_grad():
+        assert blocks.winograd_tile(x, wide) == blocks.WINOGRAD_TILE == 4
+        assert blocks.winograd_tile(x.double(), wide) == 4
+        assert blocks.winograd_tile(x.half(), wide) == 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert blocks.winograd_tile(x, wide) == 0
+        for other in (torch.nn.Conv2d(blocks.WINOGRAD_MIN_CHANNELS - 1, 4, 3, padding=1),
+                      torch.nn.Conv2d(blocks.WINOGRAD_MIN_CHANNELS, 4, 3, padding=1, stride=2),
+                      torch.nn.Conv2d(blocks.WINOGRAD_MIN_CHANNELS, 4, 1),
+                      torch.nn.Conv2d(blocks.WINOGRAD_MIN_CHANNELS, 4, 3, padding=1,
+                                      padding_mode="reflect")):
+            assert blocks.winograd_tile(torch.randn(1, other.in_channels, 5, 5), other) == 0
+        with blocks.reference_ops():
+            assert blocks.winograd_tile(x, wide) == 0
+        assert blocks.winograd_tile(x, wide) == 4
+    # where autograd records the layer (its weight trains), small maps stay direct
+    assert blocks.winograd_tile(x, wide) == 0
+    side = int(blocks.WINOGRAD_MIN_PIXELS_AUTOGRAD ** 0.5)
+    large = torch.randn(1, blocks.WINOGRAD_MIN_CHANNELS, side, side + 1)
+    assert blocks.winograd_tile(large, wide) == 4
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_conv_block_equals_the_direct_convolution(grad):
+def test_conv_block_equals_the_direct_convolution(grad, monkeypatch):
     """:class:`model.blocks.ConvBlock` with Winograd (cached filters without autograd, the
     weight's own transform with it) against the same block with the reference ops, in
     float64, given its input as two parts."""
+    monkeypatch.setattr(blocks, "WINOGRAD_MIN_PIXELS_AUTOGRAD", 0)  # small maps too
     torch.manual_seed(0)
     block = blocks.ConvBlock(blocks.WINOGRAD_MIN_CHANNELS, 32, 3).double()
     parts = [torch.randn(2, blocks.WINOGRAD_MIN_CHANNELS // 2, 6, 9, dtype=torch.float64)
