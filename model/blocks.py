@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
 
 from model import winograd
+from model.derived import CACHE
 from model.lowres_conv import upsample_conv3x3
 
 
@@ -35,7 +36,7 @@ class ConvBlock(nn.Module):
         weight = self.conv.weight
         u = None
         if not (torch.is_grad_enabled() and weight.requires_grad):
-            u = winograd.FILTERS.get(weight, tile)
+            u = winograd.cached_filter(weight, tile)
         return self.activate(winograd.conv3x3(parts, weight, self.conv.bias, tile, u))
 
     def activate(self, y: torch.Tensor) -> torch.Tensor:
@@ -233,8 +234,12 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, t
 
 def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool,
                   residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``relu?(bn(conv(x)) [+ residual])`` in one oneDNN convolution (eval-mode ``bn``)."""
-    weight, bias = fold_batchnorm(conv, bn)
+    """``relu?(bn(conv(x)) [+ residual])`` in one oneDNN convolution (eval-mode ``bn``; the
+    folded weight and bias are computed once and reused until a parameter or running
+    statistic changes, :data:`model.derived.CACHE`)."""
+    sources = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                           bn.running_var) if t is not None]
+    weight, bias = CACHE.get(sources, ("batchnorm", bn.eps), lambda: fold_batchnorm(conv, bn))
     args = (conv.padding, conv.stride, conv.dilation, conv.groups)
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args,

@@ -204,14 +204,13 @@ def upsample_conv3x3_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     for a, b, lo, hi in band_chunks(w, width, align_corners, cw):
         k = hi - lo
         # (j, dx) × J: row 3·j + dx of the block's width matrix
-        mat_w = m_w[:, lo:hi, a:b].permute(1, 0, 2).reshape(3 * k, b - a).t()
-        mat_w = mat_w.expand(batch * h, b - a, 3 * k)
-        # T[b, i, dy, J, c] for J in [a, b)
-        t = x.new_empty(batch, h, 3, b - a, cout)
-        for dy in range(3):
-            piece = y.as_strided((batch * h, 3 * k, cout), (w * 9 * cout, 3 * cout, 1),
-                                 y.storage_offset() + lo * 9 * cout + dy * cout)
-            torch.bmm(mat_w, piece, out=t[:, :, dy].view(batch * h, b - a, cout))
+        mat_w = m_w[:, lo:hi, a:b].permute(1, 0, 2).reshape(3 * k, b - a).t().contiguous()
+        # T[b, i, dy, J, c] for J in [a, b): one product per dy, broadcast over (b, i) (with a
+        # strided out= instead of the stack, the products stall with two threads)
+        t = torch.stack([torch.matmul(mat_w, y.as_strided(
+            (batch * h, 3 * k, cout), (w * 9 * cout, 3 * cout, 1),
+            y.storage_offset() + lo * 9 * cout + dy * cout)) for dy in range(3)], dim=1)
+        t = t.view(batch, h, 3, b - a, cout)
         for ra, rb, rlo, rhi in rows:
             mat_h = m_h[:, rlo:rhi, ra:rb].permute(2, 1, 0).reshape(rb - ra, 3 * (rhi - rlo))
             for n in range(batch):

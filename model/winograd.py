@@ -25,16 +25,17 @@ direct convolution's own float32 rounding; F(4) about ten times that (its transf
 coefficients up to 8 and 1/24), about 1e-5 of the output's largest value; float64 to 1e-13.
 
 :func:`conv3x3` is the operator; :func:`transform_filter` computes ``U`` and
-:data:`FILTERS` caches it per weight for inference. Which layers use it is decided in
+:func:`cached_filter` keeps it per weight for inference. Which layers use it is decided in
 :mod:`model.blocks`.
 """
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Sequence
 
 import torch
+
+from model.derived import CACHE
 
 # Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016): F(2, 3) with the
 # points 0, ±1, ∞; F(4, 3) with 0, ±1, ±2, ∞.
@@ -80,29 +81,10 @@ def transform_filter(weight: torch.Tensor, m: int, exact: bool = True) -> torch.
     return u.permute(2, 3, 0, 1).reshape(alpha * alpha, cout, cin).to(weight.dtype).contiguous()
 
 
-class FilterCache:
-    """Transformed filters of inference weights, recomputed when a weight changes (its
-    in-place version counter, storage, shape or dtype) and dropped with the weight."""
-
-    def __init__(self):
-        self._entries: dict[tuple[int, int], tuple] = {}
-
-    def get(self, weight: torch.Tensor, m: int) -> torch.Tensor:
-        ident = (id(weight), m)
-        key = (weight._version, weight.data_ptr(), tuple(weight.shape), weight.dtype)
-        entry = self._entries.get(ident)
-        if entry is None or entry[0]() is not weight or entry[1] != key:
-            with torch.inference_mode(False), torch.no_grad():
-                u = transform_filter(weight.detach(), m)
-            ref = weakref.ref(weight, lambda _, ident=ident: self._entries.pop(ident, None))
-            entry = self._entries[ident] = (ref, key, u)
-        return entry[2]
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-FILTERS = FilterCache()
+def cached_filter(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """:func:`transform_filter` of an inference weight, computed once and reused until the
+    weight changes (:data:`model.derived.CACHE`)."""
+    return CACHE.get([weight], ("winograd", m), lambda: transform_filter(weight.detach(), m))
 
 
 def _needs_grad(*tensors) -> bool:

@@ -4,14 +4,13 @@ own rounding, on awkward sizes; the filter cache follows weight changes; the net
 take it only where the switch and the layer allow."""
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model import blocks, winograd
-from model.winograd import FilterCache, conv3x3, transform_filter
+from model.derived import CACHE
+from model.winograd import cached_filter, conv3x3, transform_filter
 
 # (batch, Cin, Cout, H, W): whole tiles, partial tiles, 1×1 and 2×3 maps, a batch of two
 CASES = [(1, 5, 4, 7, 9), (2, 8, 3, 6, 6), (1, 16, 8, 13, 17), (2, 3, 2, 1, 1), (1, 4, 4, 2, 3),
@@ -80,22 +79,16 @@ def test_float32_error_is_a_small_multiple_of_the_direct_convolutions(m, factor)
         assert ours <= 3e-5 * scale
 
 
-def test_filter_cache_follows_the_weight():
-    cache = FilterCache()
+def test_cached_filter_follows_the_weight():
     weight = torch.randn(4, 3, 3, 3)
-    first = cache.get(weight, 4)
-    assert cache.get(weight, 4) is first  # cached
+    first = cached_filter(weight, 4)
+    assert cached_filter(weight, 4) is first
     torch.testing.assert_close(first, transform_filter(weight, 4))
     with torch.no_grad():
         weight.mul_(2)  # an in-place change (an optimiser step, load_state_dict)
-    second = cache.get(weight, 4)
-    assert second is not first
+    second = cached_filter(weight, 4)
     torch.testing.assert_close(second, 2 * first)
-    assert cache.get(weight, 2).shape == (16, 4, 3)  # one entry per tile size
-    assert len(cache) == 2
-    del weight, first, second
-    gc.collect()
-    assert len(cache) == 0  # dropped with the weight
+    assert cached_filter(weight, 2).shape == (16, 4, 3)  # one entry per tile size
 
 
 def test_unknown_tile_size_is_refused():
@@ -138,7 +131,7 @@ def test_conv_block_equals_the_direct_convolution(grad, monkeypatch):
     block = blocks.ConvBlock(blocks.WINOGRAD_MIN_CHANNELS, 32, 3).double()
     parts = [torch.randn(2, blocks.WINOGRAD_MIN_CHANNELS // 2, 6, 9, dtype=torch.float64)
              for _ in range(2)]
-    outputs, cached = [], len(winograd.FILTERS)
+    outputs, cached = [], len(CACHE)
     for reference in (True, False):
         block.zero_grad()
         with blocks.reference_ops(reference), torch.set_grad_enabled(grad):
@@ -149,6 +142,6 @@ def test_conv_block_equals_the_direct_convolution(grad, monkeypatch):
     torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=0, atol=1e-10)
     if grad:  # the weight's own transform, in the graph: nothing cached
         torch.testing.assert_close(outputs[1][1], outputs[0][1], rtol=0, atol=1e-9)
-        assert len(winograd.FILTERS) == cached
+        assert len(CACHE) == cached
     else:
-        assert len(winograd.FILTERS) == cached + 1
+        assert len(CACHE) == cached + 1
