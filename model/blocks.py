@@ -128,7 +128,8 @@ def channelwise_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 # Switch for A/B comparisons (tools/benchmark.py, tests); off when this torch build lacks the
 # private oneDNN fused-convolution op (it is not a public API).
-_FUSED_AVAILABLE = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+_FUSED_AVAILABLE = (hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+                    and hasattr(torch.ops.mkldnn, "_convolution_pointwise_"))
 FUSED_CPU_INFERENCE = _FUSED_AVAILABLE
 
 # Every "bilinear upsample → 3×3 convolution" (UpBlock, ResizeBlock, the detector's conv2 on
@@ -139,9 +140,10 @@ LOWRES_CONV = True
 # Output blocks (rows, columns) of the banded interpolation products: one block for the
 # decoder's maps (≤ 120×160 at 480×640), 20 for the detector's full-resolution map.
 LOWRES_CHUNK = (120, 160)
-# Blocks of the channels-last form (model.lowres_conv.upsample_conv3x3_add_) that the
-# detector's inference path adds into conv2's g part: small enough that a block's
-# intermediate stays in the cache.
+# Blocks of the channels-last form (model.lowres_conv.upsample_conv3x3_into) that the
+# detector's inference path writes conv2's up(f) part with: small blocks waste fewer
+# multiplications by the banded matrices' zeros, large ones make fewer operations (each one
+# a meeting point for the threads).
 LOWRES_CHANNELS_LAST_CHUNK = (32, 128)
 
 
@@ -248,15 +250,28 @@ def fused_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bo
                                                           1.0, "relu" if relu else None, [], None)
 
 
+def conv3x3_add_(out: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``out += conv(x)`` (with ``conv``'s bias; ``weight`` in place of ``conv.weight`` if
+    given) written by oneDNN into ``out`` itself, no autograd: no output is allocated."""
+    weight = conv.weight if weight is None else weight
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        out, x, weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, "add",
+        1.0, None, [], None)
+
+
 def _fused_conv_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of ``mkldnn._convolution_pointwise`` (and ``.binary``, whose second argument is
-    the added tensor) for ``torch.utils.flop_counter``, which does not know these ops."""
+    the added tensor, and the in-place ``_convolution_pointwise_.binary``, whose first is) for
+    ``torch.utils.flop_counter``, which does not know these ops (only the batch size is read
+    from the first argument)."""
     weight_shape = args[1] if len(args) > 9 else args[0]
     return conv_flop_count(x_shape, weight_shape, out_shape, transposed=False)
 
 
-if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._convolution_pointwise not in flop_registry:
+if _FUSED_AVAILABLE and torch.ops.mkldnn._convolution_pointwise not in flop_registry:
     register_flop_formula(torch.ops.mkldnn._convolution_pointwise)(_fused_conv_flops)
+    register_flop_formula(torch.ops.mkldnn._convolution_pointwise_)(_fused_conv_flops)
 
 
 def bottleneck_inference(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import blocks
-from model.blocks import cpu_inference_path, instance_norm_, lowres_conv_path
+from model.blocks import conv3x3_add_, cpu_inference_path, instance_norm_, lowres_conv_path
 from model.instance_norm import normalize_activate_, normalize_activate_project
-from model.lowres_conv import upsample_conv3x3, upsample_conv3x3_add_
+from model import workspace
+from model.lowres_conv import upsample_conv3x3, upsample_conv3x3_into
 from model.profiling import region
 
 
@@ -148,27 +149,30 @@ class DetNet(nn.Module):
         """``conv3(PReLU(IN(conv2([up(f), PReLU(IN(convimg(image)))]))))`` without its bias,
         ``B×1×H×W``, every full-resolution map channels-last (oneDNN's direct convolutions
         run near the GEMM's speed on them, and a pixel's channels are contiguous for the
-        products below): ``g`` normalised in place (:func:`model.instance_norm.
-        normalize_activate_`), ``conv2``'s ``g`` part with its bias, the ``up(f)`` part added
-        into it from ``f``'s resolution (:func:`model.lowres_conv.upsample_conv3x3_add_`),
-        then ``h`` normalised, activated and projected by ``conv3`` band by band
+        products below) and in reused memory (:mod:`model.workspace`): ``conv2``'s ``up(f)``
+        part computed from ``f``'s resolution into ``h``
+        (:func:`model.lowres_conv.upsample_conv3x3_into`), ``g`` normalised in place
+        (:func:`model.instance_norm.normalize_activate_`), ``conv2``'s ``g`` part with its bias
+        added into ``h`` by the convolution itself, then ``h`` normalised, activated and
+        projected by ``conv3`` band by band
         (:func:`model.instance_norm.normalize_activate_project`)."""
         channels = f.shape[1]
         weight, bias = self.conv2.weight, self.conv2.bias
-        if image is not None:
+        h = workspace.buffer("h", (f.shape[0], weight.shape[0], *size), f, channels_last=True)
+        with region("conv2_up"):
+            upsample_conv3x3_into(h, f, weight[:, :channels], False,
+                                  blocks.LOWRES_CHANNELS_LAST_CHUNK, accumulate=False)
+        if image is None:
+            h += bias.view(1, -1, 1, 1)
+        else:
             with region("convimg"):
-                g = self.convimg(image.contiguous(memory_format=torch.channels_last))
-                g = normalize_activate_(g.contiguous(memory_format=torch.channels_last), slope)
+                g = workspace.buffer("g", (f.shape[0], self.convimg.out_channels, *size), f,
+                                     channels_last=True)
+                g = conv3x3_add_(g.zero_(), image.contiguous(memory_format=torch.channels_last),
+                                 self.convimg)
+                normalize_activate_(g, slope)
             with region("conv2"):
                 weight_g = weight[:, channels:].contiguous(memory_format=torch.channels_last)
-                h = F.conv2d(g, weight_g, bias, padding=1)
-                del g
-                h = h.contiguous(memory_format=torch.channels_last)
-        else:
-            h = bias.view(1, -1, 1, 1).expand(f.shape[0], -1, *size)
-            h = h.contiguous(memory_format=torch.channels_last)
-        with region("conv2_up"):
-            upsample_conv3x3_add_(h, f, weight[:, :channels], False,
-                                  blocks.LOWRES_CHANNELS_LAST_CHUNK)
+                conv3x3_add_(h, g, self.conv2, weight_g)
         with region("conv3"):
             return normalize_activate_project(h, slope, self.conv3.weight)

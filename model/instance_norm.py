@@ -20,7 +20,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BAND_ELEMENTS = 1 << 23  # rows × channels per band (32 MiB of float32): few operations, each large
+from model import workspace
+
+# rows × channels per band: few operations, each large, and a band's temporary (16 MiB of
+# float32) below glibc's mmap threshold, so its memory is reused rather than faulted in
+BAND_ELEMENTS = 1 << 22
 
 
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -35,6 +39,11 @@ def _bands(rows: int, channels: int) -> tuple[range, int]:
     return range(0, rows, step), step
 
 
+def _scratch(rows: torch.Tensor, step: int) -> torch.Tensor:
+    """Memory for one band of ``rows`` (:mod:`model.workspace`)."""
+    return workspace.buffer("band", (min(step, rows.shape[0]), rows.shape[1]), rows)
+
+
 def instance_stats(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and ``1/√(var + eps)`` (``B×C`` each, ``x``'s dtype) of a channels-last
     ``B×C×H×W`` map over ``H×W``, per sample and channel (biased variance)."""
@@ -44,11 +53,12 @@ def instance_stats(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, to
         rows = _rows(x, n)
         count = rows.shape[0]
         starts, step = _bands(count, channels)
+        scratch = _scratch(rows, step)
         band_means, band_counts, second = [], [], 0.0
         for start in starts:
             band = rows[start:start + step]
             mean = band.sum(dim=0) / band.shape[0]
-            centred = band - mean
+            centred = torch.sub(band, mean, out=scratch[:band.shape[0]])
             # the float32 mean's error, from the centred values (which are small): a correction
             residual = centred.sum(dim=0).double()
             second = second + centred.mul_(centred).sum(dim=0).double() \
@@ -90,7 +100,9 @@ def normalize_activate_project(x: torch.Tensor, slope: float, weight: torch.Tens
         vector = (weight.reshape(channels) * rstd[n]).view(channels, 1)
         rows = _rows(x, n)
         starts, step = _bands(rows.shape[0], channels)
+        scratch = _scratch(rows, step)
         for start in starts:
-            band = F.leaky_relu_(rows[start:start + step] - mean[n], slope)
+            band = rows[start:start + step]
+            band = F.leaky_relu_(torch.sub(band, mean[n], out=scratch[:band.shape[0]]), slope)
             torch.mm(band, vector, out=out[n, start:start + step, None])
     return out.view(batch, 1, height, width)

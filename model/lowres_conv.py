@@ -38,6 +38,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from model import workspace
+
 
 # ----------------------------------------------------------------------------- matrices
 
@@ -177,27 +179,30 @@ def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out
 
 
-def upsample_conv3x3_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                          align_corners: bool, chunk: tuple[int, int] | None = None
-                          ) -> torch.Tensor:
-    """``out += conv3x3(interpolate(x, out's size))`` (no bias) for a channels-last ``out``
-    ``B×Cout×H×W``, without autograd: :func:`upsample_conv3x3` with every map channels-last,
-    so the products add straight into ``out``'s blocks.
+def upsample_conv3x3_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          align_corners: bool, chunk: tuple[int, int] | None = None,
+                          accumulate: bool = True) -> torch.Tensor:
+    """``out (+)= conv3x3(interpolate(x, out's size))`` (no bias; ``accumulate``: added to
+    ``out``, else written over it) for a channels-last ``out`` ``B×Cout×H×W``, without
+    autograd: :func:`upsample_conv3x3` with every map channels-last, so the products go
+    straight into ``out``'s blocks.
 
     The nine taps' mix is one GEMM on ``x`` as ``(b, i, j) × Cin`` with the columns ordered
-    ``(dx, dy, c)``: for a fixed ``dy``, the rows ``(j, dx)`` of one low-resolution row are
-    then equally spaced (``3·Cout``), so the width product of each output block is one batched
-    GEMM over ``(b, i)``, ``(S_dx U_W)`` block ``ᵀ · Y``; the height product adds
-    ``Σ_dy (S_dy U_H)`` block ``· T_dy`` into ``out``'s ``rows × (columns·Cout)`` block.
+    ``(dx, dy, c)`` (into reused memory, :mod:`model.workspace`): for a fixed ``dy``, the rows
+    ``(j, dx)`` of one low-resolution row are then equally spaced (``3·Cout``), so the width
+    product of each output block is one batched GEMM over ``(b, i)``, ``(S_dx U_W)``
+    block ``ᵀ · Y``; the height product ``Σ_dy (S_dy U_H)`` block ``· T_dy`` goes into
+    ``out``'s ``rows × (columns·Cout)`` block.
     """
     batch, _, h, w = x.shape
     _, cout, height, width = out.shape
     ch, cw = chunk or (height, width)
     nhwc = out.permute(0, 2, 3, 1)  # B×H×W×Cout view
     if not nhwc.is_contiguous():
-        raise ValueError("upsample_conv3x3_add_: out must be channels-last")
+        raise ValueError("upsample_conv3x3_into: out must be channels-last")
     mix = weight.permute(1, 3, 2, 0).reshape(weight.shape[1], 9 * cout)  # Cin × (dx, dy, c)
-    y = torch.matmul(x.permute(0, 2, 3, 1).reshape(batch * h * w, -1), mix)  # (b, i, j) × 9C
+    y = torch.matmul(x.permute(0, 2, 3, 1).reshape(batch * h * w, -1), mix,
+                     out=workspace.buffer("a", (batch * h * w, 9 * cout), x))  # (b, i, j) × 9C
     m_w = shifted_interpolation_matrices(w, width, align_corners, x.dtype, x.device)  # 3×w×W
     m_h = shifted_interpolation_matrices(h, height, align_corners, x.dtype, x.device)  # 3×h×H
     rows = band_chunks(h, height, align_corners, ch)
@@ -215,6 +220,9 @@ def upsample_conv3x3_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
             mat_h = m_h[:, rlo:rhi, ra:rb].permute(2, 1, 0).reshape(rb - ra, 3 * (rhi - rlo))
             for n in range(batch):
                 block = nhwc[n, ra:rb, a:b].view(rb - ra, (b - a) * cout)
-                torch.addmm(block, mat_h, t[n, rlo:rhi].view(3 * (rhi - rlo), (b - a) * cout),
-                            out=block)
+                rhs = t[n, rlo:rhi].view(3 * (rhi - rlo), (b - a) * cout)
+                if accumulate:
+                    torch.addmm(block, mat_h, rhs, out=block)
+                else:
+                    torch.mm(mat_h, rhs, out=block)
     return out

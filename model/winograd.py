@@ -35,6 +35,7 @@ from typing import Sequence
 
 import torch
 
+from model import workspace
 from model.derived import CACHE
 
 # Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016): F(2, 3) with the
@@ -78,7 +79,8 @@ def transform_filter(weight: torch.Tensor, m: int, exact: bool = True) -> torch.
     _, g, _ = transform_matrices(m, dtype, weight.device)
     u = torch.matmul(torch.matmul(g, weight.to(dtype)), g.t())  # Cout×Cin×α×α
     alpha = g.shape[0]
-    return u.permute(2, 3, 0, 1).reshape(alpha * alpha, cout, cin).to(weight.dtype).contiguous()
+    # ξ = b·α + a: the column index first, as :func:`conv3x3` orders the products
+    return u.permute(3, 2, 0, 1).reshape(alpha * alpha, cout, cin).to(weight.dtype).contiguous()
 
 
 def cached_filter(weight: torch.Tensor, m: int) -> torch.Tensor:
@@ -92,49 +94,64 @@ def _needs_grad(*tensors) -> bool:
 
 
 def conv3x3(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor | None,
-            bias: torch.Tensor | None = None, m: int = 4, u: torch.Tensor | None = None,
-            add: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, padding=1) [+ add]`` by Winograd F(m×m, 3×3).
+            bias: torch.Tensor | None = None, m: int = 4, u: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` by Winograd F(m×m, 3×3).
 
     ``x``: a ``B×Cin×H×W`` map (any strides), or several ``B×Ci×H×W`` maps taken as their
     concatenation over channels (``torch.cat(x, 1)``, never formed); ``weight``
     ``Cout×Cin×3×3``; ``u``: its transformed filters (:func:`transform_filter`), computed from
-    ``weight`` when ``None``; ``add``: a ``B×Cout×H×W`` map added to the result →
-    ``B×Cout×H×W`` (contiguous).
+    ``weight`` when ``None`` → ``B×Cout×H×W`` (contiguous). Without autograd the
+    intermediates are written into reused memory (:mod:`model.workspace`).
     """
     parts = [x] if isinstance(x, torch.Tensor) else list(x)
     batch, _, height, width = parts[0].shape
+    like = parts[0]
     cin = sum(p.shape[1] for p in parts)
     if u is None:
         u = transform_filter(weight, m, exact=not _needs_grad(weight))
     cout = u.shape[1]
-    bt, _, at = transform_matrices(m, parts[0].dtype, parts[0].device)
+    bt, _, at = transform_matrices(m, like.dtype, like.device)
     alpha = m + 2
     ty, tx = -(-height // m), -(-width // m)
-    grad = _needs_grad(*parts, weight, u, bias, add)
+    grad = _needs_grad(*parts, weight, u, bias)
+
+    def scratch(slot: str, *shape: int) -> torch.Tensor | None:
+        return None if grad else workspace.buffer(slot, shape, like)
 
     # Zero-padded channels-last input: padding 1 on the top and left, to whole tiles below.
-    padded = parts[0].new_zeros(batch, ty * m + 2, tx * m + 2, cin)
+    shape = (batch, ty * m + 2, tx * m + 2, cin)
+    padded = like.new_zeros(shape) if grad else _zero_border(scratch("input", *shape), height,
+                                                              width)
     start = 0
     for p in parts:  # (autograd records the copies)
         padded[:, 1:height + 1, 1:width + 1, start:start + p.shape[1]].copy_(p.permute(0, 2, 3, 1))
         start += p.shape[1]
-    # Patches d[a, b, (n, ty, tx), ci] = padded[n, m·ty + a, m·tx + b, ci].
-    patches = padded.unfold(1, alpha, m).unfold(2, alpha, m)  # B×ty×tx×Cin×α×α
-    d = patches.permute(4, 5, 0, 1, 2, 3).reshape(alpha, -1)
-    v = torch.matmul(bt, d).view(alpha, alpha, -1)  # Bᵀ along a
-    v = torch.matmul(bt, v).view(alpha * alpha, batch * ty * tx, cin)  # Bᵀ along b
-    prod = torch.bmm(u, v.transpose(1, 2))  # α²×Cout×(n, ty, tx)
-    y = torch.matmul(at, prod.view(alpha, -1)).view(m, alpha, -1)  # Aᵀ along a
-    y = torch.matmul(at, y)  # Aᵀ along b: (i, j, (co, n, ty, tx))
-    y = y.view(m, m, cout, batch, ty, tx).permute(3, 2, 4, 0, 5, 1)  # B×Cout×ty×i×tx×j
+    # Bᵀ along the rows, on the rows themselves: t[n, ty, k, x, ci] = Σ_a Bᵀ[k, a]·padded[n, m·ty + a, x, ci]
+    rows = (padded[n].unfold(0, alpha, m).permute(0, 3, 1, 2).reshape(ty, alpha, -1)
+            for n in range(batch))
+    t = scratch("a", batch, ty, alpha, shape[2] * cin)
+    if grad:
+        t = torch.stack([torch.matmul(bt, r) for r in rows])
+    else:
+        for n, r in enumerate(rows):
+            torch.matmul(bt, r, out=t[n])
+    # Bᵀ along the columns, on the gathered patches: v[(l, k), (n, ty, tx), ci]
+    gathered = t.view(batch, ty, alpha, shape[2], cin).unfold(3, alpha, m)
+    gathered = gathered.permute(5, 2, 0, 1, 3, 4)  # b×k×B×ty×tx×Cin
+    d = scratch("b", *gathered.shape)
+    d = gathered.reshape(alpha, -1) if grad else d.copy_(gathered).view(alpha, -1)
+    v = _matmul(bt, d, scratch("a", alpha, d.shape[1])).view(alpha * alpha, -1, cin)
+    prod = _matmul(u, v.transpose(1, 2), scratch("b", alpha * alpha, cout, v.shape[1]))
+    # Aᵀ along the columns (l), then the rows (k): y[j, i, (co, n, ty, tx)]
+    y = _matmul(at, prod.view(alpha, -1), scratch("a", m, alpha * prod[0].numel()))
+    y = _matmul(at, y.view(m, alpha, -1), scratch("b", m, m, prod[0].numel()))
+    y = y.view(m, m, cout, batch, ty, tx).permute(3, 2, 4, 1, 5, 0)  # B×Cout×ty×i×tx×j
     if grad:
         out = y.reshape(batch, cout, ty * m, tx * m)[:, :, :height, :width]
-        if bias is not None:
-            out = out + bias.view(1, -1, 1, 1)
-        return out if add is None else out + add
+        return out if bias is None else out + bias.view(1, -1, 1, 1)
     whole = (ty * m, tx * m) == (height, width)
-    out = parts[0].new_empty(batch, cout, ty * m, tx * m)
+    out = like.new_empty(batch, cout, ty * m, tx * m)
     tiles = out.view(batch, cout, ty, m, tx, m)
     if bias is not None and whole:
         torch.add(y, bias.view(1, -1, 1, 1, 1, 1), out=tiles)
@@ -144,6 +161,17 @@ def conv3x3(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor | Non
         out = out[:, :, :height, :width].contiguous()
         if bias is not None:
             out += bias.view(1, -1, 1, 1)
-    if add is not None:
-        out += add
     return out
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return torch.matmul(a, b) if out is None else torch.matmul(a, b, out=out)
+
+
+def _zero_border(padded: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Zero what of ``B×Hp×Wp×C`` lies outside rows ``1…height`` and columns ``1…width``."""
+    padded[:, 0].zero_()
+    padded[:, height + 1:].zero_()
+    padded[:, 1:height + 1, 0].zero_()
+    padded[:, 1:height + 1, width + 1:].zero_()
+    return padded

@@ -32,7 +32,7 @@ def test_detector_flops_are_its_convolutions():
     the reference ops; with the low-resolution rewrite, conv2's up(f) part counts as what
     model.lowres_conv runs (its GEMM and banded interpolation products), far less."""
     from model import blocks
-    from model.lowres_conv import upsample_conv3x3_add_
+    from model.lowres_conv import upsample_conv3x3_into
 
     h, w = 16, 24  # feature map; the image is 4× larger
     header = DetNet({"in_channels": 192}).eval()
@@ -47,7 +47,7 @@ def test_detector_flops_are_its_convolutions():
     with torch.inference_mode():
         flops_lowres, _ = count_flops(header, features, image)
         out = torch.zeros(1, 128, 4 * h, 4 * w).contiguous(memory_format=torch.channels_last)
-        lowres, _ = count_flops(upsample_conv3x3_add_, out, torch.rand(1, 192, h, w),
+        lowres, _ = count_flops(upsample_conv3x3_into, out, torch.rand(1, 192, h, w),
                                 torch.randn(128, 192, 3, 3), False,
                                 blocks.LOWRES_CHANNELS_LAST_CHUNK)
     assert lowres >= 2 * 9 * 128 * 192 * h * w  # the GEMM at the low resolution is counted

@@ -8,7 +8,7 @@ import torch
 
 from model import blocks
 from model.lowres_conv import (band_chunks, interpolation_matrix, upsample_conv3x3,
-                               upsample_conv3x3_add_, upsample_conv3x3_reference)
+                               upsample_conv3x3_into, upsample_conv3x3_reference)
 
 # (batch, Cin, Cout, h, w, size, align_corners): the network's four kinds of layer (×2 with
 # align_corners=True as upconv2/3, ×2 and ×4 with False as side2/side3 and the detector) on odd,
@@ -69,23 +69,24 @@ def test_float64_values_and_gradients_equal_the_direct_ops(case, chunk):
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("case", CASES)
 def test_channels_last_form_adds_the_direct_ops_result(case, chunk):
-    """:func:`upsample_conv3x3_add_` (no autograd) adds the direct composition into a
-    channels-last map: float64 to 1e-10, float32 within round-off."""
+    """:func:`upsample_conv3x3_into` (no autograd) adds the direct composition into a
+    channels-last map, or writes it there: float64 to 1e-10, float32 within round-off."""
     x, weight, _ = _inputs(case, torch.float64, noncontiguous=case[0] == 2)
     size, align_corners = case[5], case[6]
     base = torch.randn(case[0], case[2], *size, dtype=torch.float64,
                        generator=torch.Generator().manual_seed(7))
     expected = upsample_conv3x3_reference(x, weight, None, size, align_corners) + base
-    for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
-        out = base.to(dtype).contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            result = upsample_conv3x3_add_(out, x.to(dtype), weight.to(dtype), align_corners,
-                                           chunk)
-        assert result is out
-        torch.testing.assert_close(out.double(), expected, rtol=0,
-                                   atol=atol * float(expected.abs().max()))
+    for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 2e-6)):
+        for accumulate in (True, False):
+            out = base.to(dtype).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                result = upsample_conv3x3_into(out, x.to(dtype), weight.to(dtype),
+                                               align_corners, chunk, accumulate)
+            assert result is out
+            torch.testing.assert_close(out.double(), expected - (0 if accumulate else base),
+                                       rtol=0, atol=atol * float(expected.abs().max()))
     with pytest.raises(ValueError, match="channels-last"):
-        upsample_conv3x3_add_(base.clone(), x, weight, align_corners, chunk)
+        upsample_conv3x3_into(base.clone(), x, weight, align_corners, chunk)
 
 
 @pytest.mark.parametrize("case", CASES[::2])
