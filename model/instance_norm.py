@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from model import workspace
 
-# rows × channels per band: few operations, each large, and a band's temporary (16 MiB of
-# float32) below glibc's mmap threshold, so its memory is reused rather than faulted in
-BAND_ELEMENTS = 1 << 22
+# rows × channels per band: few and large operations (each a meeting point of the threads),
+# the band's temporary in reused memory (model/workspace.py)
+BAND_ELEMENTS = 1 << 24
 
 
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -51,27 +51,26 @@ def instance_stats(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, to
     means, rstds = [], []
     for n in range(batch):
         rows = _rows(x, n)
-        count = rows.shape[0]
-        starts, step = _bands(count, channels)
+        starts, step = _bands(rows.shape[0], channels)
         scratch = _scratch(rows, step)
-        band_means, band_counts, second = [], [], 0.0
-        for start in starts:
+        # per band: its float32 mean, the centred values' sum (the mean's rounding error, from
+        # small numbers) and sum of squares
+        sums = x.new_empty(3, len(starts), channels)
+        counts = torch.tensor([min(step, rows.shape[0] - s) for s in starts], dtype=torch.float64,
+                              device=x.device)[:, None]
+        for i, start in enumerate(starts):
             band = rows[start:start + step]
-            mean = band.sum(dim=0) / band.shape[0]
-            centred = torch.sub(band, mean, out=scratch[:band.shape[0]])
-            # the float32 mean's error, from the centred values (which are small): a correction
-            residual = centred.sum(dim=0).double()
-            second = second + centred.mul_(centred).sum(dim=0).double() \
-                - residual * residual / band.shape[0]
-            band_means.append(mean.double() + residual / band.shape[0])
-            band_counts.append(band.shape[0])
+            torch.sum(band, dim=0, out=sums[0, i]).div_(band.shape[0])
+            centred = torch.sub(band, sums[0, i], out=scratch[:band.shape[0]])
+            torch.sum(centred, dim=0, out=sums[1, i])
+            torch.sum(centred.mul_(centred), dim=0, out=sums[2, i])
+        band_means, residual, squares = sums.double()
+        band_means = band_means + residual / counts
         # Chan et al.: the bands' second moments plus the spread of their means
-        band_means = torch.stack(band_means)
-        band_counts = torch.tensor(band_counts, dtype=torch.float64, device=x.device)
-        mean = (band_counts[:, None] * band_means).sum(dim=0) / count
-        second = second + (band_counts[:, None] * (band_means - mean) ** 2).sum(dim=0)
+        mean = (counts * band_means).sum(dim=0) / rows.shape[0]
+        second = (squares - residual * residual / counts + counts * (band_means - mean) ** 2).sum(0)
         means.append(mean.to(x.dtype))
-        rstds.append(torch.rsqrt(second / count + eps).to(x.dtype))
+        rstds.append(torch.rsqrt(second / rows.shape[0] + eps).to(x.dtype))
     return torch.stack(means), torch.stack(rstds)
 
 

@@ -188,11 +188,12 @@ def upsample_conv3x3_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     straight into ``out``'s blocks.
 
     The nine taps' mix is one GEMM on ``x`` as ``(b, i, j) × Cin`` with the columns ordered
-    ``(dx, dy, c)`` (into reused memory, :mod:`model.workspace`): for a fixed ``dy``, the rows
-    ``(j, dx)`` of one low-resolution row are then equally spaced (``3·Cout``), so the width
-    product of each output block is one batched GEMM over ``(b, i)``, ``(S_dx U_W)``
-    block ``ᵀ · Y``; the height product ``Σ_dy (S_dy U_H)`` block ``· T_dy`` goes into
-    ``out``'s ``rows × (columns·Cout)`` block.
+    ``(dx, dy, c)``: for a fixed ``dy``, the rows ``(j, dx)`` of one low-resolution row are
+    then equally spaced (``3·Cout``), so the width product of a block of ``chunk[1]`` output
+    columns is one batched GEMM over ``(b, i)``, ``(S_dx U_W)`` block ``ᵀ · Y``, into
+    ``T[b, i, dy, J, c]`` (the whole width); the height product of a block of ``chunk[0]``
+    output rows is then one GEMM, ``Σ_dy (S_dy U_H)`` block ``· T``, straight into ``out``'s
+    rows. The mix and ``T`` are written into reused memory (:mod:`model.workspace`).
     """
     batch, _, h, w = x.shape
     _, cout, height, width = out.shape
@@ -205,24 +206,24 @@ def upsample_conv3x3_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
                      out=workspace.buffer("a", (batch * h * w, 9 * cout), x))  # (b, i, j) × 9C
     m_w = shifted_interpolation_matrices(w, width, align_corners, x.dtype, x.device)  # 3×w×W
     m_h = shifted_interpolation_matrices(h, height, align_corners, x.dtype, x.device)  # 3×h×H
-    rows = band_chunks(h, height, align_corners, ch)
+    t = workspace.buffer("b", (batch, h, 3, width, cout), x)  # T[b, i, dy, J, c]
     for a, b, lo, hi in band_chunks(w, width, align_corners, cw):
         k = hi - lo
         # (j, dx) × J: row 3·j + dx of the block's width matrix
         mat_w = m_w[:, lo:hi, a:b].permute(1, 0, 2).reshape(3 * k, b - a).t().contiguous()
-        # T[b, i, dy, J, c] for J in [a, b): one product per dy, broadcast over (b, i) (with a
-        # strided out= instead of the stack, the products stall with two threads)
-        t = torch.stack([torch.matmul(mat_w, y.as_strided(
+        # one product per dy, broadcast over (b, i), stacked, then copied into T (with T's
+        # strided block as the products' out=, they stall with two threads)
+        block = torch.stack([torch.matmul(mat_w, y.as_strided(
             (batch * h, 3 * k, cout), (w * 9 * cout, 3 * cout, 1),
             y.storage_offset() + lo * 9 * cout + dy * cout)) for dy in range(3)], dim=1)
-        t = t.view(batch, h, 3, b - a, cout)
-        for ra, rb, rlo, rhi in rows:
-            mat_h = m_h[:, rlo:rhi, ra:rb].permute(2, 1, 0).reshape(rb - ra, 3 * (rhi - rlo))
-            for n in range(batch):
-                block = nhwc[n, ra:rb, a:b].view(rb - ra, (b - a) * cout)
-                rhs = t[n, rlo:rhi].view(3 * (rhi - rlo), (b - a) * cout)
-                if accumulate:
-                    torch.addmm(block, mat_h, rhs, out=block)
-                else:
-                    torch.mm(mat_h, rhs, out=block)
+        t[..., a:b, :].copy_(block.view(batch, h, 3, b - a, cout))
+    for ra, rb, rlo, rhi in band_chunks(h, height, align_corners, ch):
+        mat_h = m_h[:, rlo:rhi, ra:rb].permute(2, 1, 0).reshape(rb - ra, 3 * (rhi - rlo))
+        for n in range(batch):
+            rows = nhwc[n, ra:rb].view(rb - ra, width * cout)
+            rhs = t[n, rlo:rhi].view(3 * (rhi - rlo), width * cout)
+            if accumulate:
+                torch.addmm(rows, mat_h, rhs, out=rows)
+            else:
+                torch.mm(mat_h, rhs, out=rows)
     return out
