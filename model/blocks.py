@@ -148,15 +148,16 @@ LOWRES_CHANNELS_LAST_CHUNK = (32, 128)
 
 
 # 3×3 convolutions with at least WINOGRAD_MIN_CHANNELS input channels (the decoder's iconv3 and
-# iconv2) by Winograd's F(4×4, 3×3) (model/winograd.py), in eval and train mode, forward and
-# backward, on the CPU: 4× fewer multiplications, the same numbers up to floating-point
-# reassociation (float32: ~1e-5 of the output's largest value). Narrower layers stay direct:
-# there the transforms cost more than the products save (docs, Performance). 0 turns it off.
+# iconv2) by Winograd's F(4×4, 3×3) (model/winograd.py) on the CPU where autograd does not
+# record them (inference, stage 2's frozen backbone): 4× fewer multiplications, the same
+# numbers up to floating-point reassociation (float32: ~1e-5 of the output's largest value).
+# Narrower layers stay direct: there the transforms cost more than the products save (docs,
+# Performance). Under autograd they stay direct too: the transforms' backward (copies and the
+# overlapping patches' sums) costs more than the products save, at every training size (forward
+# and backward of iconv2 at 60×80 and 120×160: 1.1× and 1.3× the direct convolution's time).
+# 0 turns it off.
 WINOGRAD_TILE = 4
 WINOGRAD_MIN_CHANNELS = 512
-# With autograd, maps of fewer pixels stay direct: the transforms' backward (copies and the
-# overlapping patches' sums) then costs more than the products save (60×80 about breaks even).
-WINOGRAD_MIN_PIXELS_AUTOGRAD = 4096
 # The CPU inference path runs the encoder and the detector's full-resolution layers on
 # channels-last maps (oneDNN's convolutions run faster on them; the detector's instance norms
 # and products are written for them, model/instance_norm.py, model/lowres_conv.py).
@@ -199,8 +200,8 @@ def lowres_conv_path(x: torch.Tensor) -> bool:
 def winograd_tile(x: torch.Tensor, conv: nn.Conv2d) -> int:
     """F(m×m, 3×3)'s ``m`` for ``conv`` on ``x``, or 0 for the direct convolution: a stride-1,
     padding-1, ungrouped 3×3 ``conv`` with at least :data:`WINOGRAD_MIN_CHANNELS` input
-    channels on a float32 or float64 CPU tensor outside autocast and ``torch.compile``, of at
-    least :data:`WINOGRAD_MIN_PIXELS_AUTOGRAD` pixels where autograd records it."""
+    channels on a float32 or float64 CPU tensor outside autocast and ``torch.compile``, where
+    autograd does not record it."""
     if not (WINOGRAD_TILE and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.in_channels >= WINOGRAD_MIN_CHANNELS and conv.padding_mode == "zeros"):
@@ -208,8 +209,7 @@ def winograd_tile(x: torch.Tensor, conv: nn.Conv2d) -> int:
     if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
             or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
         return 0
-    if (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
-            and x.shape[-2] * x.shape[-1] < WINOGRAD_MIN_PIXELS_AUTOGRAD):
+    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
         return 0
     return WINOGRAD_TILE
 

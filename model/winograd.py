@@ -72,7 +72,7 @@ def transform_matrices(m: int, dtype: torch.dtype, device: torch.device
 def transform_filter(weight: torch.Tensor, m: int, exact: bool = True) -> torch.Tensor:
     """``U = G g Gᵀ`` of every filter: ``Cout×Cin×3×3`` → ``α²×Cout×Cin``, differentiable;
     ``exact``: computed in float64, then rounded to ``weight``'s dtype (for the cached
-    inference filters), else in ``weight``'s dtype (in training, where the float64 copies of
+    inference filters), else in ``weight``'s dtype (under autograd, where the float64 copies of
     the weight and its gradient would cost more than the products they feed)."""
     cout, cin = weight.shape[:2]
     dtype = torch.float64 if exact else weight.dtype

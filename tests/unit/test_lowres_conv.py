@@ -186,13 +186,11 @@ def test_network_eval_no_grad_equals_reference_ops(network):
         _close(ours[name], reference[name], 1e-5, name)
 
 
-def test_network_train_mode_values_and_gradients_equal_reference_ops(network, monkeypatch):
+def test_network_train_mode_values_and_gradients_equal_reference_ops(network):
     """Train mode in float64 (BatchNorm batch statistics, autograd through every rewritten
-    layer, Winograd's included on these small maps, the detector's gradient into the
-    backbone): outputs and every parameter's gradient to 1e-9 of its size. Gradients that are zero but for rounding (biases before an instance
+    layer, the detector's gradient into the backbone): outputs and every parameter's gradient to 1e-9 of its size. Gradients that are zero but for rounding (biases before an instance
     or group norm) are compared against the largest gradient of the network instead."""
     import copy
-    monkeypatch.setattr(blocks, "WINOGRAD_MIN_PIXELS_AUTOGRAD", 0)
     model = copy.deepcopy(network).double().train()
     images = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(6),
                          dtype=torch.float64)

@@ -113,19 +113,20 @@ def test_layers_take_winograd_only_where_allowed():
         with blocks.reference_ops():
             assert blocks.winograd_tile(x, wide) == 0
         assert blocks.winograd_tile(x, wide) == 4
-    # where autograd records the layer (its weight trains), small maps stay direct
-    assert blocks.winograd_tile(x, wide) == 0
-    side = int(blocks.WINOGRAD_MIN_PIXELS_AUTOGRAD ** 0.5)
-    large = torch.randn(1, blocks.WINOGRAD_MIN_CHANNELS, side, side + 1)
+    # where autograd records the layer (its weight trains, or its input needs a gradient), it
+    # stays direct, small and large maps alike
+    large = torch.randn(1, blocks.WINOGRAD_MIN_CHANNELS, 120, 160)
+    assert blocks.winograd_tile(x, wide) == blocks.winograd_tile(large, wide) == 0
+    wide.requires_grad_(False)
     assert blocks.winograd_tile(large, wide) == 4
+    assert blocks.winograd_tile(large.requires_grad_(), wide) == 0
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_conv_block_equals_the_direct_convolution(grad, monkeypatch):
-    """:class:`model.blocks.ConvBlock` with Winograd (cached filters without autograd, the
-    weight's own transform with it) against the same block with the reference ops, in
-    float64, given its input as two parts."""
-    monkeypatch.setattr(blocks, "WINOGRAD_MIN_PIXELS_AUTOGRAD", 0)  # small maps too
+def test_conv_block_equals_the_direct_convolution(grad):
+    """:class:`model.blocks.ConvBlock` against the same block with the reference ops, in
+    float64, given its input as two parts: Winograd with its cached filters without autograd,
+    the direct convolution with it (nothing cached)."""
     torch.manual_seed(0)
     block = blocks.ConvBlock(blocks.WINOGRAD_MIN_CHANNELS, 32, 3).double()
     parts = [torch.randn(2, blocks.WINOGRAD_MIN_CHANNELS // 2, 6, 9, dtype=torch.float64)
