@@ -154,7 +154,7 @@ LOWRES_CHANNELS_LAST_CHUNK = (32, 128)
 # Narrower layers stay direct: there the transforms cost more than the products save (docs,
 # Performance). Under autograd they stay direct too: the transforms' backward (copies and the
 # overlapping patches' sums) costs more than the products save, at every training size (forward
-# and backward of iconv2 at 60×80 and 120×160: 1.1× and 1.3× the direct convolution's time).
+# and backward of iconv2 at 60×80 and 120×160: 1.2× the direct convolution's time).
 # 0 turns it off.
 WINOGRAD_TILE = 4
 WINOGRAD_MIN_CHANNELS = 512
