@@ -33,10 +33,8 @@ class ConvBlock(nn.Module):
         tile = winograd_tile(parts[0], self.conv)
         if not tile:
             return self.activate(self.conv(parts[0] if len(parts) == 1 else torch.cat(parts, 1)))
-        weight = self.conv.weight
-        u = None
-        if not (torch.is_grad_enabled() and weight.requires_grad):
-            u = winograd.cached_filter(weight, tile)
+        weight = self.conv.weight  # not recorded by autograd here (winograd_tile)
+        u = winograd.cached_filter(weight, tile)
         return self.activate(winograd.conv3x3(parts, weight, self.conv.bias, tile, u))
 
     def activate(self, y: torch.Tensor) -> torch.Tensor:
