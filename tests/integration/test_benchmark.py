@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ def test_detector_flops_are_its_convolutions():
     the reference ops; with the low-resolution rewrite, conv2's up(f) part counts as what
     model.lowres_conv runs (its GEMM and banded interpolation products), far less."""
     from model import blocks
-    from model.lowres_conv import upsample_conv3x3
+    from model.lowres_conv import upsample_conv3x3_into
 
     h, w = 16, 24  # feature map; the image is 4× larger
     header = DetNet({"in_channels": 192}).eval()
@@ -46,9 +47,10 @@ def test_detector_flops_are_its_convolutions():
     assert flops == expected + f_part
     with torch.inference_mode():
         flops_lowres, _ = count_flops(header, features, image)
-        lowres, _ = count_flops(upsample_conv3x3, torch.rand(1, 192, h, w),
-                                torch.randn(128, 192, 3, 3), None, (4 * h, 4 * w), False,
-                                blocks.LOWRES_CHUNK)
+        out = torch.zeros(1, 128, 4 * h, 4 * w).contiguous(memory_format=torch.channels_last)
+        lowres, _ = count_flops(upsample_conv3x3_into, out, torch.rand(1, 192, h, w),
+                                torch.randn(128, 192, 3, 3), False,
+                                blocks.LOWRES_CHANNELS_LAST_CHUNK)
     assert lowres >= 2 * 9 * 128 * 192 * h * w  # the GEMM at the low resolution is counted
     assert flops_lowres == expected + lowres
     assert lowres < f_part / 3
@@ -121,6 +123,7 @@ def test_fused_encoder_counts_the_same_flops(monkeypatch):
     for fused in (False, True):
         monkeypatch.setattr(blocks, "FUSED_CPU_INFERENCE", fused)
         with torch.inference_mode():
+            backbone(image)  # the Winograd filter transforms are computed once, then cached
             counts.append(count_flops(backbone, image)[0])
     assert counts[0] == counts[1] > 0
 
@@ -211,21 +214,62 @@ def test_layer_table_compares_direct_and_rewritten():
 
 
 def test_extraction_times_reference_ops_and_ours_side_by_side(tmp_path):
-    """One run, the same weights and image: both variants timed, their executed GFLOP, the
-    speed-up row, the outputs equal within the stated tolerance, the per-layer table."""
+    """One run, the same weights and image: both variants and DISK timed, their executed
+    GFLOP, the speed-up rows, the outputs equal within the stated tolerance, the per-layer
+    profile of both (its GFLOP adding up to the count of the whole forward) and the
+    upsample→conv table."""
+    pytest.importorskip("kornia")
     out = tmp_path / "bench.json"
     assert benchmark.main(["--only", "extraction", "--size", "32x48", "--repeat", "1",
                            "--json", str(out)]) == 0
     report = json.loads(out.read_text())["extraction"]
     variants = report["variants"]
-    assert list(variants) == ["reference ops", "fp32 eager"]
+    assert list(variants) == ["reference ops", "fp32 eager", benchmark.DISK]
     assert variants["fp32 eager"]["gflop"] < variants["reference ops"]["gflop"]
     assert variants["reference ops"]["difference"]["within_tolerance"]
+    assert "difference" not in variants[benchmark.DISK] and variants[benchmark.DISK]["gflop"] > 0
+    assert "depth weights, 2048 keypoints" in variants[benchmark.DISK]["note"]
     assert report["speedup"]["forward"]["median"] > 0
     assert report["speedup"]["gflop"] == pytest.approx(variants["fp32 eager"]["gflop"])
+    assert report["versus_disk"]["gflop_reference"] == variants[benchmark.DISK]["gflop"]
+    for name in ("fp32 eager", "reference ops"):
+        layers = report["layer_profile"][name]
+        assert sum(r["gflop"] for r in layers) == pytest.approx(variants[name]["gflop"])
+        assert [r["ms"] for r in layers] == sorted((r["ms"] for r in layers), reverse=True)
+    names = {r["layer"] for r in report["layer_profile"]["fp32 eager"]}
+    assert {"backbone.stem", "backbone.layer3", "backbone.iconv3", "localheader.conv1",
+            "localheader.conv2", "localheader.conv2_up", "localheader.conv3"} <= names
     assert len(report["layers"]) == 5
     from model import blocks
     assert blocks.LOWRES_CONV and blocks.FUSED_CPU_INFERENCE == blocks._FUSED_AVAILABLE
+
+
+def test_disk_without_its_weights_is_not_timed_with_the_reason(monkeypatch):
+    pytest.importorskip("kornia")
+    from model import peers
+    from utils.errors import SCFeatError
+
+    def missing(name):
+        raise SCFeatError(f"the weights of {name} are missing")
+    monkeypatch.setattr(peers, "weight_file", missing)
+    variant, why = benchmark.disk_variant(np.zeros((32, 48, 3), np.uint8), torch.device("cpu"))
+    assert variant is None and why == "not timed: the weights of disk are missing"
+
+
+def test_layer_profile_attributes_time_and_flops_to_layers():
+    from tools.profile_layers import format_layer_profile, profile_layers
+    model = benchmark.build_network(torch.device("cpu")).eval()
+    image = torch.randn(1, 3, 32, 48)
+    with torch.inference_mode():
+        rows = profile_layers(lambda: model.extract(image), model, repeat=2)
+        total, _ = count_flops(model.extract, image)
+    by_name = {r["layer"]: r for r in rows}
+    assert sum(r["gflop"] for r in rows) == pytest.approx(total / 1e9)
+    assert by_name["backbone.stem"]["gflop"] == pytest.approx(2 * 3 * 49 * 64 * 16 * 24 / 1e9)
+    assert by_name["localheader.peakiness"]["gflop"] == 0 and by_name["localheader.peakiness"]["ms"] > 0
+    assert all(r["ms"] >= 0 and r["min_ms"] <= r["ms"] for r in rows)
+    table = format_layer_profile(rows, gemm_gflops=100.0).splitlines()
+    assert len(table) == len(rows) + 4 and table[-1].startswith("total")
 
 
 @pytest.mark.slow

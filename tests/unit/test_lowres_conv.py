@@ -8,7 +8,7 @@ import torch
 
 from model import blocks
 from model.lowres_conv import (band_chunks, interpolation_matrix, upsample_conv3x3,
-                               upsample_conv3x3_reference)
+                               upsample_conv3x3_into, upsample_conv3x3_reference)
 
 # (batch, Cin, Cout, h, w, size, align_corners): the network's four kinds of layer (×2 with
 # align_corners=True as upconv2/3, ×2 and ×4 with False as side2/side3 and the detector) on odd,
@@ -66,6 +66,29 @@ def test_float64_values_and_gradients_equal_the_direct_ops(case, chunk):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("case", CASES)
+def test_channels_last_form_adds_the_direct_ops_result(case, chunk):
+    """:func:`upsample_conv3x3_into` (no autograd) adds the direct composition into a
+    channels-last map, or writes it there: float64 to 1e-10, float32 within round-off."""
+    x, weight, _ = _inputs(case, torch.float64, noncontiguous=case[0] == 2)
+    size, align_corners = case[5], case[6]
+    base = torch.randn(case[0], case[2], *size, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(7))
+    expected = upsample_conv3x3_reference(x, weight, None, size, align_corners) + base
+    for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 2e-6)):
+        for accumulate in (True, False):
+            out = base.to(dtype).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                result = upsample_conv3x3_into(out, x.to(dtype), weight.to(dtype),
+                                               align_corners, chunk, accumulate)
+            assert result is out
+            torch.testing.assert_close(out.double(), expected - (0 if accumulate else base),
+                                       rtol=0, atol=atol * float(expected.abs().max()))
+    with pytest.raises(ValueError, match="channels-last"):
+        upsample_conv3x3_into(base.clone(), x, weight, align_corners, chunk)
+
+
 @pytest.mark.parametrize("case", CASES[::2])
 def test_float32_is_within_round_off(case):
     """float32 against the float64 truth: no worse than a few units of the float32 rounding of
@@ -118,10 +141,11 @@ def test_matrices_cached_under_inference_mode_serve_training():
 
 
 def test_switch_selects_the_reference_ops():
-    assert blocks.LOWRES_CONV
+    assert blocks.LOWRES_CONV and blocks.CHANNELS_LAST and blocks.WINOGRAD_TILE == 4
     x = torch.randn(1, 2, 3, 3)
     with blocks.reference_ops():
         assert not blocks.LOWRES_CONV and not blocks.FUSED_CPU_INFERENCE
+        assert not blocks.CHANNELS_LAST and not blocks.WINOGRAD_TILE
         assert not blocks.lowres_conv_path(x)
         with blocks.reference_ops(False):
             assert blocks.lowres_conv_path(x)
@@ -164,8 +188,7 @@ def test_network_eval_no_grad_equals_reference_ops(network):
 
 def test_network_train_mode_values_and_gradients_equal_reference_ops(network):
     """Train mode in float64 (BatchNorm batch statistics, autograd through every rewritten
-    layer, the detector's gradient into the backbone): outputs and every parameter's gradient
-    to 1e-9 of its size. Gradients that are zero but for rounding (biases before an instance
+    layer, the detector's gradient into the backbone): outputs and every parameter's gradient to 1e-9 of its size. Gradients that are zero but for rounding (biases before an instance
     or group norm) are compared against the largest gradient of the network instead."""
     import copy
     model = copy.deepcopy(network).double().train()
