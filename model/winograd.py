@@ -16,9 +16,10 @@ side by side, which is their concatenation over channels); the patches are gathe
 (a copy of ``α²/m²`` times the input whose innermost run is a pixel's channels), and ``Bᵀ·B``
 is applied as two products with the ``α×α`` matrix ``Bᵀ``, one per axis. After the ``α²``
 products, ``Aᵀ·A`` is applied the same way and the tiles are copied into the output, with the
-bias (and an optional map) added in that copy. Every step is a matrix product or a copy, so
-the result equals the direct convolution up to floating-point reassociation, and autograd
-gives the input, weight and bias gradients.
+bias added in that copy. Every step is a matrix product or a copy, so the result equals the
+direct convolution up to floating-point reassociation. It is an inference operator (the
+intermediates live in reused memory, :mod:`model.workspace`): under autograd the transforms'
+backward would cost more than the products save (:mod:`model.blocks`).
 
 Accuracy (tests/unit/test_winograd.py, against float64): F(2) within a few units of the
 direct convolution's own float32 rounding; F(4) about ten times that (its transforms have
@@ -69,15 +70,12 @@ def transform_matrices(m: int, dtype: torch.dtype, device: torch.device
                      for k in ("BT", "G", "AT"))
 
 
-def transform_filter(weight: torch.Tensor, m: int, exact: bool = True) -> torch.Tensor:
-    """``U = G g Gᵀ`` of every filter: ``Cout×Cin×3×3`` → ``α²×Cout×Cin``, differentiable;
-    ``exact``: computed in float64, then rounded to ``weight``'s dtype (for the cached
-    inference filters), else in ``weight``'s dtype (under autograd, where the float64 copies of
-    the weight and its gradient would cost more than the products they feed)."""
+def transform_filter(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """``U = G g Gᵀ`` of every filter: ``Cout×Cin×3×3`` → ``α²×Cout×Cin``, computed in
+    float64 and rounded to ``weight``'s dtype."""
     cout, cin = weight.shape[:2]
-    dtype = torch.float64 if exact else weight.dtype
-    _, g, _ = transform_matrices(m, dtype, weight.device)
-    u = torch.matmul(torch.matmul(g, weight.to(dtype)), g.t())  # Cout×Cin×α×α
+    _, g, _ = transform_matrices(m, torch.float64, weight.device)
+    u = torch.matmul(torch.matmul(g, weight.double()), g.t())  # Cout×Cin×α×α
     alpha = g.shape[0]
     # ξ = b·α + a: the column index first, as :func:`conv3x3` orders the products
     return u.permute(3, 2, 0, 1).reshape(alpha * alpha, cout, cin).to(weight.dtype).contiguous()
@@ -89,10 +87,6 @@ def cached_filter(weight: torch.Tensor, m: int) -> torch.Tensor:
     return CACHE.get([weight], ("winograd", m), lambda: transform_filter(weight.detach(), m))
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def conv3x3(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor | None,
             bias: torch.Tensor | None = None, m: int = 4, u: torch.Tensor | None = None
             ) -> torch.Tensor:
@@ -101,55 +95,51 @@ def conv3x3(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor | Non
     ``x``: a ``B×Cin×H×W`` map (any strides), or several ``B×Ci×H×W`` maps taken as their
     concatenation over channels (``torch.cat(x, 1)``, never formed); ``weight``
     ``Cout×Cin×3×3``; ``u``: its transformed filters (:func:`transform_filter`), computed from
-    ``weight`` when ``None`` → ``B×Cout×H×W`` (contiguous). Without autograd the
-    intermediates are written into reused memory (:mod:`model.workspace`).
+    ``weight`` when ``None`` → ``B×Cout×H×W`` (contiguous). Inference only: a tensor that
+    autograd would record raises ``ValueError``.
     """
     parts = [x] if isinstance(x, torch.Tensor) else list(x)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (*parts, weight, u, bias)):
+        raise ValueError("winograd.conv3x3 is an inference operator: call it under "
+                         "torch.no_grad() (model.blocks uses the direct convolution where "
+                         "autograd records the layer)")
     batch, _, height, width = parts[0].shape
     like = parts[0]
     cin = sum(p.shape[1] for p in parts)
     if u is None:
-        u = transform_filter(weight, m, exact=not _needs_grad(weight))
+        u = transform_filter(weight, m)
     cout = u.shape[1]
     bt, _, at = transform_matrices(m, like.dtype, like.device)
     alpha = m + 2
     ty, tx = -(-height // m), -(-width // m)
-    grad = _needs_grad(*parts, weight, u, bias)
 
-    def scratch(slot: str, *shape: int) -> torch.Tensor | None:
-        return None if grad else workspace.buffer(slot, shape, like)
+    def scratch(slot: str, *shape: int) -> torch.Tensor:
+        return workspace.buffer(slot, shape, like)
 
     # Zero-padded channels-last input: padding 1 on the top and left, to whole tiles below.
     shape = (batch, ty * m + 2, tx * m + 2, cin)
-    padded = like.new_zeros(shape) if grad else _zero_border(scratch("input", *shape), height,
-                                                              width)
+    padded = _zero_border(scratch("input", *shape), height, width)
     start = 0
-    for p in parts:  # (autograd records the copies)
+    for p in parts:
         padded[:, 1:height + 1, 1:width + 1, start:start + p.shape[1]].copy_(p.permute(0, 2, 3, 1))
         start += p.shape[1]
     # Bᵀ along the rows, on the rows themselves: t[n, ty, k, x, ci] = Σ_a Bᵀ[k, a]·padded[n, m·ty + a, x, ci]
     rows = (padded[n].unfold(0, alpha, m).permute(0, 3, 1, 2).reshape(ty, alpha, -1)
             for n in range(batch))
     t = scratch("a", batch, ty, alpha, shape[2] * cin)
-    if grad:
-        t = torch.stack([torch.matmul(bt, r) for r in rows])
-    else:
-        for n, r in enumerate(rows):
-            torch.matmul(bt, r, out=t[n])
+    for n, r in enumerate(rows):
+        torch.matmul(bt, r, out=t[n])
     # Bᵀ along the columns, on the gathered patches: v[(l, k), (n, ty, tx), ci]
     gathered = t.view(batch, ty, alpha, shape[2], cin).unfold(3, alpha, m)
     gathered = gathered.permute(5, 2, 0, 1, 3, 4)  # b×k×B×ty×tx×Cin
-    d = scratch("b", *gathered.shape)
-    d = gathered.reshape(alpha, -1) if grad else d.copy_(gathered).view(alpha, -1)
-    v = _matmul(bt, d, scratch("a", alpha, d.shape[1])).view(alpha * alpha, -1, cin)
-    prod = _matmul(u, v.transpose(1, 2), scratch("b", alpha * alpha, cout, v.shape[1]))
+    d = scratch("b", *gathered.shape).copy_(gathered).view(alpha, -1)
+    v = torch.matmul(bt, d, out=scratch("a", alpha, d.shape[1])).view(alpha * alpha, -1, cin)
+    prod = torch.matmul(u, v.transpose(1, 2), out=scratch("b", alpha * alpha, cout, v.shape[1]))
     # Aᵀ along the columns (l), then the rows (k): y[j, i, (co, n, ty, tx)]
-    y = _matmul(at, prod.view(alpha, -1), scratch("a", m, alpha * prod[0].numel()))
-    y = _matmul(at, y.view(m, alpha, -1), scratch("b", m, m, prod[0].numel()))
+    y = torch.matmul(at, prod.view(alpha, -1), out=scratch("a", m, alpha * prod[0].numel()))
+    y = torch.matmul(at, y.view(m, alpha, -1), out=scratch("b", m, m, prod[0].numel()))
     y = y.view(m, m, cout, batch, ty, tx).permute(3, 2, 4, 1, 5, 0)  # B×Cout×ty×i×tx×j
-    if grad:
-        out = y.reshape(batch, cout, ty * m, tx * m)[:, :, :height, :width]
-        return out if bias is None else out + bias.view(1, -1, 1, 1)
     whole = (ty * m, tx * m) == (height, width)
     out = like.new_empty(batch, cout, ty * m, tx * m)
     tiles = out.view(batch, cout, ty, m, tx, m)
@@ -162,10 +152,6 @@ def conv3x3(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor | Non
         if bias is not None:
             out += bias.view(1, -1, 1, 1)
     return out
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    return torch.matmul(a, b) if out is None else torch.matmul(a, b, out=out)
 
 
 def _zero_border(padded: torch.Tensor, height: int, width: int) -> torch.Tensor:
