@@ -1,12 +1,14 @@
 """Shared pytest fixtures: the reference outputs of the original implementation."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -87,3 +89,29 @@ def with_exif_orientation(jpeg: bytes, orientation: int = 6) -> bytes:
     tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + ifd_entry + struct.pack("<I", 0)
     payload = b"Exif\x00\x00" + tiff
     return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+@contextlib.contextmanager
+def tf32_off():
+    """CUDA convolutions and matrix products in full float32 for the block (PyTorch's default
+    TF32 rounds their inputs to 10 bits, which amplifies a last-bit difference between two
+    forms of an image beyond any useful tolerance); the previous settings restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def assert_same_features(found: dict, expected: dict, atol: float, what: str,
+                         rtol: float = 0.0) -> None:
+    """Equal features up to ``atol`` (and ``rtol``), in any order (near-equal scores may swap
+    places)."""
+    assert len(found["keypoints"]) == len(expected["keypoints"]), what
+    order_found = np.lexsort(np.round(found["keypoints"], 2).T[::-1])
+    order_expected = np.lexsort(np.round(expected["keypoints"], 2).T[::-1])
+    for key, value in expected.items():
+        np.testing.assert_allclose(found[key][order_found], value[order_expected], atol=atol,
+                                   rtol=rtol, err_msg=f"{what}: {key}")
+

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_same_features, tf32_off
+
 import extract_features
 from dataloader.hpatches import sift_keypoints
 from utils.image import to_tensor_normalized
@@ -205,46 +207,37 @@ def test_api_pads_an_odd_image_and_keeps_keypoints_inside(model_and_checkpoint, 
     assert np.abs(local["descriptors"] - features["descriptors"]).max() > 1e-2
 
 
-def assert_same_features(found: dict, expected: dict, atol: float, what: str) -> None:
-    """Equal features up to ``atol``, in any order (near-equal scores may swap places)."""
-    order_found = np.lexsort(np.round(found["keypoints"], 2).T[::-1])
-    order_expected = np.lexsort(np.round(expected["keypoints"], 2).T[::-1])
-    for key, value in expected.items():
-        np.testing.assert_allclose(found[key][order_found], value[order_expected], atol=atol,
-                                   err_msg=f"{what}: {key}")
-
-
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_api_takes_tensors_and_grey_images_alike(model_and_checkpoint, photo, device):
     """A float tensor in [0, 1] (3×H×W, 1×3×H×W, LightGlue's load_image) gives the numpy
     image's features; a grey image (H×W, H×W×1, 1×H×W) gives those of its RGB copy; on the
     model's device whatever the image's. (On CUDA with TF32 off: the forms differ by a rounding
-    of the input, which TF32 convolutions would amplify beyond any useful tolerance.)"""
+    of the input.)"""
     model = model_and_checkpoint[0].to(device)
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     atol = 1e-5 if device == "cpu" else 1e-4
     try:
-        image = np.ascontiguousarray(photo[200:245, 150:211])  # 45×61: padded
-        expected = model.detect_and_describe(image, num_pts=100)
-        tensor = torch.from_numpy(image).permute(2, 0, 1).float().to(device) / 255
-        load_image = torch.tensor(image.transpose(2, 0, 1) / 255.0, dtype=torch.float)
-        for name, form in (("3×H×W", tensor), ("1×3×H×W", tensor[None]), ("on the CPU", tensor.cpu()),
-                           ("load_image", load_image)):
-            assert_same_features(model.detect_and_describe(form, num_pts=100), expected, atol, name)
-        grey = np.ascontiguousarray(image[:, :, 0])
-        expected = model.detect_and_describe(np.repeat(grey[:, :, None], 3, axis=2), num_pts=100)
-        for name, form in (("H×W", grey), ("H×W×1", grey[:, :, None]),
-                           ("1×H×W", torch.from_numpy(grey)[None].float() / 255)):
-            found = model.detect_and_describe(form, num_pts=100)
-            if device == "cpu":
-                for key, value in expected.items():
-                    np.testing.assert_array_equal(found[key], value, err_msg=f"{name}: {key}")
-            else:
-                assert_same_features(found, expected, atol, name)
+        with tf32_off():
+            image = np.ascontiguousarray(photo[200:245, 150:211])  # 45×61: padded
+            expected = model.detect_and_describe(image, num_pts=100)
+            tensor = torch.from_numpy(image).permute(2, 0, 1).float().to(device) / 255
+            load_image = torch.tensor(image.transpose(2, 0, 1) / 255.0, dtype=torch.float)
+            for name, form in (("3×H×W", tensor), ("1×3×H×W", tensor[None]),
+                               ("on the CPU", tensor.cpu()), ("load_image", load_image)):
+                assert_same_features(model.detect_and_describe(form, num_pts=100), expected,
+                                     atol, name)
+            grey = np.ascontiguousarray(image[:, :, 0])
+            expected = model.detect_and_describe(np.repeat(grey[:, :, None], 3, axis=2),
+                                                 num_pts=100)
+            for name, form in (("H×W", grey), ("H×W×1", grey[:, :, None]),
+                               ("1×H×W", torch.from_numpy(grey)[None].float() / 255)):
+                found = model.detect_and_describe(form, num_pts=100)
+                if device == "cpu":
+                    for key, value in expected.items():
+                        np.testing.assert_array_equal(found[key], value, err_msg=f"{name}: {key}")
+                else:
+                    assert_same_features(found, expected, atol, name)
     finally:
         model.to("cpu")
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 @pytest.mark.parametrize("image, message", [
