@@ -5,10 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import blocks
+from model import blocks, workspace
 from model.blocks import conv3x3_add_, cpu_inference_path, instance_norm_, lowres_conv_path
 from model.instance_norm import normalize_activate_, normalize_activate_project
-from model import workspace
 from model.lowres_conv import upsample_conv3x3, upsample_conv3x3_into
 from model.profiling import region
 
@@ -111,8 +110,7 @@ class DetNet(nn.Module):
         channels-last maps (:data:`model.blocks.LOWRES_CONV`, :data:`model.blocks.CHANNELS_LAST`)
         see :meth:`full_resolution_channels_last`. Otherwise instance norms and PReLUs run in
         place, ``conv2`` is :meth:`conv2_upsampled` and ``conv3`` (1×1 to one channel) a
-        matrix product. Equal to :meth:`forward` up to
-        float32 rounding."""
+        matrix product. Equal to :meth:`forward` up to float32 rounding."""
         slope = float(self.relu.weight)
         size = image.shape[-2:] if self.with_image else tuple(4 * s for s in features.shape[-2:])
         with region("peakiness"):

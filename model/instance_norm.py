@@ -6,9 +6,10 @@ contiguous. The statistics are those of ``F.instance_norm`` (per sample and chan
 variance, ``eps`` inside the square root), computed in one pass over memory, band by band: a
 band of rows stays in the cache while its mean is taken and its values, centred on that mean,
 are summed (which corrects the float32 mean) and squared and summed; the bands' means and
-second moments are then combined in float64 (Chan, Golub and LeVeque's pairwise update). PyTorch's own channels-last batch norm sums each channel
-sequentially in float32, which at 480×640 errs by ~1e-4 of the normalised values, against
-~1e-6 for this and for the channels-first kernel.
+second moments are then combined in float64 (Chan, Golub and LeVeque's pairwise update).
+PyTorch's own channels-last batch norm sums each channel sequentially in float32, which at
+480×640 errs by ~1e-4 of the normalised values, against ~1e-6 for this and for the
+channels-first kernel.
 
 The normalisation is then applied band by band as well, with what follows it fused in the
 same pass over memory: :func:`normalize_activate_` (in place, then leaky ReLU) and
