@@ -35,7 +35,7 @@ from evaluation.matching import require_files as _require_files
 from evaluation.methods import (SYNTAX, Matcher, Method, budget, cached_features, make_matcher,
                                 method_signature, parse_method)
 from utils.atomic import atomic_open, atomic_target
-from utils.cli import resolve_device
+from utils.cli import progress, resolve_device
 from utils.files import files_signature
 from utils.image import load_image
 from utils.errors import SCFeatError
@@ -166,7 +166,7 @@ def evaluate_sequences(data_path: Path, sequences: list[str], read_features: Fea
     i_err = {np.int64(t): np.float64(0) for t in CACHE_THRESHOLDS}
     v_err = {np.int64(t): np.float64(0) for t in CACHE_THRESHOLDS}
     seq_type, n_feats, n_matches = [], [], []
-    for seq in _progress(sequences):
+    for seq in progress(sequences, "HPatches"):
         first = Features(*read_features(seq, 1))
         n_feats.append(len(first.keypoints))
         for k in TARGET_IMAGES:
@@ -186,14 +186,6 @@ def evaluate_sequences(data_path: Path, sequences: list[str], read_features: Fea
             seq_type.append(seq[0])
             n_matches.append(len(matches))
     return i_err, v_err, [np.array(seq_type), np.array(n_feats), np.array(n_matches)]
-
-
-def _progress(sequences: list[str]):
-    try:
-        from tqdm import tqdm
-        return tqdm(sequences, desc="HPatches", leave=False, disable=None)
-    except ImportError:  # tqdm is optional here
-        return sequences
 
 
 # ---------------------------------------------------------------------------------------------

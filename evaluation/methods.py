@@ -41,6 +41,7 @@ from evaluation.matching import Features, mnn_matcher, write_feature_file
 from model.peers import (AlikedExtractor, DiskExtractor, SiftExtractor, XFeatExtractor,
                          weight_file)
 from utils.checkpoint import checkpoint_files
+from utils.cli import progress
 from utils.errors import SCFeatError
 from utils.files import files_signature
 
@@ -287,18 +288,10 @@ def cached_features(method: Method, images: dict[str, Callable[[], tuple[np.ndar
     if todo:
         logger.info("%s: extracting %d images into %s", method.features_label, len(todo), folder)
         extractor = make_extractor(method, max_keypoints, device)
-        for key in _progress(todo, method.features_label):
+        for key in progress(todo, f"features {method.features_label}"):
             image, extra = images[key]()
             found = extractor.extract(image)
             write_feature_file(paths[key], found["keypoints"], found["descriptors"],
                                scores=found["scores"],
                                image_size=np.array([image.shape[1], image.shape[0]]), **extra)
     return paths
-
-
-def _progress(items: list, label: str):
-    try:
-        from tqdm import tqdm
-        return tqdm(items, desc=f"features {label}", leave=False, disable=None)
-    except ImportError:  # tqdm is optional here
-        return items

@@ -39,7 +39,7 @@ from dataloader.megadepth_layout import parse_numbers
 from evaluation.matching import read_features, require_files
 from evaluation.methods import (Matcher, Method, budget, cached_features, make_matcher,
                                 method_signature, parse_methods)
-from utils.cli import resolve_device
+from utils.cli import progress, resolve_device
 from utils.atomic import atomic_target, write_json
 from utils.errors import SCFeatError
 from utils.files import files_signature
@@ -389,7 +389,7 @@ def evaluate_matches(pairs: list[PosePair], feature_files: dict[str, Path], conf
     """Match (``match``, see :func:`evaluation.methods.make_matcher`) and estimate every pair;
     one record per pair (see :func:`evaluate_pair`)."""
     records = []
-    for pair in _progress(pairs):
+    for pair in progress(pairs, "pairs"):
         features = [read_features(feature_files[key]) for key in (pair.key0, pair.key1)]
         extras = [_read_extras(feature_files[key]) for key in (pair.key0, pair.key1)]
         matches = match(features[0], features[1])
@@ -476,14 +476,6 @@ def evaluate_method(method: Method, pairs: list[PosePair], index_files: list[Pat
     write_json(cache_path, {"protocol": PROTOCOL_VERSION, "method": method.name,
                             "settings": settings, "records": records}, indent=None)
     return records, cache_path
-
-
-def _progress(items: list):
-    try:
-        from tqdm import tqdm
-        return tqdm(items, desc="pairs", leave=False, disable=None)
-    except ImportError:  # tqdm is optional here
-        return items
 
 
 # ---------------------------------------------------------------------------------------------

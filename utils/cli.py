@@ -1,5 +1,6 @@
 """What every command-line script shares: logging set-up, device choice, size parsing, the
-``--config FILE KEY=VALUE...`` arguments and the exit codes of a user error.
+``--config FILE KEY=VALUE...`` arguments, the exit codes of a user error and the progress bars
+of the evaluations' loops.
 
 Scripts stay thin: ``parser = config_parser(...)``; ``return run_cli(lambda: work(args))``.
 """
@@ -9,7 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -36,6 +37,13 @@ def add_log_file(log_file: str | Path) -> None:
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(handler)
+
+
+def progress(items: Iterable, desc: str) -> Iterable:
+    """``items`` with a progress bar on a terminal (cleared when done; none when not a tty)."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False, disable=None)
 
 
 def resolve_device(choice: str | torch.device | None = "auto", key: str = "device") -> torch.device:
