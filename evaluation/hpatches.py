@@ -32,8 +32,7 @@ import torch
 from evaluation.matching import mnn_matches, read_feature_file, sift_features  # noqa: F401
 from evaluation.matching import Features, mnn_matcher, read_features
 from evaluation.matching import require_files as _require_files
-from evaluation.methods import (SYNTAX, Matcher, Method, budget, cached_features, make_matcher,
-                                method_signature, parse_method)
+from evaluation.methods import SYNTAX, Matcher, Method, make_matcher, method_features, parse_method
 from utils.atomic import atomic_open, atomic_target
 from utils.cli import progress, resolve_device
 from utils.files import files_signature
@@ -282,13 +281,10 @@ def method_feature_files(method: Method, data_path: Path, sequences: list[str],
     features, the image files and the keypoint budget)."""
     images = {(s, k): image_path(data_path, s, k) for s in sequences for k in range(1, 7)}
     _require_files(list(images.values()), "image")
-    max_keypoints = budget(method, max_keypoints)
-    key = method_signature(method, f"hpatches max_keypoints={max_keypoints} "
-                                   f"images={files_signature(list(images.values()))}")
-    folder = Path(cache_dir) / "features" / f"{method.features_label}-{key[:16]}"
     loaders = {f"{s}/{k}": (lambda path=path: (load_image(path), {}))
                for (s, k), path in images.items()}
-    files = cached_features(method, loaders, folder, max_keypoints, device)
+    files = method_features(method, loaders, list(images.values()), Path(cache_dir) / "features",
+                            "hpatches", max_keypoints, device)
     return {(s, k): files[f"{s}/{k}"] for s, k in images}
 
 

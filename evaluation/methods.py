@@ -21,7 +21,7 @@ image and extractor under a folder keyed by what made them (:func:`method_signat
 The API (also for the demo): :func:`parse_method` / :func:`parse_methods` (names → :class:`Method`,
 clear errors), :func:`missing_requirement` (a peer whose wheels are not installed),
 :func:`make_extractor` (an object with ``extract(image)``), :func:`make_matcher`
-(``match(features0, features1) → K×2``), :func:`cached_features`.
+(``match(features0, features1) → K×2``), :func:`method_features` / :func:`cached_features`.
 """
 from __future__ import annotations
 
@@ -270,6 +270,22 @@ def method_signature(method: Method, extra: str = "") -> str:
     weights = [weight_file(name) for name in EXTRACTORS[method.features].weights]
     return files_signature(weights, f"{header}\n{method.features} "
                                     f"kornia-{importlib.metadata.version('kornia')}")
+
+
+def method_features(method: Method, images: dict[str, Callable[[], tuple[np.ndarray, dict]]],
+                    image_files: list[Path], cache_dir: Path, setting: str,
+                    max_keypoints: int | None = None, device: torch.device | str | None = None,
+                    ) -> dict[str, Path]:
+    """:func:`cached_features` with the budget :func:`budget`, in
+    ``<cache_dir>/<features label>-<hash>``: the hash covers what makes the features
+    (:func:`method_signature`), ``setting`` (how the evaluation prepares the images), the budget
+    and the ``image_files`` the ``images`` are read from, so a method's features are shared by
+    its matchers and never reused across a change of any of these."""
+    max_keypoints = budget(method, max_keypoints)
+    key = method_signature(method, f"{setting} max_keypoints={max_keypoints} "
+                                   f"images={files_signature(image_files)}")
+    folder = Path(cache_dir) / f"{method.features_label}-{key[:16]}"
+    return cached_features(method, images, folder, max_keypoints, device)
 
 
 def cached_features(method: Method, images: dict[str, Callable[[], tuple[np.ndarray, dict]]],

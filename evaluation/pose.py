@@ -37,8 +37,7 @@ import torch
 
 from dataloader.megadepth_layout import parse_numbers
 from evaluation.matching import read_features, require_files
-from evaluation.methods import (Matcher, Method, budget, cached_features, make_matcher,
-                                method_signature, parse_methods)
+from evaluation.methods import Matcher, Method, make_matcher, method_features, parse_methods
 from utils.cli import progress, resolve_device
 from utils.atomic import atomic_target, write_json
 from utils.errors import SCFeatError
@@ -448,13 +447,9 @@ def evaluate_method(method: Method, pairs: list[PosePair], index_files: list[Pat
     label = method.label
     cache_dir = Path(conf["cache_dir"])
     images = sorted({path for pair in pairs for path in (pair.path0, pair.path1)})
-    max_keypoints = budget(method, conf["max_keypoints"])
-    feature_key = method_signature(method, f"resize={conf['resize']} "
-                                           f"max_keypoints={max_keypoints} "
-                                           f"images={files_signature(images)}")
-    folder = cache_dir / "features" / f"{method.features_label}-{feature_key[:16]}"
-    feature_files = cached_features(method, image_loaders(pairs, conf["resize"]), folder,
-                                    max_keypoints, device)
+    feature_files = method_features(method, image_loaders(pairs, conf["resize"]), images,
+                                    cache_dir / "features", f"resize={conf['resize']}",
+                                    conf["max_keypoints"], device)
     settings = {key: conf[key] for key in ("estimator", "confidence", "ratio",
                                            "epipolar_threshold", "seed")}
     settings["ransac_threshold"] = ransac_threshold(conf)

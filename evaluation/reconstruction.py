@@ -23,11 +23,9 @@ import torch
 
 from dataloader.megadepth_layout import CameraRecord, read_img_cam
 from evaluation.matching import Features, read_features
-from evaluation.methods import (SYNTAX, Matcher, Method, budget, cached_features, make_matcher,
-                                method_signature)
+from evaluation.methods import SYNTAX, Matcher, Method, make_matcher, method_features
 from utils.cli import run_cli, setup_logging
 from utils.errors import SCFeatError
-from utils.files import files_signature
 from utils.image import load_image
 
 logger = logging.getLogger(__name__)
@@ -103,13 +101,10 @@ def extract_features(method: Method, images_dir: Path, names: list[str], cache_d
                      ) -> dict[str, Features]:
     """``{name: Features}`` of every image, cached under ``<cache_dir>/<features label>-<hash>/``
     (keyed by what makes the features, the image files and the keypoint budget)."""
-    images = files_signature([Path(images_dir) / name for name in names])
-    max_keypoints = budget(method, max_keypoints)
-    key = method_signature(method, f"full-size max_keypoints={max_keypoints} images={images}")
-    folder = Path(cache_dir) / f"{method.features_label}-{key[:16]}"
     loaders = {name: (lambda path=Path(images_dir) / name: (load_image(path), {}))
                for name in names}
-    files = cached_features(method, loaders, folder, max_keypoints, device)
+    files = method_features(method, loaders, [Path(images_dir) / name for name in names],
+                            cache_dir, "full-size", max_keypoints, device)
     return {name: read_features(files[name]) for name in names}
 
 
