@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import resource
@@ -90,6 +89,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from utils.acceleration import TOLERANCE, accelerated  # noqa: E402
+from utils.atomic import write_json  # noqa: E402
 from utils.cli import network_size, resolve_device, run_cli  # noqa: E402
 from utils.errors import SCFeatError  # noqa: E402
 
@@ -984,8 +984,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
               f"fp32 eager):")
         print(format_profile(report["extraction"]["profile"]))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, **report}, indent=2, default=_json_default))
+        write_json(args.json, {"rows": rows, **report}, indent=2, default=_json_default)
         print(f"figures written to {args.json}")
     return 0
 

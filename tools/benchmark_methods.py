@@ -16,9 +16,7 @@ over SCFeat's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from utils.atomic import write_json  # noqa: E402
 from utils.cli import network_size, resolve_device, run_cli  # noqa: E402
 
 METHODS = ("scfeat", "disk", "aliked", "xfeat", "sift")
@@ -52,20 +51,20 @@ def photograph(height: int, width: int) -> np.ndarray:
 
 
 def random_scfeat(device: torch.device) -> torch.nn.Module:
-    """SCFeat with the default model settings and random weights (seed 0), in eval mode."""
-    from registry import build_model
+    """SCFeat with the default model settings and random weights, as ``tools.benchmark`` times
+    it (:func:`tools.benchmark.build_network`, seed 0), in eval mode; the global generator is
+    left as it was."""
+    from tools.benchmark import build_network
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build_model("SCFeatModel", {"backbone_config": {"pretrained": False}})
-    return model.to(device).eval()
+        return build_network(device).eval()
 
 
 def method_extractors(device: torch.device, checkpoint: str | None = None,
                       max_keypoints: int | None = None) -> dict[str, tuple[Callable, int | None]]:
     """``{name: (extract(image) → features, keypoint budget)}`` of :data:`METHODS`, as the
     evaluations build them (:func:`evaluation.methods.make_extractor`)."""
-    from evaluation.methods import (CHECKPOINT_MAX_KEYPOINTS, CheckpointExtractor, budget,
+    from evaluation.methods import (CHECKPOINT_MAX_KEYPOINTS, CheckpointExtractor,
                                     make_extractor, parse_method)
 
     extractors = {}
@@ -134,9 +133,10 @@ def method_note(entry: dict) -> str:
 
 
 def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+    """The GPU's name, or the CPU's (:func:`tools.benchmark.cpu_name`)."""
+    from tools.benchmark import cpu_name
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -177,10 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           + f"{args.repeat} rounds")
     print(format_methods(report["methods"]))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": str(device), "machine": machine(device),
-                                         "torch": torch.__version__, "threads": used_threads,
-                                         "load_average_start": load, **report}, indent=2))
+        write_json(args.json, {"device": str(device), "machine": machine(device),
+                               "torch": torch.__version__, "threads": used_threads,
+                               "load_average_start": load, **report}, indent=2)
         print(f"figures written to {args.json}")
     return 0
 
