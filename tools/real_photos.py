@@ -117,8 +117,8 @@ def evaluate_photos(methods: Sequence[str], checkpoints: dict[str, Path], out: P
     """Make the sequences, evaluate every method and checkpoint (printing the MMA table), then
     print each method's MMA@3 and keypoints per image on each photograph, and its keypoints
     per image and their share near the border. Returns ``{label: summary}``."""
-    from evaluation.hpatches import (evaluate_method, method_feature_files, parse_methods,
-                                     run_evaluation, summarize)
+    from evaluation.hpatches import (evaluate_method, list_sequences, method_feature_files,
+                                     parse_methods, run_evaluation, summarize)
     from evaluation.matching import read_feature_file
     from tools import demo_stages
 
@@ -152,7 +152,7 @@ def evaluate_photos(methods: Sequence[str], checkpoints: dict[str, Path], out: P
             cells.append(f"{summary['mma'][-1]:>14.3f}{summary['mean_features']:>8.0f}")
         print(f"{method.label:<{width}}" + "".join(cells))
     readers = {}
-    names = sorted(p.name for p in sequences.iterdir() if p.is_dir())
+    names = list_sequences(sequences)
     for method in parsed:
         files = method_feature_files(method, sequences, names, cache_dir, max_keypoints, device)
         readers[method.label] = lambda image, files=files: read_feature_file(
