@@ -159,7 +159,7 @@ class DetNet(nn.Module):
         h = workspace.buffer("h", (f.shape[0], weight.shape[0], *size), f, channels_last=True)
         with region("conv2_up"):
             upsample_conv3x3_into(h, f, weight[:, :channels], False,
-                                  blocks.LOWRES_CHANNELS_LAST_CHUNK, accumulate=False)
+                                  blocks.LOWRES_CHANNELS_LAST_CHUNK)
         if image is None:
             h += bias.view(1, -1, 1, 1)
         else:

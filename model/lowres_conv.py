@@ -180,11 +180,10 @@ def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def upsample_conv3x3_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                          align_corners: bool, chunk: tuple[int, int] | None = None,
-                          accumulate: bool = True) -> torch.Tensor:
-    """``out (+)= conv3x3(interpolate(x, out's size))`` (no bias; ``accumulate``: added to
-    ``out``, else written over it) for a channels-last ``out`` ``B×Cout×H×W``, without
-    autograd: :func:`upsample_conv3x3` with every map channels-last, so the products go
+                          align_corners: bool, chunk: tuple[int, int] | None = None
+                          ) -> torch.Tensor:
+    """``out = conv3x3(interpolate(x, out's size))`` (no bias; written over ``out``) for a
+    channels-last ``out`` ``B×Cout×H×W``, without autograd: :func:`upsample_conv3x3` with every map channels-last, so the products go
     straight into ``out``'s blocks.
 
     The nine taps' mix is one GEMM on ``x`` as ``(b, i, j) × Cin`` with the columns ordered
@@ -221,9 +220,5 @@ def upsample_conv3x3_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         mat_h = m_h[:, rlo:rhi, ra:rb].permute(2, 1, 0).reshape(rb - ra, 3 * (rhi - rlo))
         for n in range(batch):
             rows = nhwc[n, ra:rb].view(rb - ra, width * cout)
-            rhs = t[n, rlo:rhi].view(3 * (rhi - rlo), width * cout)
-            if accumulate:
-                torch.addmm(rows, mat_h, rhs, out=rows)
-            else:
-                torch.mm(mat_h, rhs, out=rows)
+            torch.mm(mat_h, t[n, rlo:rhi].view(3 * (rhi - rlo), width * cout), out=rows)
     return out
