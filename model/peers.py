@@ -125,6 +125,7 @@ class DiskExtractor(PeerExtractor):
 
     name = "disk"
     default_conf = {"max_keypoints": MAX_KEYPOINTS}
+    selection = {"window_size": 5, "score_threshold": 0.0}  # kornia's keypoint selection
 
     def __init__(self, **conf) -> None:
         from kornia.feature import DISK
@@ -136,8 +137,8 @@ class DiskExtractor(PeerExtractor):
         self.eval()
 
     def features(self, image: torch.Tensor):
-        found = self.net(image, n=self.conf["max_keypoints"], window_size=5, score_threshold=0.0,
-                         pad_if_not_divisible=True)[0]
+        found = self.net(image, n=self.conf["max_keypoints"], pad_if_not_divisible=True,
+                         **self.selection)[0]
         return found.keypoints, found.detection_scores, found.descriptors
 
 

