@@ -68,6 +68,7 @@ class ImageFolder(Dataset):
             raise SCFeatError(f"no {self.title} images under {self.root}: expected {self.layout}")
 
     def list_images(self) -> list[Path]:
+        """The layout's image files under :attr:`root`, in extraction order."""
         raise NotImplementedError
 
     def key(self, path: Path) -> str:
