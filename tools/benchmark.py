@@ -87,6 +87,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from tools.benchmark_methods import (bench_methods, build_network, cpu_name,  # noqa: E402
+                                     method_note)
 from utils.acceleration import TOLERANCE, accelerated  # noqa: E402
 from utils.atomic import write_json  # noqa: E402
 from utils.cli import network_size, resolve_device, run_cli  # noqa: E402
@@ -296,14 +298,6 @@ def test_image(height: int, width: int) -> np.ndarray:
         return cv2.resize(photo, (width, height), interpolation=cv2.INTER_AREA)
     except SCFeatError:
         return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def build_network(device: torch.device, model_config: dict | None = None) -> torch.nn.Module:
-    from registry import build_model
-    config = dict(model_config or {})
-    config["backbone_config"] = {**config.get("backbone_config", {}), "pretrained": False}
-    torch.manual_seed(0)
-    return build_model("SCFeatModel", config).to(device)
 
 
 def load_config_file(name: str) -> dict:
@@ -827,16 +821,6 @@ def format_table(rows: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- main
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
-
-
 def environment(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(),
             "device": str(device), "threads": torch.get_num_threads(),
@@ -941,7 +925,6 @@ def run_benchmark(args: argparse.Namespace) -> int:
         part_rows, report["extraction"] = bench_extraction(args, device)
         rows += part_rows
     if "methods" in args.only:
-        from tools.benchmark_methods import bench_methods, method_note
         report["methods"] = bench_methods(args, device)
         rows += [row("methods", f"{name} extract()", entry, note=method_note(entry),
                      rate=f"{1000 / entry['median_ms']:.1f} images/s")

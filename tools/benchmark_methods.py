@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import sys
 import time
@@ -50,12 +51,19 @@ def photograph(height: int, width: int) -> np.ndarray:
                       interpolation=cv2.INTER_AREA)
 
 
-def random_scfeat(device: torch.device) -> torch.nn.Module:
-    """SCFeat with the default model settings and random weights, as ``tools.benchmark`` times
-    it (:func:`tools.benchmark.build_network`, seed 0), in eval mode; the global generator is
-    left as it was."""
-    from tools.benchmark import build_network
+def build_network(device: torch.device, model_config: dict | None = None) -> torch.nn.Module:
+    """SCFeat (``model_config`` over the defaults) with random weights drawn after seeding the
+    global generator with 0, on ``device``: the network the benchmarks time."""
+    from registry import build_model
+    config = dict(model_config or {})
+    config["backbone_config"] = {**config.get("backbone_config", {}), "pretrained": False}
+    torch.manual_seed(0)
+    return build_model("SCFeatModel", config).to(device)
 
+
+def random_scfeat(device: torch.device) -> torch.nn.Module:
+    """:func:`build_network` with the default model settings, in eval mode; the global
+    generator is left as it was."""
     with torch.random.fork_rng(devices=[]):
         return build_network(device).eval()
 
@@ -132,10 +140,19 @@ def method_note(entry: dict) -> str:
     return f"{entry['ratio']:.2f}× SCFeat's time; {entry['keypoints']} keypoints (budget {budget})"
 
 
-def machine(device: torch.device) -> str:
-    """The GPU's name, or the CPU's (:func:`tools.benchmark.cpu_name`)."""
-    from tools.benchmark import cpu_name
+def cpu_name() -> str:
+    """The CPU's model name and logical CPU count."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
 
+
+def machine(device: torch.device) -> str:
+    """The GPU's name, or the CPU's (:func:`cpu_name`)."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
