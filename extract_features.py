@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 
 from extraction import output_dir, run_extraction
-from model.blocks import use_reference_ops
+from model.fast import use_reference_ops
 from schemas import FEATURE_FORMATS, load_extract_config
 from utils import acceleration
 from utils.cli import add_log_file, config_parser, run_cli, setup_logging

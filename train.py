@@ -18,7 +18,7 @@ import sys
 
 import torch.distributed as dist
 
-from model.blocks import use_reference_ops
+from model.fast import use_reference_ops
 from schemas import load_train_config
 from training.loop import run_training
 from utils import acceleration

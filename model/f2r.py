@@ -8,10 +8,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from model import blocks
-from model.profiling import region
-from model.blocks import (ConvBlock, PositionwiseNorm, ResizeBlock, UpBlock, bottleneck_inference,
-                          channelwise_norm, cpu_inference_path, fused_conv_bn, join_skip)
+from model.blocks import ConvBlock, PositionwiseNorm, ResizeBlock, UpBlock, channelwise_norm, join_skip
 from utils.errors import SCFeatError
 
 # Bottleneck ResNets only: the decoder expects 256/512/1024 channels from layer1/2/3.
@@ -67,6 +64,7 @@ class ResUNet_F2R(nn.Module):
     """
 
     default_conf = {"encoder": "resnet50", "pretrained": True, "fusion_out_ch": 128}
+    ops = None  # a model.fast.FastOps (its rewrites first), or None: the composition below
 
     def __init__(self, conf: dict | None = None):
         super().__init__()
@@ -104,28 +102,10 @@ class ResUNet_F2R(nn.Module):
         return self.fusion_pn(desc_map) * (w1 / total) + channelwise_norm(desc_map) * (w2 / total)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Encoder maps: stem after max-pool, layer1, layer2, layer3.
-
-        In eval mode without autograd on the CPU, BatchNorm is folded into the convolutions and
-        ReLU and the residual additions run inside them (:func:`model.blocks.cpu_inference_path`),
-        on channels-last maps (:data:`model.blocks.CHANNELS_LAST`; the maps returned are
-        channels-last then).
-        """
-        if not self.training and cpu_inference_path(x):
-            if blocks.CHANNELS_LAST:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with region("stem"):
-                x_first = self.firstmaxpool(fused_conv_bn(x, self.firstconv, self.firstbn, relu=True))
-            maps = [x_first]
-            for name in ("layer1", "layer2", "layer3"):
-                with region(name):
-                    y = maps[-1]
-                    for block in getattr(self, name):
-                        y = bottleneck_inference(block, y)
-                maps.append(y)
-            return tuple(maps)
-        with region("stem"):
-            x_first = self.firstmaxpool(self.firstrelu(self.firstbn(self.firstconv(x))))
+        """Encoder maps: stem after max-pool, layer1, layer2, layer3."""
+        if self.ops is not None and (maps := self.ops.encode(self, x)) is not None:
+            return maps
+        x_first = self.firstmaxpool(self.firstrelu(self.firstbn(self.firstconv(x))))
         x1 = self.layer1(x_first)
         x2 = self.layer2(x1)
         x3 = self.layer3(x2)
@@ -144,8 +124,7 @@ class ResUNet_F2R(nn.Module):
         side2 = self.side2(x2d, size)
         side3 = self.side3(x3, size)
         desc_map = self.fusion_conv(torch.cat([side1, side2, side3], dim=1))
-        with region("coupling_bridge"):
-            local_map = self.coupling_bridge(desc_map)
+        local_map = self.coupling_bridge(desc_map)
         return {
             "global_map": x3.contiguous(),
             "desc_map": desc_map,

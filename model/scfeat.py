@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from model.fast import DEFAULT as DEFAULT_OPS, FastOps, attach
 from model.detnet import DetNet
 from model.extractor import detect_and_describe
 from model.f2r import ResUNet_F2R
@@ -91,6 +92,8 @@ class SCFeatModel(nn.Module):
         "local_with_img": True,
     }
 
+    ops = None  # the model.fast.FastOps its networks hold (use_fast), or None
+
     def __init__(self, backbone: nn.Module, localheader: nn.Module, conf: dict | None = None):
         super().__init__()
         self.conf = {**self.default_conf, **(conf or {})}
@@ -134,10 +137,19 @@ class SCFeatModel(nn.Module):
         ``descriptors`` ``N×D`` (unit norm). See :func:`model.extractor.detect_and_describe`."""
         return detect_and_describe(self, image, detector, descriptor_map, **detector_config)
 
+    def use_fast(self, ops: FastOps | bool | None = True) -> "SCFeatModel":
+        """Run the CPU rewrites of :mod:`model.fast` with the settings ``ops`` (``True``:
+        :data:`model.fast.DEFAULT`, which ``--reference-ops`` switches) or the reference
+        composition (``False`` / ``None``). Returns the model."""
+        attach(self, DEFAULT_OPS if ops is True else (ops or None))
+        return self
+
     @classmethod
-    def from_config(cls, model_config: dict) -> "SCFeatModel":
+    def from_config(cls, model_config: dict, fast: FastOps | bool | None = True
+                    ) -> "SCFeatModel":
         """The model of a (validated) ``model_config``: backbone and detection network named
-        there, the detector's ``in_channels`` checked against ``local_input_elements``."""
+        there, the detector's ``in_channels`` checked against ``local_input_elements``;
+        ``fast`` as in :meth:`use_fast`."""
         conf = {**cls.default_conf, **model_config}
         backbone = lookup(BACKBONES, conf["backbone"], "model_config.backbone")(conf["backbone_config"])
         header_cls = lookup(LOCALHEADERS, conf["localheader"], "model_config.localheader")
@@ -150,18 +162,20 @@ class SCFeatModel(nn.Module):
                               f"not match local_input_elements {conf['local_input_elements']} "
                               f"({expected} channels)")
         header = header_cls(conf["localheader_config"], with_image=conf["local_with_img"])
-        return cls(backbone, header, conf)
+        return cls(backbone, header, conf).use_fast(fast)
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, device: str | torch.device | None = None,
-                        model_config: dict | None = None) -> "SCFeatModel":
+                        model_config: dict | None = None,
+                        fast: FastOps | bool | None = True) -> "SCFeatModel":
         """Load ``backbone.pth`` and ``localheader.pth`` from ``folder`` (strictly).
 
         Model settings: those of ``config.yaml`` in the folder's parent (written by
         ``train.py``), which win over ``model_config`` (as in the original; each differing
         entry is logged: :func:`checkpoint_model_config`); ``model_config`` alone without that
         file; else the defaults. The encoder is never downloaded: the checkpoint supplies all
-        weights. Returns the model in eval mode on ``device`` (default: CUDA when available).
+        weights. Returns the model in eval mode on ``device`` (default: CUDA when available);
+        ``fast`` as in :meth:`use_fast`.
         """
         folder = Path(folder)
         if not folder.is_dir():
@@ -175,7 +189,7 @@ class SCFeatModel(nn.Module):
                                                    run_config.get("model_config") or {},
                                                    str(config_file))
         model_config["backbone_config"] = {**model_config.get("backbone_config", {}), "pretrained": False}
-        model = cls.from_config(model_config)
+        model = cls.from_config(model_config, fast=fast)
         for part, path in zip(CHECKPOINT_PARTS, checkpoint_files(folder)):
             load_strict(getattr(model, part), load_state_dict_file(path), path)
         return model.to(resolve_device(device)).eval()

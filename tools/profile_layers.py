@@ -5,7 +5,7 @@ fp32 GEMM throughput each layer reaches, sorted by time, with totals.
 reference ops (``python -m tools.benchmark --only extraction``).
 
 A layer is a submodule two levels down (``backbone.iconv3``, ``localheader.conv1``) or a
-region the code names (:func:`model.profiling.region`: the encoder's stem and layers on the
+region the code names (:func:`model.fast.profiling.region`: the encoder's stem and layers on the
 fused path, the detector's steps). Times are exclusive (a layer's time is the wall time spent
 while it is the innermost named layer two levels down), measured in ``repeat`` forwards
 without any instrumentation but the hooks and regions (medians per layer); GFLOP are counted
@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from model import profiling  # noqa: E402
+from model.fast import profiling  # noqa: E402
 
 DEPTH = 2  # backbone.iconv3, localheader.conv2
 OUTSIDE = "(model)"  # work outside every named layer (the model's own forward)
@@ -41,7 +41,7 @@ OUTSIDE = "(model)"  # work outside every named layer (the model's own forward)
 
 class LayerStack:
     """The names of the layers being run: module hooks (each submodule of ``model`` by its
-    attribute name) and :func:`model.profiling.region` (its name); :attr:`row` is the first
+    attribute name) and :func:`model.fast.profiling.region` (its name); :attr:`row` is the first
     :data:`DEPTH` names joined by dots. ``on_change`` is called before every change."""
 
     def __init__(self, model: torch.nn.Module, on_change: Callable[[], None] = lambda: None):

@@ -22,7 +22,7 @@ TOLERANCE = {"amp": 5e-2, "compile": 1e-3}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--amp`` and ``--compile``: shorthands for the config keys ``amp=true`` and
     ``compile=true`` of ``train.py`` and ``extract_features.py``; ``--reference-ops``: the
-    original composition of operators (``model.blocks.use_reference_ops``, applied by the
+    original composition of operators (``model.fast.use_reference_ops``, applied by the
     script)."""
     parser.add_argument("--amp", action="store_true",
                         help="bf16 autocast for the network, for CUDA (the same as amp=true)")

@@ -31,14 +31,14 @@ def test_flop_count_of_convolutions_and_matmul_is_the_hand_count():
 def test_detector_flops_are_its_convolutions():
     """The detector's inference path (conv3 as a matrix product) counts as its four convs with
     the reference ops; with the low-resolution rewrite, conv2's up(f) part counts as what
-    model.lowres_conv runs (its GEMM and banded interpolation products), far less."""
-    from model import blocks
-    from model.lowres_conv import upsample_conv3x3_into
+    model.fast.lowres_conv runs (its GEMM and banded interpolation products), far less."""
+    from model import fast
+    from model.fast.lowres_conv import upsample_conv3x3_into
 
     h, w = 16, 24  # feature map; the image is 4× larger
-    header = DetNet({"in_channels": 192}).eval()
+    header = fast.attach(DetNet({"in_channels": 192}).eval(), fast.DEFAULT)
     features, image = torch.rand(1, 192, h, w), torch.randn(1, 3, 4 * h, 4 * w)
-    with torch.inference_mode(), blocks.reference_ops():
+    with torch.inference_mode(), fast.reference_ops():
         flops, score = count_flops(header, features, image)
     full = 16 * h * w
     f_part = 2 * 192 * 9 * 128 * full
@@ -50,7 +50,7 @@ def test_detector_flops_are_its_convolutions():
         out = torch.zeros(1, 128, 4 * h, 4 * w).contiguous(memory_format=torch.channels_last)
         lowres, _ = count_flops(upsample_conv3x3_into, out, torch.rand(1, 192, h, w),
                                 torch.randn(128, 192, 3, 3), False,
-                                blocks.LOWRES_CHANNELS_LAST_CHUNK)
+                                fast.DEFAULT.lowres_channels_last_chunk)
     assert lowres >= 2 * 9 * 128 * 192 * h * w  # the GEMM at the low resolution is counted
     assert flops_lowres == expected + lowres
     assert lowres < f_part / 3
@@ -113,15 +113,15 @@ def test_table_rows_are_aligned():
 
 def test_fused_encoder_counts_the_same_flops(monkeypatch):
     """BatchNorm folding and the fused convolutions change no FLOP: the counter (which learns
-    the oneDNN fused op from model/blocks.py) gives the reference ops' count."""
-    from model import blocks
+    the oneDNN fused op from model/fast/fused.py) gives the reference ops' count."""
+    from model import fast
     from model.f2r import ResUNet_F2R
 
-    backbone = ResUNet_F2R({"pretrained": False}).eval()
+    backbone = fast.attach(ResUNet_F2R({"pretrained": False}).eval(), fast.DEFAULT)
     image = torch.randn(1, 3, 64, 64)
     counts = []
     for fused in (False, True):
-        monkeypatch.setattr(blocks, "FUSED_CPU_INFERENCE", fused)
+        monkeypatch.setattr(fast.DEFAULT, "fused", fused)
         with torch.inference_mode():
             backbone(image)  # the Winograd filter transforms are computed once, then cached
             counts.append(count_flops(backbone, image)[0])
@@ -133,7 +133,7 @@ def test_fused_encoder_counts_the_same_flops(monkeypatch):
 def test_fused_cpu_inference_path_equals_reference_ops(monkeypatch, with_image):
     """The path the benchmark times (eval, no autograd, CPU) gives the reference ops' outputs
     on a batch of two, with and without the detector's image branch."""
-    from model import blocks
+    from model import fast
     from registry import build_model
 
     torch.manual_seed(0)
@@ -148,7 +148,7 @@ def test_fused_cpu_inference_path_equals_reference_ops(monkeypatch, with_image):
     images = torch.randn(2, 3, 64, 96)
     outputs = []
     for fused in (False, True):
-        monkeypatch.setattr(blocks, "FUSED_CPU_INFERENCE", fused)
+        monkeypatch.setattr(fast.DEFAULT, "fused", fused)
         with torch.no_grad():
             outputs.append(model.extract(images))
     reference, fused = outputs
@@ -240,8 +240,8 @@ def test_extraction_times_reference_ops_and_ours_side_by_side(tmp_path):
     assert {"backbone.stem", "backbone.layer3", "backbone.iconv3", "localheader.conv1",
             "localheader.conv2", "localheader.conv2_up", "localheader.conv3"} <= names
     assert len(report["layers"]) == 5
-    from model import blocks
-    assert blocks.LOWRES_CONV and blocks.FUSED_CPU_INFERENCE == blocks._FUSED_AVAILABLE
+    from model import fast
+    assert fast.DEFAULT.lowres_conv and fast.DEFAULT.fused == fast.fused.FUSED_AVAILABLE
 
 
 def test_disk_without_its_weights_is_not_timed_with_the_reason(monkeypatch):

@@ -129,6 +129,37 @@ def test_lower_layers_import_nothing_above_them(package, graph):
     assert not wrong, "; ".join(wrong)
 
 
+# The networks' reference definitions: the original's composition, which the CPU rewrites of
+# model/fast replace at run time (through the ops object a module holds, never by import).
+REFERENCE_MODULES = ("model.blocks", "model.f2r", "model.detnet")
+# Scripts that run a tool (the demo runs its stages); nothing else imports tools/.
+TOOL_USERS = {"demo"}
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph.get(todo.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+@pytest.mark.parametrize("module", REFERENCE_MODULES)
+def test_reference_networks_never_import_the_inference_rewrites(module, graph):
+    assert module in graph, f"{module} not found"
+    wrong = sorted(d for d in reachable(graph, module) if d == "model.fast" or d.startswith("model.fast."))
+    assert not wrong, f"{module} reaches {wrong}"
+
+
+def test_tools_is_a_leaf(graph):
+    wrong = sorted(f"{name} imports {dep}" for name, deps in graph.items()
+                   if name.split(".")[0] != "tools" and name not in TOOL_USERS
+                   for dep in deps if dep.split(".")[0] == "tools")
+    assert not wrong, "; ".join(wrong)
+
+
 def test_importing_model_pulls_in_no_data_loss_training_or_script_module():
     code = ("import sys, model, model.scfeat, model.extractor; "
             "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "

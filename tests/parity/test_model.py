@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from model import fast
 from model.detnet import DetNet, peakiness
 from model.f2r import ResUNet_F2R
 from utils.errors import SCFeatError
@@ -24,13 +25,16 @@ def reference_state(ref: dict, prefix: str) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.fixture(scope="module")
-def reference_networks(f2r_reference):
+@pytest.fixture(scope="module", params=["reference", "fast"])
+def reference_networks(f2r_reference, request):
+    """The networks with the original's weights, as the reference composition and with the
+    CPU rewrites of model/fast (both must reproduce the original's maps)."""
     backbone = ResUNet_F2R({"pretrained": False})
     backbone.load_state_dict(reference_state(f2r_reference, "backbone"), strict=True)
     header = DetNet({"in_channels": 192})
     header.load_state_dict(reference_state(f2r_reference, "localheader"), strict=True)
-    return backbone.eval(), header.eval()
+    ops = fast.FastOps() if request.param == "fast" else None
+    return fast.attach(backbone.eval(), ops), fast.attach(header.eval(), ops)
 
 
 def run(backbone, header, image):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from model import blocks
+from model import fast
 from utils.cli import parse_size, resolve_device, run_cli, setup_logging
 from utils.errors import SCFeatError
 
@@ -65,11 +65,11 @@ def test_reference_ops_flag_reaches_the_training_run(monkeypatch):
         stop_requested = False
 
     monkeypatch.setattr(train, "run_training", lambda conf, path, resume: seen.append(
-        (blocks.LOWRES_CONV, blocks.FUSED_CPU_INFERENCE)) or Done())
+        (fast.DEFAULT.lowres_conv, fast.DEFAULT.fused)) or Done())
     try:
         assert train.main(["--config", "config/train_desc.yaml", "--reference-ops"]) == 0
         assert seen == [(False, False)]
         assert train.main(["--config", "config/train_desc.yaml"]) == 0
         assert seen[1][0] is True
     finally:
-        blocks.use_reference_ops(False)
+        fast.use_reference_ops(False)

@@ -1,4 +1,4 @@
-"""Tensors derived from parameters (model/derived.py) are computed once, recomputed when a
+"""Tensors derived from parameters (model/fast/derived.py) are computed once, recomputed when a
 source changes, and dropped with their first source; the fused encoder's folded BatchNorm
 follows its parameters and running statistics."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import gc
 
 import torch
 
-from model import blocks
-from model.derived import DerivedCache
+from model import fast
+from model.fast.derived import DerivedCache
 
 
 def test_entries_follow_their_sources():
@@ -41,5 +41,5 @@ def test_folded_batchnorm_follows_running_statistics():
         with torch.no_grad():
             bn.running_mean.uniform_(-1, 1)  # e.g. load_state_dict, or a train-mode forward
             bn.running_var.uniform_(0.5, 2)
-            fused = blocks.fused_conv_bn(x, conv, bn, relu=True)
+            fused = fast.fused.fused_conv_bn(x, conv, bn, relu=True)
             torch.testing.assert_close(fused, torch.relu(bn(conv(x))), rtol=0, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Instance norms of channels-last maps (model/instance_norm.py) equal F.instance_norm: float64
+"""Instance norms of channels-last maps (model/fast/instance_norm.py) equal F.instance_norm: float64
 to 1e-12, float32 at least as close to the float64 truth as PyTorch's channels-first kernel
 (its channels-last kernel is not), with several bands, a batch and a large mean."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import instance_norm
-from model.instance_norm import instance_stats, normalize_activate_, normalize_activate_project
+from model.fast import instance_norm
+from model.fast.instance_norm import instance_stats, normalize_activate_, normalize_activate_project
 
 
 @pytest.fixture

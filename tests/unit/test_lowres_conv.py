@@ -1,4 +1,4 @@
-"""The low-resolution "bilinear upsample → 3×3 convolution" (model/lowres_conv.py) equals the
+"""The low-resolution "bilinear upsample → 3×3 convolution" (model/fast/lowres_conv.py) equals the
 direct composition: per operator in float64 (1e-10) and float32 (round-off), values and
 gradients, on awkward sizes; and the whole network with the rewrites equals the reference ops."""
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import blocks
-from model.lowres_conv import (band_chunks, interpolation_matrix, upsample_conv3x3,
+from model import fast
+from model.fast.lowres_conv import (band_chunks, interpolation_matrix, upsample_conv3x3,
                                upsample_conv3x3_into, upsample_conv3x3_reference)
 
 # (batch, Cin, Cout, h, w, size, align_corners): the network's four kinds of layer (×2 with
@@ -140,18 +140,18 @@ def test_matrices_cached_under_inference_mode_serve_training():
 
 
 def test_switch_selects_the_reference_ops():
-    assert blocks.LOWRES_CONV and blocks.CHANNELS_LAST and blocks.WINOGRAD_TILE == 4
+    assert fast.DEFAULT.lowres_conv and fast.DEFAULT.channels_last and fast.DEFAULT.winograd_tile == 4
     x = torch.randn(1, 2, 3, 3)
-    with blocks.reference_ops():
-        assert not blocks.LOWRES_CONV and not blocks.FUSED_CPU_INFERENCE
-        assert not blocks.CHANNELS_LAST and not blocks.WINOGRAD_TILE
-        assert not blocks.lowres_conv_path(x)
-        with blocks.reference_ops(False):
-            assert blocks.lowres_conv_path(x)
-        assert not blocks.LOWRES_CONV
-    assert blocks.lowres_conv_path(x)
-    assert blocks.FUSED_CPU_INFERENCE == blocks._FUSED_AVAILABLE
-    assert not blocks.lowres_conv_path(x.half())
+    with fast.reference_ops():
+        assert not fast.DEFAULT.lowres_conv and not fast.DEFAULT.fused
+        assert not fast.DEFAULT.channels_last and not fast.DEFAULT.winograd_tile
+        assert not fast.DEFAULT.lowres_conv_path(x)
+        with fast.reference_ops(False):
+            assert fast.DEFAULT.lowres_conv_path(x)
+        assert not fast.DEFAULT.lowres_conv
+    assert fast.DEFAULT.lowres_conv_path(x)
+    assert fast.DEFAULT.fused == fast.fused.FUSED_AVAILABLE
+    assert not fast.DEFAULT.lowres_conv_path(x.half())
 
 
 # ----------------------------------------------------------------------------- whole network
@@ -179,7 +179,7 @@ def test_network_eval_no_grad_equals_reference_ops(network):
     images = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ours = network.extract(images)
-        with blocks.reference_ops():
+        with fast.reference_ops():
             reference = network.extract(images)
     for name in reference:
         _close(ours[name], reference[name], 1e-5, name)
@@ -196,7 +196,7 @@ def test_network_train_mode_values_and_gradients_equal_reference_ops(network):
     results = []
     for reference in (True, False):
         model.zero_grad(set_to_none=True)
-        with blocks.reference_ops(reference):
+        with fast.reference_ops(reference):
             out = model(images, with_detector=True)
         loss = out["local_point"].sum() + out["local_map"].pow(2).mean() + out["desc_map"].mean()
         loss.backward()

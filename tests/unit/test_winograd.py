@@ -1,4 +1,4 @@
-"""Winograd F(m×m, 3×3) convolutions (model/winograd.py) equal the direct convolution: float64
+"""Winograd F(m×m, 3×3) convolutions (model/fast/winograd.py) equal the direct convolution: float64
 values to 1e-10, float32 within a stated multiple of the direct convolution's
 own rounding, on awkward sizes; the operator refuses autograd; the filter cache follows weight
 changes; the network's layers take it only where the switch and the layer allow."""
@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import blocks, winograd
-from model.derived import CACHE
-from model.winograd import cached_filter, conv3x3, transform_filter
+from model import blocks, fast
+from model.fast import winograd
+from model.fast.derived import CACHE
+from model.fast.winograd import cached_filter, conv3x3, transform_filter
 
 # (batch, Cin, Cout, H, W): whole tiles, partial tiles, 1×1 and 2×3 maps, a batch of two
 CASES = [(1, 5, 4, 7, 9), (2, 8, 3, 6, 6), (1, 16, 8, 13, 17), (2, 3, 2, 1, 1), (1, 4, 4, 2, 3),
@@ -91,30 +92,30 @@ def test_unknown_tile_size_is_refused():
 
 
 def test_layers_take_winograd_only_where_allowed():
-    wide = torch.nn.Conv2d(blocks.WINOGRAD_MIN_CHANNELS, 4, 3, padding=1)
-    x = torch.randn(1, blocks.WINOGRAD_MIN_CHANNELS, 5, 5)
+    wide = torch.nn.Conv2d(fast.DEFAULT.winograd_min_channels, 4, 3, padding=1)
+    x = torch.randn(1, fast.DEFAULT.winograd_min_channels, 5, 5)
     with torch.no_grad():
-        assert blocks.winograd_tile(x, wide) == blocks.WINOGRAD_TILE == 4
-        assert blocks.winograd_tile(x.double(), wide) == 4
-        assert blocks.winograd_tile(x.half(), wide) == 0
+        assert fast.DEFAULT.winograd_tile_for(x, wide) == fast.DEFAULT.winograd_tile == 4
+        assert fast.DEFAULT.winograd_tile_for(x.double(), wide) == 4
+        assert fast.DEFAULT.winograd_tile_for(x.half(), wide) == 0
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert blocks.winograd_tile(x, wide) == 0
-        for other in (torch.nn.Conv2d(blocks.WINOGRAD_MIN_CHANNELS - 1, 4, 3, padding=1),
-                      torch.nn.Conv2d(blocks.WINOGRAD_MIN_CHANNELS, 4, 3, padding=1, stride=2),
-                      torch.nn.Conv2d(blocks.WINOGRAD_MIN_CHANNELS, 4, 1),
-                      torch.nn.Conv2d(blocks.WINOGRAD_MIN_CHANNELS, 4, 3, padding=1,
+            assert fast.DEFAULT.winograd_tile_for(x, wide) == 0
+        for other in (torch.nn.Conv2d(fast.DEFAULT.winograd_min_channels - 1, 4, 3, padding=1),
+                      torch.nn.Conv2d(fast.DEFAULT.winograd_min_channels, 4, 3, padding=1, stride=2),
+                      torch.nn.Conv2d(fast.DEFAULT.winograd_min_channels, 4, 1),
+                      torch.nn.Conv2d(fast.DEFAULT.winograd_min_channels, 4, 3, padding=1,
                                       padding_mode="reflect")):
-            assert blocks.winograd_tile(torch.randn(1, other.in_channels, 5, 5), other) == 0
-        with blocks.reference_ops():
-            assert blocks.winograd_tile(x, wide) == 0
-        assert blocks.winograd_tile(x, wide) == 4
+            assert fast.DEFAULT.winograd_tile_for(torch.randn(1, other.in_channels, 5, 5), other) == 0
+        with fast.reference_ops():
+            assert fast.DEFAULT.winograd_tile_for(x, wide) == 0
+        assert fast.DEFAULT.winograd_tile_for(x, wide) == 4
     # where autograd records the layer (its weight trains, or its input needs a gradient), it
     # stays direct, small and large maps alike
-    large = torch.randn(1, blocks.WINOGRAD_MIN_CHANNELS, 120, 160)
-    assert blocks.winograd_tile(x, wide) == blocks.winograd_tile(large, wide) == 0
+    large = torch.randn(1, fast.DEFAULT.winograd_min_channels, 120, 160)
+    assert fast.DEFAULT.winograd_tile_for(x, wide) == fast.DEFAULT.winograd_tile_for(large, wide) == 0
     wide.requires_grad_(False)
-    assert blocks.winograd_tile(large, wide) == 4
-    assert blocks.winograd_tile(large.requires_grad_(), wide) == 0
+    assert fast.DEFAULT.winograd_tile_for(large, wide) == 4
+    assert fast.DEFAULT.winograd_tile_for(large.requires_grad_(), wide) == 0
 
 
 @pytest.mark.parametrize("grad", [False, True])
@@ -123,13 +124,14 @@ def test_conv_block_equals_the_direct_convolution(grad):
     float64, given its input as two parts: Winograd with its cached filters without autograd,
     the direct convolution with it (nothing cached)."""
     torch.manual_seed(0)
-    block = blocks.ConvBlock(blocks.WINOGRAD_MIN_CHANNELS, 32, 3).double()
-    parts = [torch.randn(2, blocks.WINOGRAD_MIN_CHANNELS // 2, 6, 9, dtype=torch.float64)
+    block = fast.attach(blocks.ConvBlock(fast.DEFAULT.winograd_min_channels, 32, 3).double(),
+                        fast.DEFAULT)
+    parts = [torch.randn(2, fast.DEFAULT.winograd_min_channels // 2, 6, 9, dtype=torch.float64)
              for _ in range(2)]
     outputs, cached = [], len(CACHE)
     for reference in (True, False):
         block.zero_grad()
-        with blocks.reference_ops(reference), torch.set_grad_enabled(grad):
+        with fast.reference_ops(reference), torch.set_grad_enabled(grad):
             out = block(parts)
             if grad:
                 out.pow(2).sum().backward()

@@ -1,4 +1,4 @@
-"""Reused inference memory (model/workspace.py): a slot's tensors share its memory, which
+"""Reused inference memory (model/fast/workspace.py): a slot's tensors share its memory, which
 grows when needed; threads have their own; usable under no_grad after inference_mode."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from model import workspace
+from model.fast import workspace
 
 
 def test_slots_reuse_and_grow():

@@ -18,16 +18,16 @@ is applied as two products with the ``α×α`` matrix ``Bᵀ``, one per axis. Af
 products, ``Aᵀ·A`` is applied the same way and the tiles are copied into the output, with the
 bias added in that copy. Every step is a matrix product or a copy, so the result equals the
 direct convolution up to floating-point reassociation. It is an inference operator (the
-intermediates live in reused memory, :mod:`model.workspace`): under autograd the transforms'
-backward would cost more than the products save (:mod:`model.blocks`).
+intermediates live in reused memory, :mod:`model.fast.workspace`): under autograd the transforms'
+backward would cost more than the products save.
 
 Accuracy (tests/unit/test_winograd.py, against float64): F(2) within a few units of the
 direct convolution's own float32 rounding; F(4) about ten times that (its transforms have
 coefficients up to 8 and 1/24), about 1e-5 of the output's largest value; float64 to 1e-13.
 
 :func:`conv3x3` is the operator; :func:`transform_filter` computes ``U`` and
-:func:`cached_filter` keeps it per weight for inference. Which layers use it is decided in
-:mod:`model.blocks`.
+:func:`cached_filter` keeps it per weight for inference. Which layers use it is decided by
+:meth:`model.fast.FastOps.winograd_tile_for`.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from typing import Sequence
 
 import torch
 
-from model import workspace
-from model.derived import CACHE
+import model.fast.workspace as workspace
+from model.fast.derived import CACHE
 
 # Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016): F(2, 3) with the
 # points 0, ±1, ∞; F(4, 3) with 0, ±1, ±2, ∞.
@@ -83,7 +83,7 @@ def transform_filter(weight: torch.Tensor, m: int) -> torch.Tensor:
 
 def cached_filter(weight: torch.Tensor, m: int) -> torch.Tensor:
     """:func:`transform_filter` of an inference weight, computed once and reused until the
-    weight changes (:data:`model.derived.CACHE`)."""
+    weight changes (:data:`model.fast.derived.CACHE`)."""
     return CACHE.get([weight], ("winograd", m), lambda: transform_filter(weight.detach(), m))
 
 
@@ -102,7 +102,7 @@ def conv3x3(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor | Non
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (*parts, weight, u, bias)):
         raise ValueError("winograd.conv3x3 is an inference operator: call it under "
-                         "torch.no_grad() (model.blocks uses the direct convolution where "
+                         "torch.no_grad() (model.fast uses the direct convolution where "
                          "autograd records the layer)")
     batch, _, height, width = parts[0].shape
     like = parts[0]

@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model import workspace
+import model.fast.workspace as workspace
 
 # rows × channels per band: few and large operations (each a meeting point of the threads),
-# the band's temporary in reused memory (model/workspace.py)
+# the band's temporary in reused memory (model/fast/workspace.py)
 BAND_ELEMENTS = 1 << 24
 
 
@@ -41,7 +41,7 @@ def _bands(rows: int, channels: int) -> tuple[range, int]:
 
 
 def _scratch(rows: torch.Tensor, step: int) -> torch.Tensor:
-    """Memory for one band of ``rows`` (:mod:`model.workspace`)."""
+    """Memory for one band of ``rows`` (:mod:`model.fast.workspace`)."""
     return workspace.buffer("band", (min(step, rows.shape[0]), rows.shape[1]), rows)
 
 

@@ -28,8 +28,8 @@ so it is not kept.
 
 :func:`upsample_conv3x3_reference` is the direct ``F.interpolate → F.conv2d`` composition.
 
-Everything here is a pure function of tensors; which layer uses which form is decided in
-:mod:`model.blocks` (:func:`model.blocks.lowres_conv_path`) and :mod:`model.detnet`.
+Everything here is a pure function of tensors; which layer uses which form is decided by
+:class:`model.fast.FastOps` (:meth:`~model.fast.FastOps.lowres_conv_path`).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from model import workspace
+import model.fast.workspace as workspace
 
 
 # ----------------------------------------------------------------------------- matrices
@@ -192,7 +192,7 @@ def upsample_conv3x3_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     columns is one batched GEMM over ``(b, i)``, ``(S_dx U_W)`` block ``ᵀ · Y``, into
     ``T[b, i, dy, J, c]`` (the whole width); the height product of a block of ``chunk[0]``
     output rows is then one GEMM, ``Σ_dy (S_dy U_H)`` block ``· T``, straight into ``out``'s
-    rows. The mix and ``T`` are written into reused memory (:mod:`model.workspace`).
+    rows. The mix and ``T`` are written into reused memory (:mod:`model.fast.workspace`).
     """
     batch, _, h, w = x.shape
     _, cout, height, width = out.shape
