@@ -4,7 +4,7 @@
 The images come from the dataset that ``data`` names (HPatches, Aachen Day-Night, the ETH
 local-feature benchmark, InLoc: :mod:`dataloader.image_folders`), each with its feature key:
 the files are ``desc/<key>.<postfix>`` (npz) or the groups ``<key>`` of one ``features.h5``.
-Features come from :func:`model.extractor.select_features`, as for the per-image API; Aachen's
+Features come from :func:`model.features.select_features`, as for the per-image API; Aachen's
 query images use ``detector_config_query`` when it is given. The loaders crop at the right and
 bottom to a multiple of 16, so crop pixels are file pixels; InLoc's ``scale`` resizes first and
 the keypoints are mapped back, so every file holds keypoints in the image file's pixels.
@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataloader.extraction_sets import EXTRACTION_DATASETS
 from dataloader.image_folders import ImageFolder
-from model.extractor import (PAD_MULTIPLE, Detector, is_textureless, make_detector,
-                             select_features, to_numpy)
+from model.features import PAD_MULTIPLE, is_textureless, select_features, to_numpy
+from model.keypoints import Detector, make_detector
 from model.scfeat import SCFeatModel
 from utils.acceleration import accelerated
 from utils.atomic import atomic_open, atomic_target

@@ -15,7 +15,7 @@ from dataloader.extraction_sets import EXTRACTION_DATASETS
 from dataloader.megadepth import MegaDepth_SIFT
 from losses.keypoint import KeypointLoss
 from losses.line2window import EpipolarLoss_Line2Window, Preprocess_Line2Window
-from model.extractor import DETECTORS
+from model.keypoints import DETECTORS
 from model.scfeat import (BACKBONES, LOCALHEADERS, MODELS, SCFeatModel, checkpoint_model_config,
                           model_from_run)
 from utils.config import Spec, is_none_word, lookup, read_yaml

@@ -14,7 +14,8 @@ from evaluation.hpatches import default_conf as hpatches_defaults
 from evaluation.hpatches import parse_methods
 from evaluation.pose import ESTIMATORS, LAYOUTS
 from evaluation.pose import default_conf as pose_defaults
-from model.extractor import DESCRIPTOR_MAPS, DETECTORS, detector_schema, make_detector
+from model.features import DESCRIPTOR_MAPS
+from model.keypoints import DETECTORS, detector_schema, make_detector
 from registry import (DATASETS, EXTRACTION_DATASETS, LOSSES, MODELS, PREPROCESSORS,
                       class_section, inherit_model_config, model_schema)
 from utils.checkpoint import CHECKPOINT_PARTS, checkpoint_files

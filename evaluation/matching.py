@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from model.peers import SiftExtractor
+from evaluation.peers import SiftExtractor
 from utils.atomic import atomic_open
 from utils.errors import SCFeatError
 from utils.image import load_image

@@ -3,13 +3,13 @@
 A method is written ``<features>[+lightglue]``:
 
 * ``<features>``: ``sift`` (OpenCV), ``disk``, ``aliked`` (``aliked-n16``), ``aliked-n16rot``,
-  ``aliked-n32``, ``aliked-t16``, ``xfeat`` (:mod:`model.peers`), or an SCFeat checkpoint
+  ``aliked-n32``, ``aliked-t16``, ``xfeat`` (:mod:`evaluation.peers`), or an SCFeat checkpoint
   folder (``backbone.pth``, ``localheader.pth``; :meth:`model.scfeat.SCFeatModel.detect_and_describe`
   with the original HPatches extraction's keypoint selection and the budget as ``num_pts``:
   :class:`CheckpointExtractor`);
 * matching: mutual nearest neighbours of the descriptors (``mnn``, no suffix), or
   ``+lightglue`` where trained LightGlue weights exist: ``disk+lightglue``,
-  ``aliked+lightglue`` and ``xfeat+lightglue`` (XFeat's LighterGlue; :mod:`model.lightglue`).
+  ``aliked+lightglue`` and ``xfeat+lightglue`` (XFeat's LighterGlue; :mod:`evaluation.lightglue`).
 
 :data:`EXTRACTORS` holds each extractor's defaults: its keypoint budget (``max_keypoints``,
 the published setting; an evaluation's own ``max_keypoints``, when set, replaces it for every
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from evaluation.matching import Features, mnn_matcher, write_feature_file
-from model.peers import (AlikedExtractor, DiskExtractor, SiftExtractor, XFeatExtractor,
+from evaluation.peers import (AlikedExtractor, DiskExtractor, SiftExtractor, XFeatExtractor,
                          weight_file)
 from utils.checkpoint import checkpoint_files
 from utils.cli import progress
@@ -219,7 +219,7 @@ def budget(method: Method, max_keypoints: int | None) -> int | None:
 def make_extractor(method: Method, max_keypoints: int | None = None,
                    device: torch.device | str | None = None):
     """The extractor of ``method`` (an object with ``extract(image) → {keypoints, scores,
-    descriptors}``, see :mod:`model.peers`) with the budget :func:`budget`, on ``device``."""
+    descriptors}``, see :mod:`evaluation.peers`) with the budget :func:`budget`, on ``device``."""
     if method.checkpoint is not None:
         return CheckpointExtractor.from_folder(method.checkpoint, budget(method, max_keypoints),
                                                device)
@@ -239,7 +239,7 @@ def make_matcher(method: Method, device: torch.device | str = "cpu",
     the feature files; ``ratio`` does not apply)."""
     if method.matcher != LIGHTGLUE:
         return mnn_matcher(device, ratio)
-    from model.lightglue import LightGlueMatcher
+    from evaluation.lightglue import LightGlueMatcher
 
     lightglue = LightGlueMatcher(EXTRACTORS[method.features].lightglue).to(device)
 

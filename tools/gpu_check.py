@@ -177,7 +177,7 @@ def extract(model: torch.nn.Module, image: torch.Tensor, amp: bool = False,
 def difference(reference: dict, outputs: dict, keypoints: torch.Tensor) -> tuple[float, float]:
     """Score map: largest difference relative to its largest value; descriptors: largest
     difference of a unit descriptor's component at ``keypoints``."""
-    from utils.keypoints import sample_descriptors
+    from model.keypoints import sample_descriptors
 
     score_ref, score = reference["local_point"], outputs["local_point"]
     relative = float((score - score_ref).abs().max() / score_ref.abs().max().clamp_min(1e-12))
@@ -187,7 +187,8 @@ def difference(reference: dict, outputs: dict, keypoints: torch.Tensor) -> tuple
 
 
 def extraction_check(checkpoint: Path, device: str, skip: set[str]) -> str:
-    from model.extractor import make_detector, select_features
+    from model.features import select_features
+    from model.keypoints import make_detector
     from model.scfeat import SCFeatModel
 
     image = photograph()

@@ -193,7 +193,8 @@ def hpatches_features(model: torch.nn.Module, hpatches: Path, sequences: list[st
     N×D)}`` with the network's own keypoints, and the same with SIFT keypoints."""
     from dataloader.hpatches import sift_keypoints
     from utils.image import load_image
-    from model.extractor import is_textureless, make_detector, network_input, select_features
+    from model.features import is_textureless, network_input, select_features
+    from model.keypoints import make_detector
 
     detector = make_detector("generate_kpts_single", options)
     own, with_sift = {}, {}

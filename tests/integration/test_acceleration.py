@@ -18,7 +18,7 @@ from extraction import run_extraction
 from schemas import load_extract_config
 from registry import build_model
 from utils.acceleration import TOLERANCE, accelerated, to_float32
-from utils.keypoints import generate_kpts_single, sample_descriptors
+from model.keypoints import generate_kpts_single, sample_descriptors
 
 CPU = torch.device("cpu")
 EXTRACT_CONFIG = REPO_ROOT / "config" / "extract_hpatches.yaml"

@@ -13,7 +13,7 @@ from model.detnet import DetNet
 from tools.benchmark import (PeakMemory, count_flops, efficiency, format_table, gemm_summary,
                              row, summarize, variant_difference)
 from tools import benchmark
-from utils.keypoints import sample_descriptors
+from model.keypoints import sample_descriptors
 
 
 def test_flop_count_of_convolutions_and_matmul_is_the_hand_count():
@@ -246,7 +246,7 @@ def test_extraction_times_reference_ops_and_ours_side_by_side(tmp_path):
 
 def test_disk_without_its_weights_is_not_timed_with_the_reason(monkeypatch):
     pytest.importorskip("kornia")
-    from model import peers
+    from evaluation import peers
     from utils.errors import SCFeatError
 
     def missing(name):

@@ -184,7 +184,7 @@ def test_second_run_reuses_every_stage(demo_run, capsys):
 
 @pytest.mark.slow
 def test_a_peer_without_its_wheel_is_skipped_with_one_line(demo_run, capsys, monkeypatch):
-    from model import peers
+    from evaluation import peers
 
     out = demo_run[0]
     capsys.readouterr()

@@ -26,7 +26,7 @@ from registry import build_model
 from tools.synthetic import load_photo
 from utils.config import save_config
 from utils.errors import SCFeatError
-from utils.keypoints import generate_kpts_single, sample_descriptors
+from model.keypoints import generate_kpts_single, sample_descriptors
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = REPO_ROOT / "config" / "extract_hpatches.yaml"

@@ -161,7 +161,7 @@ def test_tools_is_a_leaf(graph):
 
 
 def test_importing_model_pulls_in_no_data_loss_training_or_script_module():
-    code = ("import sys, model, model.scfeat, model.extractor; "
+    code = ("import sys, model, model.scfeat, model.features; "
             "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'dataloader', 'losses', 'train', 'training', 'extraction', 'registry', 'schemas', "
             "'evaluation', 'tools'})))")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.extractor import detector_schema
+from model.keypoints import detector_schema
 from utils.config import validate
-from utils.keypoints import generate_kpts_single, select_keypoints
+from model.keypoints import generate_kpts_single, select_keypoints
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "keypoint_selection_reference.npz"
 CASES = {
@@ -96,7 +96,7 @@ def test_gumbel_matches_original(reference):
 def test_gumbel_noise_drawn_from_the_generator_in_blocks(reference, monkeypatch):
     """Without stored noise the uniforms come from ``generator``; drawing them in blocks
     (memory) gives the values of one draw of the whole ``B×N×P`` tensor."""
-    import utils.keypoints as keypoints_module
+    import model.keypoints as keypoints_module
     score = torch.from_numpy(reference["map_crafted"][:1])
     uniform = torch.rand(1, 128, 18 * 22, generator=torch.Generator().manual_seed(3))
     expected = select_keypoints(score, stable=False, num_pts=None, uniform_noise=uniform)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from utils.errors import SCFeatError
-from model.extractor import make_detector
-from utils.keypoints import (MIN_KEYPOINTS, generate_kpts_single, hard_nms_mask,
+from model.keypoints import make_detector
+from model.keypoints import (MIN_KEYPOINTS, generate_kpts_single, hard_nms_mask,
                              sample_descriptors, select_keypoints)
 
 
@@ -207,7 +207,7 @@ def test_tiny_maps_that_the_original_cannot_select_from_still_work():
 
 def test_descriptors_of_a_bf16_map_are_sampled_at_float32_positions():
     import torch
-    from utils.keypoints import sample_descriptors
+    from model.keypoints import sample_descriptors
 
     torch.manual_seed(0)
     desc_map = torch.randn(1, 8, 120, 160)

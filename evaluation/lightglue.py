@@ -14,7 +14,7 @@ import re
 import numpy as np
 import torch
 
-from model.peers import load_weights, read_weights, weight_file
+from evaluation.peers import load_weights, read_weights, weight_file
 from utils.errors import SCFeatError
 
 LIGHTGLUE_FEATURES = ("disk", "aliked", "xfeat")

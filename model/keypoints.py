@@ -32,9 +32,13 @@ interior's side is reduced to fit the mirror padding. The Gumbel draws run in bl
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
+from utils.config import Spec, lookup, validate
 from utils.errors import SCFeatError
 from utils.geometry import normalize_coords, sample_features
 
@@ -256,3 +260,38 @@ def sample_descriptors(desc_map: torch.Tensor, keypoints_px: torch.Tensor,
     # Sample in float32: a bf16 map (autocast) must not round pixel coordinates to bf16.
     coords_n = normalize_coords(keypoints_px.float(), height, width)
     return sample_features(desc_map.float(), coords_n[None], normalize=True)[0]
+
+
+# ----------------------------------------------------------------------------- as a config section
+
+DETECTORS = {"generate_kpts_single": generate_kpts_single}  # config name → keypoint selection
+Detector = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+# Detector options whose default (None, or a free string) cannot state the type or choices.
+_SELECTION_DEFAULTS = generate_kpts_single.default_conf
+DETECTOR_SPECS = {
+    # The original reads a falsy num_pts (false, 0, null) as "every candidate" and a falsy
+    # thr as "no threshold".
+    "num_pts": Spec(_SELECTION_DEFAULTS["num_pts"], types=(int, bool, type(None))),
+    "thr": Spec(_SELECTION_DEFAULTS["thr"], types=(float, bool, type(None))),
+    "use_nms": Spec(_SELECTION_DEFAULTS["use_nms"], types=(bool, str), choices=NMS_MODES),
+    "thr_mod": Spec(_SELECTION_DEFAULTS["thr_mod"], choices=THRESHOLD_MODES),
+}
+
+
+def detector_schema(name: str) -> dict:
+    """Schema of the options of the detector ``name`` (its ``default_conf``, typed)."""
+    defaults = lookup(DETECTORS, name, "detector").default_conf
+    return {key: DETECTOR_SPECS.get(key, value) for key, value in defaults.items()}
+
+
+def make_detector(name: str, options: dict, origin: str = "detector_config") -> Detector:
+    """The detector ``name`` with ``options`` (validated; defaults filled in) bound: a function
+    ``score_map 1×1×H×W → (keypoints N×2, scores N)``."""
+    options = validate(options, detector_schema(name), origin)
+    detector = functools.partial(DETECTORS[name], **options)
+    try:
+        detector(torch.zeros(3, 3))  # the detector's own value checks, before any work
+    except SCFeatError as error:
+        raise SCFeatError(f"{origin}: {error}") from None
+    return detector

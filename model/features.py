@@ -12,54 +12,18 @@ size before selection, so no keypoint comes from the padding.
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable
-
 import numpy as np
 import torch
 
-from utils.config import Spec, lookup, validate
 from utils.errors import SCFeatError
 from utils.image import image_tensor, normalize_imagenet
-from utils.keypoints import NMS_MODES, THRESHOLD_MODES, generate_kpts_single, sample_descriptors
+from model.keypoints import Detector, make_detector, sample_descriptors
 
 PAD_MULTIPLE = 16  # the network's stride
 MIN_IMAGE_SIZE = 16  # smaller images would be mostly padding
 DESCRIPTOR_MAPS = ("desc_map", "local_map")
-DETECTORS = {"generate_kpts_single": generate_kpts_single}  # config name → keypoint selection
 
 Features = dict[str, torch.Tensor]
-Detector = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-# Detector options whose default (None, or a free string) cannot state the type or choices.
-_SELECTION_DEFAULTS = generate_kpts_single.default_conf
-DETECTOR_SPECS = {
-    # The original reads a falsy num_pts (false, 0, null) as "every candidate" and a falsy
-    # thr as "no threshold".
-    "num_pts": Spec(_SELECTION_DEFAULTS["num_pts"], types=(int, bool, type(None))),
-    "thr": Spec(_SELECTION_DEFAULTS["thr"], types=(float, bool, type(None))),
-    "use_nms": Spec(_SELECTION_DEFAULTS["use_nms"], types=(bool, str), choices=NMS_MODES),
-    "thr_mod": Spec(_SELECTION_DEFAULTS["thr_mod"], choices=THRESHOLD_MODES),
-}
-
-
-def detector_schema(name: str) -> dict:
-    """Schema of the options of the detector ``name`` (its ``default_conf``, typed)."""
-    defaults = lookup(DETECTORS, name, "detector").default_conf
-    return {key: DETECTOR_SPECS.get(key, value) for key, value in defaults.items()}
-
-
-def make_detector(name: str, options: dict, origin: str = "detector_config") -> Detector:
-    """The detector ``name`` with ``options`` (validated; defaults filled in) bound: a function
-    ``score_map 1×1×H×W → (keypoints N×2, scores N)``."""
-    options = validate(options, detector_schema(name), origin)
-    detector = functools.partial(DETECTORS[name], **options)
-    try:
-        detector(torch.zeros(3, 3))  # the detector's own value checks, before any work
-    except SCFeatError as error:
-        raise SCFeatError(f"{origin}: {error}") from None
-    return detector
-
 
 def is_textureless(image: torch.Tensor) -> bool:
     """True when every channel of a ``C×H×W`` (or ``1×C×H×W``) image is constant.

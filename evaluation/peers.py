@@ -10,7 +10,7 @@ computes itself.
 
 Every extractor's ``extract(image)`` takes one image in any form of
 :func:`utils.image.image_tensor` (numpy uint8 RGB or grey, float tensor in ``[0, 1]``, any
-device) and returns, like :func:`model.extractor.detect_and_describe`, numpy float32
+device) and returns, like :func:`model.features.detect_and_describe`, numpy float32
 ``keypoints`` ``N×2`` (``x, y``, pixel centres at integers), ``scores`` ``N`` and
 ``descriptors`` ``N×D`` (unit norm); the networks' features come best score first. The images
 are given to the networks as RGB in ``[0, 1]`` (grey repeated), as their reference code does.
@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import torch
 
-from model.extractor import MIN_IMAGE_SIZE, to_numpy
+from model.features import MIN_IMAGE_SIZE, to_numpy
 from utils.config import Spec, section_config
 from utils.errors import SCFeatError
 from utils.image import image_tensor
