@@ -52,10 +52,11 @@ from pathlib import Path
 
 from tools.demo_stages import (DESC_CONFIG, DET_CONFIG, REPO, DemoResult, StageRecord, banner,
                                budget_overrides, evaluate, extract, format_seconds, make_data,
-                               make_untrained, method_features, plural, results_table, same_backbone,
+                               make_untrained, baseline_features, plural, results_table, same_backbone,
                                train_stage, yaml_str)
 from utils.atomic import write_json
 from utils.cli import resolve_device, run_cli, setup_logging
+from utils.image import NETWORK_STRIDE
 
 DEFAULT_STEPS = 40           # stage 1; stage 2 runs DEFAULT_STEPS // 2
 DEFAULT_SIZE = "128x160"     # synthetic training images (the stage-1/2 input size)
@@ -123,7 +124,7 @@ def parse_training_size(args: argparse.Namespace) -> tuple[int, int]:
     except SCFeatError:
         raise SCFeatError(f"--size {args.size!r}: expected HEIGHTxWIDTH with both between 32 "
                           f"and 4096, e.g. {DEFAULT_SIZE}") from None
-    if size[0] % 16 or size[1] % 16:
+    if size[0] % NETWORK_STRIDE or size[1] % NETWORK_STRIDE:
         raise SCFeatError(f"--size {args.size!r}: the training images go through the network "
                           f"uncropped, so height and width must be multiples of 16 "
                           f"(e.g. {DEFAULT_SIZE})")
@@ -207,7 +208,7 @@ def features(networks: dict[str, Path], photos: Path, out: Path, keypoints: int,
                   f"are those of {fixed_of[earlier]}")
         rows.append((label, name, fixed_of[checkpoint]))
     for method in BASELINES:
-        if method_features(method, photos, out, keypoints, device, result):
+        if baseline_features(method, photos, out, keypoints, device, result):
             methods[method] = None
             rows.append((method, method, "sift" if method == "sift" else None))
     return methods, rows

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataloader.extraction_sets import EXTRACTION_DATASETS
 from dataloader.image_folders import ImageFolder
-from model.features import PAD_MULTIPLE, is_textureless, select_features, to_numpy
+from model.features import is_textureless, select_features, to_numpy
 from model.keypoints import Detector, make_detector
 from model.scfeat import SCFeatModel
 from utils.acceleration import accelerated
@@ -32,6 +32,7 @@ from utils.atomic import atomic_open, atomic_target
 from utils.cli import resolve_device
 from utils.config import lookup
 from utils.errors import SCFeatError
+from utils.image import NETWORK_STRIDE
 
 log = logging.getLogger("scfeat.extract")
 
@@ -261,5 +262,5 @@ def summarize(conf: dict, out_dir: Path, times: list[float], skipped: list[Path]
              summary["mean_ms"], features if features is not None else "(output_desc: false)")
     if skipped:
         log.warning("skipped %d image(s) that could not be read (or are smaller than %d px): %s",
-                    len(skipped), PAD_MULTIPLE, ", ".join(str(p) for p in skipped))
+                    len(skipped), NETWORK_STRIDE, ", ".join(str(p) for p in skipped))
     return summary

@@ -11,7 +11,7 @@ import difflib
 from pathlib import Path
 
 from evaluation.hpatches import default_conf as hpatches_defaults
-from evaluation.hpatches import parse_methods
+from evaluation.hpatches import parse_hpatches_methods
 from evaluation.pose import ESTIMATORS, LAYOUTS
 from evaluation.pose import default_conf as pose_defaults
 from model.features import DESCRIPTOR_MAPS
@@ -24,7 +24,6 @@ from utils.config import Dynamic, Spec, load_config, lookup
 from utils.errors import SCFeatError
 
 FEATURE_FORMATS = ("npz", "h5")
-TRAINABLE_MODULES = CHECKPOINT_PARTS  # the parts an optimiser may train
 
 # ---------------------------------------------------------------------------------- training
 
@@ -128,9 +127,9 @@ def check_train_config(conf: dict, origin: str) -> None:
     weights = conf["losses_weight"]
     if weights is not None and len(weights) != len(conf["losses"]):
         fail(f"key 'losses_weight' has {len(weights)} entries for {len(conf['losses'])} losses")
-    bad = [m for m in conf["optimal_modules"] if m not in TRAINABLE_MODULES]
+    bad = [m for m in conf["optimal_modules"] if m not in CHECKPOINT_PARTS]
     if bad or not conf["optimal_modules"]:
-        fail(f"key 'optimal_modules' must list modules from {list(TRAINABLE_MODULES)}, got "
+        fail(f"key 'optimal_modules' must list modules from {list(CHECKPOINT_PARTS)}, got "
              f"{conf['optimal_modules']}")
     if len(conf["optimal_lrs"]) != len(conf["optimal_modules"]):
         fail(f"key 'optimal_lrs' has {len(conf['optimal_lrs'])} entries for "
@@ -255,7 +254,7 @@ def load_eval_hpatches_config(path: str | Path, overrides: list[str] | tuple = (
     ``methods`` entries are checked here so that an error names the file."""
     conf = load_config(path, overrides, EVAL_HPATCHES_SCHEMA)
     try:
-        parse_methods(conf["methods"])
+        parse_hpatches_methods(conf["methods"])
     except SCFeatError as exc:
         raise SCFeatError(f"{path}: {exc}") from None
     return conf

@@ -15,6 +15,7 @@ import torch
 
 from dataloader.image_folders import ImageFolder, folder_conf
 from utils.config import Spec
+from utils.image import make_sift
 
 
 def _natural_key(name: str) -> list:
@@ -25,7 +26,7 @@ def _natural_key(name: str) -> list:
 def sift_keypoints(image_rgb: np.ndarray, max_pts: int) -> np.ndarray:
     """OpenCV SIFT keypoint locations ``N×2`` (float32 ``x, y``) of an ``H×W×3`` uint8 image."""
     gray = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY)
-    keypoints = cv2.SIFT_create(nfeatures=max_pts).detect(gray, None)
+    keypoints = make_sift(max_pts).detect(gray, None)
     return np.array([kp.pt for kp in keypoints], dtype=np.float32).reshape(-1, 2)
 
 

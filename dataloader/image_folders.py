@@ -27,12 +27,10 @@ from torch.utils.data import Dataset
 from dataloader.collate import collate_skip_none
 from utils.config import Spec, section_config
 from utils.errors import SCFeatError
-from utils.image import load_image, to_tensor_normalized
+from utils.image import IMAGE_SUFFIXES, NETWORK_STRIDE, load_image, to_tensor_normalized
 
 logger = logging.getLogger(__name__)
 
-CROP_MULTIPLE = 16  # the network's stride
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm")
 
 
 def folder_conf(data_path: str, **extra) -> dict:
@@ -99,12 +97,12 @@ class ImageFolder(Dataset):
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
             rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else
                              cv2.INTER_LINEAR)
-        crop_h = rgb.shape[0] // CROP_MULTIPLE * CROP_MULTIPLE
-        crop_w = rgb.shape[1] // CROP_MULTIPLE * CROP_MULTIPLE
+        crop_h = rgb.shape[0] // NETWORK_STRIDE * NETWORK_STRIDE
+        crop_w = rgb.shape[1] // NETWORK_STRIDE * NETWORK_STRIDE
         if crop_h == 0 or crop_w == 0:
             size = f"{rgb.shape[0]}×{rgb.shape[1]}" + (f" at scale {scale:g}" if scale != 1 else "")
             logger.warning("%s: image %s (%s) is smaller than %d px; skipping it", self.title,
-                           path, size, CROP_MULTIPLE)
+                           path, size, NETWORK_STRIDE)
             return None
         image_rgb = np.ascontiguousarray(rgb[:crop_h, :crop_w])
         return {

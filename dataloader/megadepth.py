@@ -61,7 +61,7 @@ from dataloader.pair_geometry import (MAX_FUNDAMENTAL_ENTRY, camera_at_size,
 from dataloader.query_points import QUERY_POINT_MODES, query_points
 from utils.config import Spec, section_config
 from utils.errors import SCFeatError
-from utils.image import decode_image, normalize_imagenet, to_float_tensor
+from utils.image import NETWORK_STRIDE, decode_image, normalize_imagenet, to_float_tensor
 
 log = logging.getLogger("scfeat.data")
 
@@ -85,7 +85,7 @@ def _jpeg_complete(data: bytes) -> bool:
 def resize_problem(resize: list | None) -> str | None:
     """What is wrong with a ``resize`` value (``None`` or ``[H, W]``, positive multiples of 16)."""
     if resize is None or (len(resize) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % 16 == 0
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % NETWORK_STRIDE == 0
             for v in resize)):
         return None
     return "must be null or [H, W] with positive multiples of 16"

@@ -6,6 +6,8 @@ import cv2
 import numpy as np
 import torch
 
+from utils.image import make_sift
+
 QUERY_POINT_MODES = (None, "random", "sift", "mixed")
 
 def random_points(count: int, height: int, width: int) -> torch.Tensor:
@@ -18,7 +20,7 @@ def sift_points(image_rgb: np.ndarray, count: int) -> torch.Tensor:
     if count <= 0:
         return torch.zeros(0, 2)
     gray = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY)
-    keypoints = cv2.SIFT_create(nfeatures=count).detect(gray, None)
+    keypoints = make_sift(count).detect(gray, None)
     keypoints = sorted(keypoints, key=lambda kp: -kp.response)[:count]
     if not keypoints:
         return torch.zeros(0, 2)

@@ -19,7 +19,6 @@ first letter of each pair's sequence, ``n_feats`` the features of every image an
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +47,6 @@ TARGET_IMAGES = range(2, 7)
 # Bump when the protocol or the cache content changes, so older caches are never reused.
 PROTOCOL_VERSION = "d2net-hpatches-mma-v2"
 METHOD_KEYS = {"name", "features", "postfix"}
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = Path(os.environ.get("SCFEAT_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
 
 default_conf = {
     "data_path": "data/hpatches-sequences-release",
@@ -60,8 +57,8 @@ default_conf = {
     # keypoint budget of every method named in 'methods'; None: each method's default
     # (evaluation/methods.py: all for SIFT, 2048 for DISK and ALIKED, 4096 for XFeat)
     "max_keypoints": None,
-    # result caches (.npy) to plot beside; None: the published ones in
-    # ../shared/reference/hpatches_cache when that folder exists
+    # result caches (.npy) to plot beside; None: none here (evaluate_hpatches.py reads None as
+    # the published ones in ../shared/reference/hpatches_cache when that folder exists)
     "compare_caches": None,
     "cache_dir": "outputs/hpatches_cache",
     "output_plot": "outputs/hpatches_mma.png",
@@ -246,7 +243,7 @@ def summarize(cache: Cache, max_threshold: int = 10) -> dict:
 # methods
 # ---------------------------------------------------------------------------------------------
 
-def parse_methods(entries: list) -> list[Method | FeatureFolder]:
+def parse_hpatches_methods(entries: list) -> list[Method | FeatureFolder]:
     """Config ``methods`` → :class:`evaluation.methods.Method` s (names) and
     :class:`FeatureFolder` s (``{name, features, postfix}``), with distinct names."""
     if not isinstance(entries, list) or not entries:
@@ -331,12 +328,6 @@ def evaluate_method(method: Method | FeatureFolder, data_path: str | Path, seque
     return cache, cache_path
 
 
-def default_compare_caches() -> list[Path]:
-    """The published caches in ``../shared/reference/hpatches_cache`` (empty when absent)."""
-    folder = REFERENCE_DIR / "hpatches_cache"
-    return sorted(folder.glob("*.npy")) if folder.is_dir() else []
-
-
 # ---------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------
@@ -398,9 +389,9 @@ def run_evaluation(conf: dict, print_fn: Callable[[str], None] = print) -> dict[
     if not isinstance(max_threshold, int) or not 1 <= max_threshold <= CACHE_THRESHOLDS[-1]:
         raise SCFeatError(f"config key 'thresholds': expected an integer in 1.."
                           f"{CACHE_THRESHOLDS[-1]}, got {max_threshold!r}")
-    methods = parse_methods(conf["methods"])
+    methods = parse_hpatches_methods(conf["methods"])
     compare = conf["compare_caches"]
-    compare_paths = default_compare_caches() if compare is None else compare
+    compare_paths = [] if compare is None else compare
     if not isinstance(compare_paths, list) or not all(isinstance(p, (str, Path))
                                                       for p in compare_paths):
         raise SCFeatError("config key 'compare_caches': expected a list of .npy paths or null")

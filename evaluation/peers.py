@@ -32,7 +32,7 @@ import torch
 from model.features import MIN_IMAGE_SIZE, to_numpy
 from utils.config import Spec, section_config
 from utils.errors import SCFeatError
-from utils.image import image_tensor
+from utils.image import image_tensor, make_sift
 
 # package resource folder and file of each set of weights
 WEIGHT_FILES = {
@@ -212,7 +212,7 @@ class SiftExtractor:
         tensor = image_tensor(image, "sift.extract: image")[0]
         pixels = (tensor * 255).round().to("cpu", torch.uint8).permute(1, 2, 0).numpy()
         gray = pixels[:, :, 0] if pixels.shape[2] == 1 else cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
-        sift = cv2.SIFT_create(nfeatures=self.conf["max_keypoints"] or 0)
+        sift = make_sift(self.conf["max_keypoints"])
         found, descriptors = sift.detectAndCompute(np.ascontiguousarray(gray), None)
         if descriptors is None:
             return {"keypoints": np.zeros((0, 2), np.float32), "scores": np.zeros(0, np.float32),

@@ -26,11 +26,10 @@ from evaluation.matching import Features, read_features
 from evaluation.methods import SYNTAX, Matcher, Method, make_matcher, method_features
 from utils.cli import run_cli, setup_logging
 from utils.errors import SCFeatError
-from utils.image import load_image
+from utils.image import IMAGE_SUFFIXES, load_image
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")
 COLMAP_PIXEL_OFFSET = 0.5  # COLMAP's pixel centres are at x + 0.5
 
 

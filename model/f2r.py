@@ -10,6 +10,7 @@ import torchvision
 
 from model.blocks import ConvBlock, PositionwiseNorm, ResizeBlock, UpBlock, channelwise_norm, join_skip
 from utils.errors import SCFeatError
+from utils.image import NETWORK_STRIDE
 
 # Bottleneck ResNets only: the decoder expects 256/512/1024 channels from layer1/2/3.
 ENCODERS = {
@@ -112,8 +113,9 @@ class ResUNet_F2R(nn.Module):
         return x_first, x1, x2, x3
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.shape[-2] % 16 or x.shape[-1] % 16:
-            raise SCFeatError(f"image size {tuple(x.shape[-2:])} must be a multiple of 16 in H and W")
+        if x.shape[-2] % NETWORK_STRIDE or x.shape[-1] % NETWORK_STRIDE:
+            raise SCFeatError(f"image size {tuple(x.shape[-2:])} must be a multiple of "
+                              f"{NETWORK_STRIDE} in H and W")
         x_first, x1, x2, x3 = self.encode(x)
 
         x2d = self.iconv3(join_skip(self.upconv3(x3), x2))

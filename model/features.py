@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from utils.errors import SCFeatError
-from utils.image import image_tensor, normalize_imagenet
+from utils.image import NETWORK_STRIDE, image_tensor, normalize_imagenet
 from model.keypoints import Detector, make_detector, sample_descriptors
 
-PAD_MULTIPLE = 16  # the network's stride
 MIN_IMAGE_SIZE = 16  # smaller images would be mostly padding
 DESCRIPTOR_MAPS = ("desc_map", "local_map")
 
@@ -73,7 +72,7 @@ def network_input(image: object, device: torch.device | str | None = None,
     accepts (numpy uint8 RGB or grey, float tensor in [0, 1]; at least ``MIN_IMAGE_SIZE``
     pixels a side): ``1×3×H'×W'`` ImageNet-normalised on ``device`` (default: the image's),
     grey repeated to three channels, padded at the right and bottom to multiples of
-    ``PAD_MULTIPLE`` by replicating the last row and column; and the image's ``(H, W)``.
+    ``utils.image.NETWORK_STRIDE`` by replicating the last row and column; and the image's ``(H, W)``.
 
     Replicate rather than zero: black padding would put a strong artificial edge along the
     image border, and since the detector normalises its maps over the whole image (peakiness,
@@ -84,7 +83,7 @@ def network_input(image: object, device: torch.device | str | None = None,
         tensor = tensor.to(device)
     height, width = tensor.shape[-2:]
     tensor = tensor.expand(-1, 3, -1, -1)  # grey → RGB, as image files are read
-    pad_h, pad_w = -height % PAD_MULTIPLE, -width % PAD_MULTIPLE
+    pad_h, pad_w = -height % NETWORK_STRIDE, -width % NETWORK_STRIDE
     if pad_h or pad_w:
         tensor = torch.nn.functional.pad(tensor, (0, pad_w, 0, pad_h), mode="replicate")
     return normalize_imagenet(tensor), (height, width)

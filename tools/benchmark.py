@@ -650,7 +650,8 @@ def trainer_step(config: Path | str, overrides: list[str], device: torch.device,
     on a network with random weights, its parts timed into ``holder['watch']``: the forward of
     both images, the preprocess step, each loss (and the stage-2 reward inside it) and the
     optimiser step; backward (with zero_grad and clipping) is what remains of the step."""
-    from schemas import TRAINABLE_MODULES, load_train_config
+    from schemas import load_train_config
+    from utils.checkpoint import CHECKPOINT_PARTS
     from training.loop import build_training_model
     from training.setup import PairModel, build_optimizer, freeze_all_but, set_train_mode
     from training.step import LossComposer, NonFiniteGuard, TrainStep
@@ -659,8 +660,8 @@ def trainer_step(config: Path | str, overrides: list[str], device: torch.device,
     torch.manual_seed(0)
     model = build_training_model(conf).to(device)
     trainable = conf["optimal_modules"]
-    freeze_all_but(model, trainable, TRAINABLE_MODULES)
-    set_train_mode(model, trainable, TRAINABLE_MODULES)
+    freeze_all_but(model, trainable, CHECKPOINT_PARTS)
+    set_train_mode(model, trainable, CHECKPOINT_PARTS)
     optimizer, _ = build_optimizer(model, conf)
     composer = LossComposer(conf).to(device)
     if composer.preprocess is not None:

@@ -310,7 +310,7 @@ def same_backbone(first: Path, second: Path) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
-def method_features(method: str, sequences: Path, out: Path, keypoints: int, device: str,
+def baseline_features(method: str, sequences: Path, out: Path, keypoints: int, device: str,
                     result: DemoResult) -> bool:
     """Features of a method extracted by name (``evaluation/methods.py``: ``sift``, ``disk``,
     ...), at most ``keypoints`` per image, for every image of ``sequences``, extracted as the

@@ -41,6 +41,7 @@ import torch
 from utils.atomic import atomic_open, write_json
 from utils.cli import setup_logging
 from utils.errors import SCFeatError
+from utils.image import NETWORK_STRIDE, make_sift
 
 log = logging.getLogger("scfeat.learning_stage1")
 
@@ -114,7 +115,7 @@ def sift_epipolar_precision(image1: np.ndarray, image2: np.ndarray, fmat1: torch
 
     from evaluation.matching import mnn_matches
 
-    sift = cv2.SIFT_create()
+    sift = make_sift()
     found = []
     for image in (image1, image2):
         keypoints, descriptors = sift.detectAndCompute(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), None)
@@ -141,7 +142,7 @@ def held_out_data(out: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     from utils.cli import parse_size
 
     size, hpatches_size = parse_size(args.size), parse_size(args.hpatches_size)
-    if size[0] % 16 or size[1] % 16:
+    if size[0] % NETWORK_STRIDE or size[1] % NETWORK_STRIDE:
         raise SCFeatError(f"--size {args.size!r}: height and width must be multiples of 16 (the "
                           f"pairs go through the network uncropped)")
     megadepth = out / "data" / (f"megadepth-s{args.seed}-{args.scenes}x{args.images}-"

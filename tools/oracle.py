@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from tools import synthetic
 from utils.errors import SCFeatError
+from utils.image import NETWORK_STRIDE
 from utils.geometry import fundamental_from_pose, relative_pose
 
 UNINFORMATIVE_PHOTOS = ("brick", "coffee")
@@ -145,7 +146,7 @@ def make_scene_pairs(n_scenes: int, images_per_scene: int, size: tuple[int, int]
     views. Returns pairs ``{'view1', 'view2', 'F1', 'F2'}`` (``F`` 3×3 float32 tensors,
     ``x2ᵀ·F1·x1 = 0``), views as :class:`View`."""
     height, width = size
-    if height % 16 or width % 16:
+    if height % NETWORK_STRIDE or width % NETWORK_STRIDE:
         raise SCFeatError(f"--size: expected H and W multiples of 16 (the backbone's stride), "
                           f"got {height}x{width}")
     photos = {name: synthetic.load_photo(name) for name in SCENE_PHOTOS}

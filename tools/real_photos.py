@@ -118,14 +118,14 @@ def evaluate_photos(methods: Sequence[str], checkpoints: dict[str, Path], out: P
     print each method's MMA@3 and keypoints per image on each photograph, and its keypoints
     per image and their share near the border. Returns ``{label: summary}``."""
     from evaluation.hpatches import (evaluate_method, list_sequences, method_feature_files,
-                                     parse_methods, run_evaluation, summarize)
+                                     parse_hpatches_methods, run_evaluation, summarize)
     from evaluation.matching import read_feature_file
     from tools import demo_stages
 
     unknown = [p for p in photos if p not in HELD_OUT_PHOTOS]
     if unknown or not photos:
         raise SCFeatError(f"--photos: unknown {unknown}; expected some of {list(HELD_OUT_PHOTOS)}")
-    parsed = parse_methods(list(methods)) if methods else []  # checked before any work
+    parsed = parse_hpatches_methods(list(methods)) if methods else []  # checked before any work
     sequences = make_sequences(out / f"sequences-s{seed}-{'-'.join(photos)}", photos, seed)
     result = demo_stages.DemoResult()
     features = {label: demo_stages.extract(label, folder, f"photos-{label}", out, sequences,
@@ -138,7 +138,7 @@ def evaluate_photos(methods: Sequence[str], checkpoints: dict[str, Path], out: P
                                 "compare_caches": [], "cache_dir": str(cache_dir),
                                 "output_plot": str(out / "mma.png"), "thresholds": 10,
                                 "exclude_high_res": True, "max_keypoints": max_keypoints})
-    evaluated = parse_methods(entries)
+    evaluated = parse_hpatches_methods(entries)
     width = max(len("method"), *(len(method.label) for method in evaluated))
     print(f"\nper photograph (illumination and viewpoint sequence): MMA@{PHOTO_THRESHOLD}px, "
           f"keypoints per image")

@@ -20,7 +20,7 @@ from training.setup import (PairModel, build_optimizer, freeze_all_but, set_trai
                             setup_distributed, wrap_distributed)
 from training.step import LossComposer, NonFiniteGuard, TrainStep
 from utils.acceleration import accelerated
-from utils.checkpoint import CHECKPOINT_PARTS as TRAINABLE_MODULES
+from utils.checkpoint import CHECKPOINT_PARTS
 from utils.cli import setup_logging
 from utils.config import save_config
 from utils.errors import SCFeatError
@@ -63,7 +63,7 @@ class Trainer:
             # The starting weights, as the original writes them (its train_det.yaml loads 000).
             self.run.save_weights(self.model, 0)
         self.trainable = list(conf["optimal_modules"])
-        freeze_all_but(self.model, self.trainable, TRAINABLE_MODULES)
+        freeze_all_but(self.model, self.trainable, CHECKPOINT_PARTS)
         self.optimizer, self.scheduler = build_optimizer(self.model, conf)
         self.pair_model = wrap_distributed(PairModel(self.model), self.world_size, self.device)
         # The network's forward as training runs it: bf16 autocast and/or compiled on request,
@@ -209,7 +209,7 @@ class Trainer:
                              progress.batches_drawn, self.rank, self.world_size,
                              pin_memory=self.device.type == "cuda")
         iterator = iter(loader)
-        set_train_mode(self.model, self.trainable, TRAINABLE_MODULES)
+        set_train_mode(self.model, self.trainable, CHECKPOINT_PARTS)
         bar = tqdm(total=conf["epoch_step"], initial=progress.step_in_epoch,
                    desc=f"epoch {progress.epoch + 1}/{conf['epoch']}", disable=not self.is_main,
                    dynamic_ncols=True)

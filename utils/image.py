@@ -22,6 +22,14 @@ from utils.errors import SCFeatError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NETWORK_STRIDE = 16  # the F2R encoder's total stride: network inputs are multiples of it
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")  # the image files a folder lists
+
+
+def make_sift(max_keypoints: int | None = None) -> "cv2.SIFT":
+    """OpenCV's SIFT with its default parameters, keeping at most ``max_keypoints`` per image
+    (``None`` or 0: all)."""
+    return cv2.SIFT_create(nfeatures=max_keypoints or 0)
 
 
 def decode_image(data: bytes | np.ndarray, grey: bool = False) -> np.ndarray | None:

@@ -18,7 +18,7 @@ from conftest import assert_same_features, tf32_off
 import extract_features
 from dataloader.hpatches import sift_keypoints
 from utils.image import to_tensor_normalized
-from evaluation.hpatches import parse_methods
+from evaluation.hpatches import parse_hpatches_methods
 from extraction import output_dir, run_extraction
 from schemas import load_eval_hpatches_config, load_extract_config
 from utils.cli import resolve_device
@@ -395,7 +395,7 @@ def test_shipped_configs_validate(model_and_checkpoint):
                                       (REPO_ROOT / "config" / "demo" / "extract.yaml",
                                        "demo/eval.yaml", "stage2")]:
         written = Path(os.path.normpath(output_dir(load_extract_config(extract, [checkpoint]))))
-        methods = parse_methods(load_eval_hpatches_config(REPO_ROOT / "config" / evaluate)["methods"])
+        methods = parse_hpatches_methods(load_eval_hpatches_config(REPO_ROOT / "config" / evaluate)["methods"])
         assert {m.name: m.features for m in methods}[method] == written / "desc"
     # model_config entries left as None come from the checkpoint run's config.yaml
     assert conf["model_config"]["backbone"] == "ResUNet_F2R"

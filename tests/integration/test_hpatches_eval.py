@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import evaluate_hpatches
-from evaluation.hpatches import (HIGH_RES_SEQUENCES, FeatureFolder, default_compare_caches,
+from evaluation.hpatches import (HIGH_RES_SEQUENCES, FeatureFolder,
                                  evaluate_method, files_signature,
-                                 list_sequences, load_cache, mnn_matches, parse_methods,
+                                 list_sequences, load_cache, mnn_matches, parse_hpatches_methods,
                                  run_evaluation, save_cache, summarize)
 from utils.errors import SCFeatError
 
@@ -191,11 +191,11 @@ def test_bad_cache_and_method_entries(tmp_path):
     with pytest.raises(SCFeatError, match="not an HPatches cache"):
         load_cache(bad)
     with pytest.raises(SCFeatError, match=r"methods\[0\]"):
-        parse_methods([{"name": "x", "features": "f"}])
+        parse_hpatches_methods([{"name": "x", "features": "f"}])
     with pytest.raises(SCFeatError, match="unique"):
-        parse_methods(["sift", "sift"])
+        parse_hpatches_methods(["sift", "sift"])
     with pytest.raises(SCFeatError, match="letters, digits"):
-        parse_methods([{"name": "a/b", "features": "f", "postfix": "p"}])
+        parse_hpatches_methods([{"name": "a/b", "features": "f", "postfix": "p"}])
 
 
 def test_mutual_nearest_neighbours_chunked():
@@ -213,7 +213,7 @@ def test_sift_baseline_on_translated_texture(tmp_path):
     texture = cv2.cvtColor(cv2.equalizeHist(texture), cv2.COLOR_GRAY2BGR)
     data = make_layout(tmp_path / "hp", {"i_tex": np.zeros(2), "v_tex": np.array([5.0, 3.0])},
                        size=(120, 160), texture=texture)
-    cache, _ = evaluate_method(parse_methods(["sift"])[0], data, list_sequences(data),
+    cache, _ = evaluate_method(parse_hpatches_methods(["sift"])[0], data, list_sequences(data),
                                tmp_path / "cache")
     summary = summarize(cache, 3)
     assert summary["mean_matches"] > 20
@@ -229,7 +229,7 @@ def test_cli_end_to_end_and_config_errors(synthetic, tmp_path, capsys):
     assert evaluate_hpatches.main(["--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "syn" in out
-    if default_compare_caches():  # the published caches are compared by default
+    if evaluate_hpatches.default_compare_caches():  # the published caches are compared by default
         assert "scfeat-20k" in out and "0.822" in out
     assert (tmp_path / "mma.png").stat().st_size > 0
     assert len(list((tmp_path / "cache").glob("syn-*.npy"))) == 1
