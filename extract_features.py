@@ -6,9 +6,9 @@
 Writes ``ckpts/<output_root>/desc/<key>.<postfix>`` npz files, the key being the image's path
 in its layout (HPatches ``<seq>/<k>.ppm``, what ``evaluate_hpatches.py`` reads; see
 :mod:`dataloader.image_folders`), with ``keypoints`` N×2 x, y in the image file's pixels,
-``scores`` N, ``descriptors`` N×D unit norm; or with ``format: h5`` (or the original's
-``save_npz: false``) one ``features.h5`` in hloc's layout, a group per key; with ``output_img``
-also score maps and keypoint drawings under ``image/``.
+``scores`` N, ``descriptors`` N×D unit norm; or with ``format: h5`` one ``features.h5`` in
+hloc's layout, a group per key (the original's ``save_npz: false`` alone writes no feature
+files); with ``output_img`` also score maps and keypoint drawings under ``image/``.
 The work is done by :mod:`extraction`; for your own images use
 ``SCFeatModel.from_checkpoint(folder).detect_and_describe(image)``.
 """
@@ -27,17 +27,23 @@ from utils.config import report_inert_keys
 def parse_args(argv: list[str] | None = None):
     parser = config_parser(__doc__)
     parser.add_argument("--format", choices=FEATURE_FORMATS, default=None,
-                        help="feature file format (overrides the config's 'format')")
+                        help="feature file format (overrides the config's 'format' and "
+                             "'save_npz')")
     acceleration.add_arguments(parser)
     return parser.parse_args(argv)
 
 
+def config_overrides(args) -> list[str]:
+    """The ``KEY=VALUE`` overrides, then those of the flags (``--format`` replaces both
+    ``format`` and the config's ``save_npz``)."""
+    formats = [f"format={args.format}", "save_npz=null"] if args.format else []
+    return list(args.overrides) + formats + acceleration.flag_overrides(args)
+
+
 def extract(args) -> int:
     use_reference_ops(args.reference_ops)
-    overrides = list(args.overrides) + ([f"format={args.format}"] if args.format else []) \
-        + acceleration.flag_overrides(args)
     inert: list[str] = []
-    conf = load_extract_config(args.config, overrides, inert)
+    conf = load_extract_config(args.config, config_overrides(args), inert)
     report_inert_keys(args.config, inert)
     add_log_file(output_dir(conf) / "extract.log")
     run_extraction(conf)

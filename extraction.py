@@ -194,7 +194,7 @@ def run_extraction(conf: dict) -> dict:
     """Extract features for every image of the (validated) config's dataset.
 
     Returns the summary ``{images, mean_ms, skipped (paths), output (folder), features (the h5
-    file or the desc folder, None without output_desc)}``.
+    file or the desc folder; None without output_desc, or with save_npz: false and no format)}``.
     """
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -209,6 +209,9 @@ def run_extraction(conf: dict) -> dict:
     out_dir = output_dir(conf)
     log.info("extracting %d images of %s on %s into %s", len(dataset),
              conf["data_config_extract"]["data_path"], device, out_dir)
+    if conf["output_desc"] and conf["format"] is None:
+        log.warning("save_npz: false without 'format': no feature files are written (the "
+                    "original's meaning; 'format: h5' writes one %s)", H5_FILE)
     write_h5 = conf["output_desc"] and conf["format"] == "h5"
     times, skipped = [], []
     with contextlib.ExitStack() as stack:
@@ -243,7 +246,7 @@ def save_item(extract: Callable, item: dict, detector: Detector, conf: dict,
     in_file = {**features, "keypoints": to_file_pixels(features["keypoints"], item["resized"])}
     if conf["output_desc"] and h5 is not None:
         add_h5_features(h5, key, in_file, (width, height))
-    elif conf["output_desc"]:
+    elif conf["output_desc"] and conf["format"] == "npz":
         write_npz(feature_file(out_dir, key, conf["postfix"]), in_file)
     if conf["output_img"]:
         write_images(out_dir, key, item["image_rgb"].numpy(), score_map, features["keypoints"])
@@ -254,12 +257,12 @@ def save_item(extract: Callable, item: dict, detector: Detector, conf: dict,
 def summarize(conf: dict, out_dir: Path, times: list[float], skipped: list[Path]) -> dict:
     """Log and return the run's summary."""
     features = None
-    if conf["output_desc"]:
+    if conf["output_desc"] and conf["format"] is not None:
         features = out_dir / (H5_FILE if conf["format"] == "h5" else "desc")
     summary = {"images": len(times), "mean_ms": float(np.mean(times)) if times else 0.0,
                "skipped": skipped, "output": out_dir, "features": features}
     log.info("done: %d images, %.1f ms/image on average; features in %s", summary["images"],
-             summary["mean_ms"], features if features is not None else "(output_desc: false)")
+             summary["mean_ms"], features if features is not None else "(none written)")
     if skipped:
         log.warning("skipped %d image(s) that could not be read (or are smaller than %d px): %s",
                     len(skipped), NETWORK_STRIDE, ", ".join(str(p) for p in skipped))

@@ -30,7 +30,8 @@ FEATURE_FORMATS = ("npz", "h5")
 def val_schema(root: dict, raw: dict) -> dict:
     """``val_config``, the original's layout: ``data_config_val`` (a dataset config of the
     training ``data`` class; validation runs after each epoch when it is given), our
-    ``max_pairs`` and the original's visualisation keys, accepted and unused."""
+    ``max_pairs`` and the visualisation keys of the original's configs (which it never reads),
+    accepted and unused."""
     if not raw:
         return {}
     data_schema = class_section(DATASETS, "data")
@@ -176,11 +177,12 @@ EXTRACT_SCHEMA = {
     "detector_config_query": Dynamic(
         lambda root, raw: detector_schema(root["detector"]) if raw else {}, default=None),
     "save_npz": Spec(None, types=(bool, type(None)),
-                     doc="true: npz files (format npz); false: one features.h5 (format h5)"),
+                     doc="true: npz files (format npz); false: no feature files, unless "
+                         "format: h5"),
     # Our additions.
     "descriptor_map": Spec("desc_map", choices=DESCRIPTOR_MAPS),
     "format": Spec(None, types=(str, type(None)), choices=FEATURE_FORMATS + (None,),
-                   doc="null: npz, or h5 with save_npz: false"),
+                   doc="null: as save_npz says (npz when it is absent)"),
     "device": Spec("auto", choices=DEVICE_CHOICES),
     "amp": Spec(False, doc="bf16 autocast (CUDA; see utils/acceleration.py)"),
     "compile": Spec(False, doc="torch.compile the network (CUDA; see utils/acceleration.py)"),
@@ -227,14 +229,18 @@ def check_extract_config(conf: dict, origin: str) -> None:
     conf["format"] = feature_format(conf, fail)
 
 
-def feature_format(conf: dict, fail) -> str:
-    """``format``, or the original's ``save_npz`` (true: npz, false: h5) when ``format`` is
-    null; npz when neither is given. ``fail(message)`` when the two disagree."""
-    implied = None if conf["save_npz"] is None else ("npz" if conf["save_npz"] else "h5")
-    if conf["format"] is not None and implied is not None and conf["format"] != implied:
-        fail(f"key 'format' is {conf['format']} but 'save_npz: {str(conf['save_npz']).lower()}' "
-             f"means {implied}; give one of the two")
-    return conf["format"] or implied or "npz"
+def feature_format(conf: dict, fail) -> str | None:
+    """``format`` when given; otherwise what the original's ``save_npz`` means: true (or
+    absent) npz files, false no feature files at all (``None``). ``fail(message)`` when the two
+    disagree (``save_npz: true`` with ``format: h5``, ``save_npz: false`` with ``format: npz``)."""
+    fmt, save_npz = conf["format"], conf["save_npz"]
+    if fmt is not None and save_npz is not None and (fmt == "npz") != save_npz:
+        means = "npz files" if save_npz else "no npz files"
+        fail(f"key 'format' is {fmt} but 'save_npz: {str(save_npz).lower()}' means {means}; "
+             f"give one of the two")
+    if fmt is not None:
+        return fmt
+    return None if save_npz is False else "npz"
 
 
 # -------------------------------------------------------------------------------- evaluation

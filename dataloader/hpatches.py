@@ -37,7 +37,8 @@ class HPatch_SIFT(ImageFolder):
         "data/hpatches-sequences-release",
         use_sift=False,
         sift_max_pts=0,  # 0: every SIFT keypoint, as the original's use_sift
-        # The original's keys; its extraction ignores them (use_sift takes every SIFT point).
+        # The original's config keys; nothing reads them here (the original never reads
+        # num_pts; use_sift takes every SIFT point).
         prune_kp=Spec(True, inert=True),
         num_pts=Spec(5000, inert=True),
     )

@@ -8,8 +8,8 @@ so crop pixels are file pixels. Each layout lists its images and names each one'
 | ``data`` | layout under ``data_path`` | key | queries |
 | --- | --- | --- | --- |
 | ``HPatch_SIFT`` | ``<seq>/<k>.ppm`` (:mod:`dataloader.hpatches`) | ``<seq>/<k>.ppm`` | none |
-| ``Aachen_Day_Night`` | ``images/images_upright/{db,sequences,query}/**`` (v1.1) | the path below ``images_upright`` (``db/1000.jpg``, hloc's names) | the images under ``query/`` |
-| ``ETH_LFB`` | ``<scene>/images/*`` (ETH local-feature benchmark) | ``<scene>/images/<name>`` | none |
+| ``Aachen_Day_Night`` | ``{db,sequences,query}/**`` (v1.1; ``data_path`` is ``images_upright``) | the path below ``images_upright`` (``db/1000.jpg``, hloc's names) | the images under ``query/`` |
+| ``ETH_LFB`` | ``<scene>/images/*`` (ETH local-feature benchmark); with ``subfolder``: ``<subfolder>/images/*`` | ``<scene>/images/<name>``; with ``subfolder``: ``<subfolder>/<name>`` | none |
 | ``InLoc`` | ``database/**`` and ``query/**`` (hloc's InLoc layout) | the path below ``data_path`` | none |
 
 Image files: ``.jpg``, ``.jpeg``, ``.png``, ``.ppm`` in any letter case, sorted by path.
@@ -118,20 +118,39 @@ class ImageFolder(Dataset):
 
 class Aachen_Day_Night(ImageFolder):
     """Aachen Day-Night v1.1: the database, sequence and query images; queries may have their
-    own detector settings (``detector_config_query``)."""
+    own detector settings (``detector_config_query``).
 
-    default_conf = folder_conf("data/aachen_v1.1")
+    ``data_path`` is the ``images_upright`` folder itself (the original's level: it holds
+    ``db/``, ``sequences/``, ``query/``); a folder above it, holding ``images_upright/`` or
+    ``images/images_upright/``, is accepted too, with one log line naming the folder read. A
+    ``data_path`` that matches two of these levels is refused, naming both."""
+
+    default_conf = folder_conf("data/aachen_v1.1/images/images_upright")
     title = "Aachen Day-Night"
-    layout = "<data_path>/images/images_upright/{db,sequences,query}/.../<image>.jpg"
+    layout = ("<data_path>/{db,sequences,query}/.../<image>.jpg (data_path: images_upright; or "
+              "the folder holding images_upright/ or images/images_upright/)")
+    parts = ("db", "sequences", "query")
 
-    @property
-    def images_dir(self) -> Path:
-        return self.root / "images" / "images_upright"
+    def upright_dir(self) -> Path:
+        """The ``images_upright`` folder that ``data_path`` names (see the class doc)."""
+        above = [self.root / "images_upright", self.root / "images" / "images_upright"]
+        found = [folder for folder in above if folder.is_dir()]
+        if any((self.root / part).is_dir() for part in self.parts):
+            found.insert(0, self.root)
+        if not found:
+            raise SCFeatError(f"{self.root}: no {', '.join(self.parts)} folder here, nor "
+                              f"{above[0]} or {above[1]} (Aachen Day-Night layout: {self.layout})")
+        if len(found) > 1:
+            raise SCFeatError(f"{self.root}: ambiguous Aachen Day-Night data_path: both {found[0]} "
+                              f"and {found[1]} may be images_upright; set data_path to the one "
+                              f"to read")
+        if found[0] != self.root:
+            logger.info("%s: data_path %s is above images_upright; reading %s", self.title,
+                        self.root, found[0])
+        return found[0]
 
     def list_images(self) -> list[Path]:
-        if not self.images_dir.is_dir():
-            raise SCFeatError(f"{self.images_dir}: folder not found (Aachen Day-Night layout: "
-                              f"{self.layout})")
+        self.images_dir = self.upright_dir()
         return image_files(self.images_dir)
 
     def key(self, path: Path) -> str:
@@ -141,14 +160,37 @@ class Aachen_Day_Night(ImageFolder):
         return self.key(path).split("/", 1)[0] == "query"
 
 
-class ETH_LFB(ImageFolder):
-    """The scenes of the ETH local-feature benchmark (3D reconstruction)."""
+def subfolder_problem(value: str | None) -> str | None:
+    """What is wrong with an ETH ``subfolder`` (a scene folder's name below ``data_path``)."""
+    if value is None:
+        return None
+    parts = Path(value).parts
+    if not value.strip("/") or Path(value).is_absolute() or ".." in parts:
+        return "must be a scene folder below data_path (e.g. Fountain), or null for every scene"
+    return None
 
-    default_conf = folder_conf("data/eth")
+
+class ETH_LFB(ImageFolder):
+    """The scenes of the ETH local-feature benchmark (3D reconstruction): every scene
+    ``<data_path>/<scene>/images/`` (keys ``<scene>/images/<image>``), or with ``subfolder``
+    (the original's key) that one scene's ``<data_path>/<subfolder>/images/`` (keys
+    ``<subfolder>/<image>``, the original's)."""
+
+    default_conf = folder_conf("data/eth", subfolder=Spec(
+        None, types=(str, type(None)), check=subfolder_problem,
+        doc="one scene, <data_path>/<subfolder>/images; null: every scene"))
     title = "ETH local-feature benchmark"
     layout = "<data_path>/<scene>/images/<image>"
 
     def list_images(self) -> list[Path]:
+        subfolder = self.conf["subfolder"]
+        if subfolder is not None:
+            folder = self.root / subfolder / "images"
+            if not folder.is_dir():
+                raise SCFeatError(f"{folder}: folder not found (subfolder {subfolder!r}: the "
+                                  f"scene's images in <data_path>/<subfolder>/images/<image>)")
+            self.images_dir = folder
+            return image_files(folder)
         paths = []
         for scene in sorted(p for p in self.root.iterdir() if p.is_dir()):
             if (scene / "images").is_dir():
@@ -158,6 +200,9 @@ class ETH_LFB(ImageFolder):
         return paths
 
     def key(self, path: Path) -> str:
+        subfolder = self.conf["subfolder"]
+        if subfolder is not None:
+            return f"{subfolder.strip('/')}/{path.relative_to(self.images_dir).as_posix()}"
         return path.relative_to(self.root).as_posix()
 
 

@@ -27,8 +27,8 @@ The loader never trains on garbage and never stops on one bad pair:
   across DataLoader workers (:func:`dataloader.collate.summarize_skips`). The file records and
   cause names are in :mod:`dataloader.megadepth_layout`, the pair checks in
   :mod:`dataloader.pair_geometry`, the query points in :mod:`dataloader.query_points`.
-* Images are read with their pixels as stored (an EXIF orientation tag is ignored, as the
-  original's reader does). An image whose size on disk is not the one ``img_cam.txt`` gives is
+* Images are read with their pixels as stored (an EXIF orientation tag is ignored: the
+  intrinsics of ``img_cam.txt`` describe the stored pixels). An image whose size on disk is not the one ``img_cam.txt`` gives is
   used with its intrinsics scaled by the size ratio (:func:`dataloader.pair_geometry.camera_at_size`;
   F follows); its item carries a note ``(folder, warning)`` that the collate function lists
   under the batch's ``notes`` key, and the trainer logs one warning per folder.
@@ -118,7 +118,8 @@ class MegaDepth_SIFT(Dataset):
         "batch_size": Spec(2, minimum=1),
         "workers": Spec(4, minimum=0),
         "shuffle": True,
-        # The original's key (pruning of its loader's SIFT points); nothing reads it here.
+        # The original's key: it prunes its loader's unused SIFT query points. Nothing reads it
+        # here: query points are computed only when query_points asks for them.
         "prune_kp": Spec(False, inert=True),
     }
 

@@ -80,7 +80,8 @@ class KeypointLoss(nn.Module):
     trainer's 1-based epoch (temperature ``min(temperature_base + epoch, temperature_max)``).
     ``loss = −reinforce − kp_penalty``. Components (scalars, detached), with the original's
     names and signs: ``reinforce``, ``kp_penalty`` (positive), ``scale1``, ``scale2`` (the
-    ``rescale_thr`` scales, batch mean; 1 without it),
+    ``rescale_thr`` scales of image 2 and image 1 respectively, as the original names them;
+    batch means; 1 without it),
     ``cor_max``, ``cor_mean``, ``cor_minmax``, ``cor_minmean``, ``cor_summin``,
     ``cor_summax`` (statistics of the match probabilities P), ``n_kps`` (accepted keypoints of
     both images, per image pair), ``n_pairs`` (ΣP per image pair), ``temperature``; our
@@ -342,9 +343,10 @@ class KeypointLoss(nn.Module):
         flat = prob.flatten(1)  # B×(N·M)
         sums = torch.cat([prob.sum(-1).flatten(), prob.sum(-2).flatten()])  # row and column sums
         one = torch.ones((), device=prob.device)
+        # The original's names: its scale1 is image 2's scale (m2 / min), scale2 image 1's.
         return {
-            "scale1": one if scales is None else scales[0].float().mean(),
-            "scale2": one if scales is None else scales[1].float().mean(),
+            "scale1": one if scales is None else scales[1].float().mean(),
+            "scale2": one if scales is None else scales[0].float().mean(),
             "cor_minmax": flat.max(1).values.min().float(),
             "cor_minmean": flat.mean(1).min().float(),
             "cor_max": flat.max().float(),

@@ -312,7 +312,8 @@ def section_config(schema: dict, conf: dict | None, origin: str) -> dict:
 def report_inert_keys(origin: str, keys: list[str]) -> None:
     """The one start-up line that lists the inert keys a config sets."""
     if keys:
-        log.info("%s: accepted for compatibility with the original's configs, has no effect: %s",
+        log.info("%s: accepted for compatibility with the original's configs, has no effect "
+                 "here (docs/configs.md): %s",
                  origin, ", ".join(keys))
 
 

@@ -2,9 +2,9 @@
 loader.
 
 Every image the project reads (training, extraction, evaluation, tools) goes through
-:func:`decode_image`: pixels as stored in the file, an EXIF orientation tag ignored (as the
-original's reader and the cameras' intrinsics assume; OpenCV would otherwise rotate a tagged
-JPEG). Images are ``H×W×3`` uint8 RGB arrays (``H×W`` when grey) and reach the networks as
+:func:`decode_image`: pixels as stored in the file, an EXIF orientation tag ignored (COLMAP's
+models, and so MegaDepth's intrinsics, describe the stored pixels; OpenCV would otherwise rotate
+a tagged JPEG, and the original's reader rotates it: docs/differences.md). Images are ``H×W×3`` uint8 RGB arrays (``H×W`` when grey) and reach the networks as
 ``3×H×W`` float tensors normalised with the ImageNet mean and standard deviation.
 
 :func:`image_tensor` turns any accepted form of one image (numpy uint8 RGB or grey, or a float

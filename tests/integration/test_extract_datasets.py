@@ -71,7 +71,7 @@ def test_aachen_npz_files_and_the_query_detector(checkpoint, photo, tmp_path):
     for name, (top, left) in names.items():
         write_crop(upright / name, photo, top, left)
     out = tmp_path / "out"
-    summary = extract("extract_aachen.yaml", tmp_path / "aachen", checkpoint, out,
+    summary = extract("extract_aachen.yaml", upright, checkpoint, out,
                       *UNTHRESHOLDED, "detector_config.num_pts=300",
                       "detector_config_query={num_pts: 150, thr: false}")
     assert summary["images"] == 4 and summary["features"] == out / "desc"
@@ -99,6 +99,16 @@ def test_eth_files_beside_each_scene_image(checkpoint, photo, tmp_path):
     features = read_npz(out / "desc" / "Herzjesu" / "images" / "0000.png.scfeat")
     assert set(features) == {"keypoints", "scores", "descriptors"}
     assert_features_inside(features, 80, 112)  # the crop of the 83×121 file
+    # subfolder (the original's key): one scene per run, <scene>/<image> files, one output folder
+    single = tmp_path / "single"
+    for scene in ("Fountain", "Herzjesu"):
+        extract("extract_eth.yaml", data, checkpoint, single, *UNTHRESHOLDED,
+                f"data_config_extract.subfolder={scene}")
+    assert sorted(p.relative_to(single / "desc").as_posix() for p in (single / "desc").rglob("*")
+                  if p.is_file()) == ["Fountain/0000.jpg.scfeat", "Fountain/0001.jpg.scfeat",
+                                      "Herzjesu/0000.png.scfeat"]
+    same = read_npz(single / "desc" / "Herzjesu" / "0000.png.scfeat")
+    np.testing.assert_array_equal(same["keypoints"], features["keypoints"])
 
 
 @pytest.mark.slow
@@ -136,20 +146,52 @@ def test_inloc_scale_maps_keypoints_to_the_file_pixels(checkpoint, photo, tmp_pa
     ("extract_hpatches.yaml", "data_config_extract.scale=0.5",
      "key 'data_config_extract.scale' is not a known key"),
     ("extract_aachen.yaml", "use_sift=true", "key 'use_sift' .* only for data: HPatch_SIFT"),
-    ("extract_inloc.yaml", "format=npz", "'format' is npz but 'save_npz: false' means h5"),
+    ("extract_inloc.yaml", ("save_npz=false", "format=npz"),
+     "'format' is npz but 'save_npz: false' means no npz files"),
+    ("extract_aachen.yaml", "format=h5", "'format' is h5 but 'save_npz: true' means npz files"),
     ("extract_inloc.yaml", "data=Aachen_Day_Night", "key 'data_config_extract.scale' is not a known key"),
 ])
 def test_keys_of_one_dataset_only(checkpoint, config, override, message):
     with pytest.raises(SCFeatError, match=message):
-        load_extract_config(CONFIG / config, [f"load_path={checkpoint}", override])
+        overrides = [override] if isinstance(override, str) else list(override)
+        load_extract_config(CONFIG / config, [f"load_path={checkpoint}", *overrides])
 
 
 def test_save_npz_decides_the_format_when_format_is_not_given(checkpoint):
-    def fmt(config: str, *extra: str) -> str:
+    def fmt(config: str, *extra: str) -> str | None:
         return load_extract_config(CONFIG / config, [f"load_path={checkpoint}", *extra])["format"]
 
     assert fmt("extract_inloc.yaml") == "h5" and fmt("extract_aachen.yaml") == "npz"
-    assert fmt("extract_inloc.yaml", "save_npz=true") == "npz"
-    assert fmt("extract_inloc.yaml", "save_npz=null") == "npz"
-    assert fmt("extract_inloc.yaml", "format=h5") == "h5"
+    assert fmt("extract_aachen.yaml", "save_npz=null") == "npz"
+    assert fmt("extract_aachen.yaml", "save_npz=false") is None  # no feature files (the original)
+    assert fmt("extract_aachen.yaml", "save_npz=false", "format=h5") == "h5"
+    assert fmt("extract_inloc.yaml", "format=npz") == "npz"
     assert fmt("extract_hpatches.yaml", "format=h5") == "h5"  # no save_npz: format alone
+
+
+def test_the_format_flag_replaces_save_npz(checkpoint):
+    """``--format h5`` on a config with save_npz: true (Aachen's) gives h5, not a conflict."""
+    import extract_features
+
+    for flag, expected in (("h5", "h5"), ("npz", "npz")):
+        args = extract_features.parse_args(["--config", str(CONFIG / "extract_aachen.yaml"),
+                                            "--format", flag, f"load_path={checkpoint}"])
+        conf = load_extract_config(args.config, extract_features.config_overrides(args))
+        assert conf["format"] == expected and conf["save_npz"] is None
+
+
+def test_save_npz_false_alone_writes_no_feature_files(checkpoint, photo, tmp_path, caplog):
+    """The original's save_npz: false writes no features (a warning says so); the same run with
+    format: h5 writes features.h5."""
+    data = tmp_path / "eth"
+    write_crop(data / "Fountain" / "images" / "0000.jpg", photo, 0, 0)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="scfeat.extract"):
+        summary = extract("extract_eth.yaml", data, checkpoint, out, "save_npz=false")
+    assert summary["images"] == 1 and summary["features"] is None
+    assert not (out / "desc").exists() and not (out / "features.h5").exists()
+    assert "no feature files are written" in caplog.text
+    summary = extract("extract_eth.yaml", data, checkpoint, out, "save_npz=false", "format=h5")
+    assert summary["features"] == out / "features.h5"
+    with h5py.File(out / "features.h5", "r") as handle:
+        assert list(handle) == ["Fountain"] and len(handle["Fountain/images/0000.jpg/keypoints"])

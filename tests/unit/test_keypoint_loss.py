@@ -478,7 +478,9 @@ def test_threshold_scales_are_one_when_a_mean_distance_is_zero():
 
 
 def test_the_loss_reports_and_uses_the_scales_only_with_rescale_thr():
-    """Through the loss: 8×8 score maps, grid 4 (4 proposals per image, pinned)."""
+    """Through the loss: 8×8 score maps, grid 4 (4 proposals per image, pinned). Image 1's
+    scale is 2, image 2's 1; the components carry the original's names: ``scale1`` is image
+    2's scale, ``scale2`` image 1's."""
     fmat1, fmat2 = halved_height()
     batch = {"F1": fmat1, "F2": fmat2}
     gen = torch.Generator().manual_seed(0)
@@ -495,7 +497,7 @@ def test_the_loss_reports_and_uses_the_scales_only_with_rescale_thr():
         result = loss.evaluate(batch, *outputs, epoch=1, draws=draws)
         comp = result["components"]
         scales = (comp["scale1"].item(), comp["scale2"].item())
-        assert scales == pytest.approx((2.0, 1.0)) if rescale else scales == (1.0, 1.0)
+        assert scales == pytest.approx((1.0, 2.0)) if rescale else scales == (1.0, 1.0)
         counts[rescale] = result["good_index"].shape[0]
     # 1 px in image 2 and 2 px in image 1: rejected at 2 px, good at 4 px in image 1
     assert counts == {False: 0, True: 8}
