@@ -50,7 +50,7 @@ def output_dir(conf: dict) -> Path:
 
 def load_model(conf: dict, device: torch.device) -> torch.nn.Module:
     """The checkpoint of ``load_path`` with the config's model settings (those it leaves
-    open come from the checkpoint run's ``config.yaml``: :func:`registry.inherit_model_config`)."""
+    open come from the checkpoint run's ``config.yaml``: :func:`model.checkpoint_config.inherit_model_config`)."""
     return SCFeatModel.from_checkpoint(conf["load_path"], device, model_config=conf["model_config"])
 
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from evaluation.hpatches import default_conf as hpatches_defaults
-from evaluation.hpatches import parse_hpatches_methods
-from evaluation.pose import ESTIMATORS, LAYOUTS
-from evaluation.pose import default_conf as pose_defaults
+from evaluation import hpatches, pose
+from model.checkpoint_config import inherit_model_config
 from model.features import DESCRIPTOR_MAPS
 from model.keypoints import DETECTORS, detector_schema, make_detector
 from registry import (DATASETS, EXTRACTION_DATASETS, LOSSES, MODELS, PREPROCESSORS,
-                      class_section, inherit_model_config, model_schema)
+                      class_section, model_schema)
 from utils.checkpoint import CHECKPOINT_PARTS, checkpoint_files
 from utils.cli import DEVICE_CHOICES
 from utils.config import Dynamic, Spec, load_config, lookup
@@ -245,43 +243,13 @@ def feature_format(conf: dict, fail) -> str | None:
 
 # -------------------------------------------------------------------------------- evaluation
 
-EVAL_HPATCHES_SCHEMA = {
-    **hpatches_defaults,
-    "max_keypoints": Spec(None, types=(int, type(None)), minimum=1,
-                          doc="every method's keypoint budget; null: each method's default"),
-    "compare_caches": Spec(None, types=(list, type(None))),
-    "output_plot": Spec(hpatches_defaults["output_plot"], types=(str, type(None))),
-    "thresholds": Spec(hpatches_defaults["thresholds"], choices=tuple(range(1, 16))),
-}
+EVAL_HPATCHES_SCHEMA = hpatches.default_conf
+EVAL_POSE_SCHEMA = pose.default_conf
 
 
 def load_eval_hpatches_config(path: str | Path, overrides: list[str] | tuple = ()) -> dict:
-    """The HPatches evaluation config of ``path`` (``evaluate_hpatches.py``), validated; the
-    ``methods`` entries are checked here so that an error names the file."""
-    conf = load_config(path, overrides, EVAL_HPATCHES_SCHEMA)
-    try:
-        parse_hpatches_methods(conf["methods"])
-    except SCFeatError as exc:
-        raise SCFeatError(f"{path}: {exc}") from None
-    return conf
-
-
-OPTIONAL_PATH = (str, type(None))
-EVAL_POSE_SCHEMA = {
-    **pose_defaults,
-    "layout": Spec(pose_defaults["layout"], choices=LAYOUTS),
-    "resize": Spec(pose_defaults["resize"], types=(int, type(None)),
-                   doc="longer image side in pixels; null keeps the size"),
-    "max_keypoints": Spec(pose_defaults["max_keypoints"], types=(int, type(None)), minimum=1,
-                          doc="every method's keypoint budget; null: each method's default"),
-    "ratio": Spec(None, types=(float, type(None)), doc="Lowe's ratio test; null: none"),
-    "estimator": Spec(pose_defaults["estimator"], choices=ESTIMATORS),
-    "ransac_threshold": Spec(None, types=(float, type(None)),
-                             doc="pixels; null: 0.5 for opencv, 1.0 for poselib"),
-    "output_json": Spec(pose_defaults["output_json"], types=OPTIONAL_PATH),
-    "output_plot": Spec(pose_defaults["output_plot"], types=OPTIONAL_PATH),
-    "device": Spec("auto", choices=DEVICE_CHOICES),
-}
+    """The HPatches evaluation config of ``path`` (``evaluate_hpatches.py``), validated."""
+    return load_config(path, overrides, EVAL_HPATCHES_SCHEMA)
 
 
 def load_eval_pose_config(path: str | Path, overrides: list[str] | tuple = ()) -> dict:

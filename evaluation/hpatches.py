@@ -34,6 +34,7 @@ from evaluation.matching import require_files as _require_files
 from evaluation.methods import SYNTAX, Matcher, Method, make_matcher, method_features, parse_method
 from utils.atomic import atomic_open, atomic_target
 from utils.cli import progress, resolve_device
+from utils.config import Spec, section_config
 from utils.files import files_signature
 from utils.image import load_image
 from utils.errors import SCFeatError
@@ -53,16 +54,17 @@ default_conf = {
     # each a method name (evaluation/methods.py: sift, disk, aliked, xfeat, disk+lightglue, a
     # checkpoint folder, ...), extracted from the images and cached under cache_dir/features, or
     # a {name, features, postfix} dict (features: <features>/<seq>/<k>.ppm.<postfix>)
-    "methods": ["sift"],
+    "methods": Spec(["sift"], types=(list,), check=lambda entries: methods_problem(entries)),
     # keypoint budget of every method named in 'methods'; None: each method's default
     # (evaluation/methods.py: all for SIFT, 2048 for DISK and ALIKED, 4096 for XFeat)
-    "max_keypoints": None,
+    "max_keypoints": Spec(None, types=(int, type(None)), minimum=1,
+                          doc="every method's keypoint budget; null: each method's default"),
     # result caches (.npy) to plot beside; None: none here (evaluate_hpatches.py reads None as
     # the published ones in ../shared/reference/hpatches_cache when that folder exists)
-    "compare_caches": None,
+    "compare_caches": Spec(None, types=(list, type(None))),
     "cache_dir": "outputs/hpatches_cache",
-    "output_plot": "outputs/hpatches_mma.png",
-    "thresholds": 10,  # largest t reported and plotted (1..15)
+    "output_plot": Spec("outputs/hpatches_mma.png", types=(str, type(None))),
+    "thresholds": Spec(10, choices=tuple(range(1, 16))),  # largest t reported and plotted
     "exclude_high_res": True,
 }
 
@@ -243,6 +245,15 @@ def summarize(cache: Cache, max_threshold: int = 10) -> dict:
 # methods
 # ---------------------------------------------------------------------------------------------
 
+def methods_problem(entries: object) -> str | None:
+    """What is wrong with a ``methods`` list (:func:`parse_hpatches_methods`), or ``None``."""
+    try:
+        parse_hpatches_methods(entries)
+    except SCFeatError as exc:
+        return re.sub(r"^config key '([^']*)'", r"\1", str(exc))
+    return None
+
+
 def parse_hpatches_methods(entries: list) -> list[Method | FeatureFolder]:
     """Config ``methods`` → :class:`evaluation.methods.Method` s (names) and
     :class:`FeatureFolder` s (``{name, features, postfix}``), with distinct names."""
@@ -384,7 +395,7 @@ def run_evaluation(conf: dict, print_fn: Callable[[str], None] = print) -> dict[
 
     ``conf`` holds the keys of `default_conf`. Returns ``{label: summary}``.
     """
-    conf = {**default_conf, **conf}
+    conf = section_config(default_conf, conf, "evaluate_hpatches config")
     max_threshold = conf["thresholds"]
     if not isinstance(max_threshold, int) or not 1 <= max_threshold <= CACHE_THRESHOLDS[-1]:
         raise SCFeatError(f"config key 'thresholds': expected an integer in 1.."

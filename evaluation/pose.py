@@ -38,7 +38,8 @@ import torch
 from dataloader.megadepth_layout import parse_numbers
 from evaluation.matching import read_features, require_files
 from evaluation.methods import Matcher, Method, make_matcher, method_features, parse_methods
-from utils.cli import progress, resolve_device
+from utils.cli import DEVICE_CHOICES, progress, resolve_device
+from utils.config import Spec, section_config
 from utils.atomic import atomic_target, write_json
 from utils.errors import SCFeatError
 from utils.files import files_signature
@@ -58,24 +59,35 @@ SCENE_INFO_KEYS = ("image_paths", "intrinsics", "poses", "pair_infos")
 
 default_conf = {
     "data_path": "data/megadepth1500-synthetic",
-    "layout": "gluefactory",  # gluefactory: pairs_file + images_dir; loftr: scene_info_dir
+    # gluefactory: pairs_file + images_dir; loftr: scene_info_dir
+    "layout": Spec("gluefactory", choices=LAYOUTS),
     "pairs_file": "pairs_calibrated.txt",  # relative to data_path (or absolute)
     "images_dir": "images",  # glue-factory's image root, relative to data_path
     "scene_info_dir": "megadepth_test_1500_scene_info",  # LoFTR's, relative to data_path
     "methods": ["sift"],  # evaluation.methods names: sift, disk, aliked+lightglue, checkpoints...
-    "resize": 1600,  # longer image side in pixels; None keeps the images' size
-    "max_keypoints": 2048,  # every method's budget; None: each method's own default
-    "ratio": None,  # Lowe's ratio on top of the mutual check (not for LightGlue); None: none
-    "estimator": "opencv",
-    "ransac_threshold": None,  # pixels; None: DEFAULT_RANSAC_THRESHOLD of the estimator
+    "resize": Spec(1600, types=(int, type(None)),
+                   doc="longer image side in pixels; null keeps the size"),
+    "max_keypoints": Spec(2048, types=(int, type(None)), minimum=1,
+                          doc="every method's keypoint budget; null: each method's default"),
+    # Lowe's ratio on top of the mutual check (not for LightGlue)
+    "ratio": Spec(None, types=(float, type(None)), doc="Lowe's ratio test; null: none"),
+    "estimator": Spec("opencv", choices=ESTIMATORS),
+    "ransac_threshold": Spec(None, types=(float, type(None)),
+                             doc="pixels; null: 0.5 for opencv, 1.0 for poselib"),
     "confidence": 0.99999,
     "epipolar_threshold": 5e-4,
     "cache_dir": "ckpts/pose-eval/cache",
-    "output_json": "ckpts/pose-eval/pose.json",
-    "output_plot": "ckpts/pose-eval/pose.png",
-    "device": "auto",
+    "output_json": Spec("ckpts/pose-eval/pose.json", types=(str, type(None))),
+    "output_plot": Spec("ckpts/pose-eval/pose.png", types=(str, type(None))),
+    "device": Spec("auto", choices=DEVICE_CHOICES),
     "seed": 0,
 }
+
+
+def pose_config(conf: dict | None = None) -> dict:
+    """``conf`` (partial or complete) checked against :data:`default_conf`, every default
+    filled in."""
+    return section_config(default_conf, conf, "evaluate_pose config")
 
 
 @dataclass(frozen=True)
@@ -527,7 +539,7 @@ def plot_cumulative_errors(results: dict[str, list[dict]], path: str | Path,
 def run_pose_evaluation(conf: dict, print_fn: Callable[[str], None] = print) -> dict[str, dict]:
     """Evaluate the configured methods; print a table and one ``AUC@5/10/20`` line per method
     (the last method's last), write the JSON and the plot. Returns ``{label: summary}``."""
-    conf = {**default_conf, **conf}
+    conf = pose_config(conf)
     methods = parse_methods(conf["methods"])
     labels = [method.label for method in methods]
     if conf["max_keypoints"] is not None and conf["max_keypoints"] < 1:

@@ -49,10 +49,19 @@ _GUMBEL_BLOCK = 1 << 22  # draw × interior-pixel entries per block of Gumbel dr
 
 # The options of generate_kpts_single as a config section (registry name `generate_kpts_single`),
 # with the original function's defaults for a key a config leaves out: every candidate
-# (num_pts falsy), no threshold, thr_mod mean, Gumbel temperature 1. `stride` and
-# `temperature` are the original's parameters (only stride 1 runs there).
-default_conf = {"num_pts": None, "stable": True, "use_nms": True, "nms_radius": 1,
-                "thr": None, "thr_mod": "mean", "stride": 1, "temperature": 1.0}
+# (num_pts falsy), no threshold, thr_mod mean, Gumbel temperature 1. The original reads a falsy
+# num_pts (false, 0, null) as "every candidate" and a falsy thr as "no threshold".
+default_conf = {
+    "num_pts": Spec(None, types=(int, bool, type(None))),
+    "stable": True,
+    "use_nms": Spec(True, types=(bool, str), choices=NMS_MODES),
+    "nms_radius": 1,
+    "thr": Spec(None, types=(float, bool, type(None))),
+    "thr_mod": Spec("mean", choices=THRESHOLD_MODES),
+    # the original's parameter; only 1 runs there (a config may give it, as 1)
+    "stride": Spec(1, choices=(1,), doc="the original's parameter; only stride 1 runs there"),
+    "temperature": 1.0,
+}
 
 
 def _check_options(num_pts, stable, use_nms, nms_radius, thr, thr_mod, stride,
@@ -267,22 +276,9 @@ def sample_descriptors(desc_map: torch.Tensor, keypoints_px: torch.Tensor,
 DETECTORS = {"generate_kpts_single": generate_kpts_single}  # config name → keypoint selection
 Detector = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-# Detector options whose default (None, or a free string) cannot state the type or choices.
-_SELECTION_DEFAULTS = generate_kpts_single.default_conf
-DETECTOR_SPECS = {
-    # The original reads a falsy num_pts (false, 0, null) as "every candidate" and a falsy
-    # thr as "no threshold".
-    "num_pts": Spec(_SELECTION_DEFAULTS["num_pts"], types=(int, bool, type(None))),
-    "thr": Spec(_SELECTION_DEFAULTS["thr"], types=(float, bool, type(None))),
-    "use_nms": Spec(_SELECTION_DEFAULTS["use_nms"], types=(bool, str), choices=NMS_MODES),
-    "thr_mod": Spec(_SELECTION_DEFAULTS["thr_mod"], choices=THRESHOLD_MODES),
-}
-
-
 def detector_schema(name: str) -> dict:
-    """Schema of the options of the detector ``name`` (its ``default_conf``, typed)."""
-    defaults = lookup(DETECTORS, name, "detector").default_conf
-    return {key: DETECTOR_SPECS.get(key, value) for key, value in defaults.items()}
+    """Schema of the options of the detector ``name`` (its ``default_conf``)."""
+    return lookup(DETECTORS, name, "detector").default_conf
 
 
 def make_detector(name: str, options: dict, origin: str = "detector_config") -> Detector:

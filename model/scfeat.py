@@ -2,7 +2,6 @@
 ``SCFeatModel``)."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,65 +10,15 @@ import torch.nn as nn
 
 from model.fast import DEFAULT as DEFAULT_OPS, FastOps, attach
 from model.detnet import DetNet
+from model.checkpoint_config import checkpoint_settings
 from model.features import detect_and_describe
 from model.f2r import ResUNet_F2R
 from utils.checkpoint import CHECKPOINT_PARTS, checkpoint_files, load_state_dict_file, load_strict
 from utils.cli import resolve_device
-from utils.config import is_none_word, lookup, read_yaml
+from utils.config import lookup
 from utils.errors import SCFeatError
 
 DETECTOR_INPUTS = ("local_map", "local_map_first", "desc_map")
-# A model built from a checkpoint never downloads an encoder (see from_checkpoint), so a
-# differing `pretrained` changes nothing and is not reported.
-_UNREAD_WITH_CHECKPOINT = ("backbone_config.pretrained",)
-
-log = logging.getLogger("scfeat.config")
-
-
-def checkpoint_model_config(given: dict, run: dict, where: str) -> dict:
-    """``given`` model settings updated with ``run``'s (the ``model_config`` of the run that
-    wrote the checkpoint), as the original's ``model_config.update(run)``: the run's entries win
-    (nested sections key by key, so an entry the run lacks is kept). Every given entry whose
-    value differs from the run's gets one warning line naming ``where``, the key and both
-    values. Returns the merged settings (``given`` and ``run`` are not changed).
-    """
-    for key, ours, theirs in _differences(given, run):
-        if key not in _UNREAD_WITH_CHECKPOINT:
-            log.warning("%s: model_config.%s is %r here but %r in the checkpoint's run; the "
-                        "checkpoint's value is used", where, key, ours, theirs)
-    return _merged(given, run)
-
-
-def _differences(given: dict, run: dict, prefix: str = ""):
-    """``(dotted key, given value, run value)`` for every leaf of ``given`` that ``run`` also
-    holds with another value."""
-    for key, value in given.items():
-        if key not in run:
-            continue
-        if isinstance(value, dict) and isinstance(run[key], dict):
-            yield from _differences(value, run[key], f"{prefix}{key}.")
-        elif value != run[key]:
-            yield f"{prefix}{key}", value, run[key]
-
-
-def _merged(base: dict, override: dict) -> dict:
-    """``base`` with ``override``'s entries, nested mappings merged key by key."""
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(
-            out.get(key), dict) else value
-    return out
-
-
-def model_from_run(given: Any, run: Any, where: str) -> Any:
-    """The ``model`` name: the run's when it names one (one warning when ``given`` names
-    another), else ``given``."""
-    if run is None:
-        return given
-    if not is_none_word(given) and given != run:
-        log.warning("%s: model is %r here but %r in the checkpoint's run; the checkpoint's "
-                    "value is used", where, given, run)
-    return run
 
 
 class SCFeatModel(nn.Module):
@@ -172,7 +121,7 @@ class SCFeatModel(nn.Module):
 
         Model settings: those of ``config.yaml`` in the folder's parent (written by
         ``train.py``), which win over ``model_config`` (as in the original; each differing
-        entry is logged: :func:`checkpoint_model_config`); ``model_config`` alone without that
+        entry is logged: :func:`model.checkpoint_config.checkpoint_model_config`); ``model_config`` alone without that
         file; else the defaults. The encoder is never downloaded: the checkpoint supplies all
         weights. Returns the model in eval mode on ``device`` (default: CUDA when available);
         ``fast`` as in :meth:`use_fast`.
@@ -180,14 +129,9 @@ class SCFeatModel(nn.Module):
         folder = Path(folder)
         if not folder.is_dir():
             raise SCFeatError(f"checkpoint folder '{folder}' does not exist")
-        model_config = dict(model_config or {})
-        config_file = folder.parent / "config.yaml"
-        if config_file.is_file():
-            run_config = read_yaml(config_file)
-            lookup(MODELS, run_config.get("model", "SCFeatModel"), f"{config_file}: model")
-            model_config = checkpoint_model_config(model_config,
-                                                   run_config.get("model_config") or {},
-                                                   str(config_file))
+        model_config, run_model, config_file = checkpoint_settings(folder, model_config or {})
+        if run_model is not None:
+            lookup(MODELS, run_model, f"{config_file}: model")
         model_config["backbone_config"] = {**model_config.get("backbone_config", {}), "pretrained": False}
         model = cls.from_config(model_config, fast=fast)
         for part, path in zip(CHECKPOINT_PARTS, checkpoint_files(folder)):

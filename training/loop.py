@@ -30,7 +30,7 @@ log = logging.getLogger("scfeat.train")
 
 def build_training_model(conf: dict) -> nn.Module:
     """The model of ``model_config``; with ``load_path`` (stage 2) its weights come from that
-    folder (its model settings were inherited by :func:`registry.inherit_model_config`)."""
+    folder (its model settings were inherited by :func:`model.checkpoint_config.inherit_model_config`)."""
     if conf["load_path"] is None:
         return build_model(conf["model"], conf["model_config"])
     model = SCFeatModel.from_checkpoint(conf["load_path"], "cpu", conf["model_config"])

@@ -237,7 +237,7 @@ def test_cli_end_to_end_and_config_errors(synthetic, tmp_path, capsys):
     assert evaluate_hpatches.main(["--config", str(config), "method=[sift]"]) == 2
     assert "did you mean 'methods'" in capsys.readouterr().err
     assert evaluate_hpatches.main(["--config", str(config), "methods=[{name: x}]"]) == 2
-    assert "eval.yaml" in capsys.readouterr().err
+    assert "'methods=[{name: x}]'" in capsys.readouterr().err  # the override that is wrong
 
 
 def test_run_evaluation_fails_before_work_on_bad_compare_cache(synthetic, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 import evaluate_pose
 import schemas
-from evaluation.pose import (PosePair, default_conf, evaluate_pair, load_pairs, pose_auc,
+from evaluation.pose import (PosePair, evaluate_pair, pose_config, load_pairs, pose_auc,
                              read_pairs_calibrated, read_scene_info, relative_pose_error,
                              resize_long_side, run_pose_evaluation, scale_intrinsics,
                              summarize)
@@ -83,7 +83,7 @@ def run_pairs(estimator: str, shuffle: bool, count: int) -> list[dict]:
     """Records of ``count`` random relative poses from exact (or, ``shuffle``, permuted, so
     every match is wrong) correspondences."""
     rng = np.random.default_rng(0)
-    conf = {**default_conf, "estimator": estimator}
+    conf = {**pose_config(), "estimator": estimator}
     records = []
     for _ in range(count):
         R, t = random_pair(rng)
@@ -213,14 +213,14 @@ def test_missing_images_are_named_before_any_work(tmp_path):
     (tmp_path / "pairs_calibrated.txt").write_text(
         pair_line("s/a.jpg", "s/b.jpg", np.eye(3), np.array([1.0, 0, 0])) + "\n")
     with pytest.raises(SCFeatError, match=r"missing image files: .*images/s/a.jpg, .*images/s/b.jpg"):
-        run_pose_evaluation({**default_conf, "data_path": str(tmp_path), "output_json": None,
+        run_pose_evaluation({**pose_config(), "data_path": str(tmp_path), "output_json": None,
                              "output_plot": None, "cache_dir": str(tmp_path / "cache")})
     assert not (tmp_path / "cache").exists()
 
 
 def test_missing_data_path_says_how_to_make_it(tmp_path):
     with pytest.raises(SCFeatError, match="tools.synthetic megadepth1500"):
-        load_pairs({**default_conf, "data_path": str(tmp_path / "nothing")})
+        load_pairs({**pose_config(), "data_path": str(tmp_path / "nothing")})
 
 
 # --------------------------------------------------------------------------------- end to end
@@ -235,8 +235,8 @@ def synthetic_set(tmp_path_factory) -> Path:
 
 
 def test_synthetic_set_has_both_layouts_with_the_same_pairs(synthetic_set):
-    glue, _ = load_pairs({**default_conf, "data_path": str(synthetic_set)})
-    loftr, files = load_pairs({**default_conf, "data_path": str(synthetic_set), "layout": "loftr"})
+    glue, _ = load_pairs({**pose_config(), "data_path": str(synthetic_set)})
+    loftr, files = load_pairs({**pose_config(), "data_path": str(synthetic_set), "layout": "loftr"})
     assert 2 <= len(glue) <= 4 and len(files) >= 1
     by_images = {(p.path0, p.path1): p for p in loftr}
     for pair in glue:
@@ -279,7 +279,7 @@ def test_cli_runs_sift_caches_and_ends_with_the_auc_line(synthetic_set, tmp_path
 def test_changed_images_are_extracted_again(synthetic_set, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synthetic_set, data)
-    conf = {**default_conf, "data_path": str(data), "resize": 128, "output_json": None,
+    conf = {**pose_config(), "data_path": str(data), "resize": 128, "output_json": None,
             "output_plot": None, "cache_dir": str(tmp_path / "cache")}
     first = run_pose_evaluation(conf, lambda line: None)["sift"]
     image = load_pairs(conf)[0][0].path0
@@ -303,7 +303,7 @@ def test_a_checkpoint_method_runs(synthetic_set, tmp_path):
     checkpoint = tmp_path / "run" / "000"
     save_random_checkpoint(checkpoint)
     printed = []
-    summaries = run_pose_evaluation({**default_conf, "data_path": str(synthetic_set),
+    summaries = run_pose_evaluation({**pose_config(), "data_path": str(synthetic_set),
                                      "methods": ["sift", str(checkpoint)], "resize": 96,
                                      "max_keypoints": 256, "cache_dir": str(tmp_path / "c"),
                                      "output_json": None, "output_plot": None},
@@ -324,7 +324,7 @@ def test_shipped_config_validates_and_points_where_the_readme_generates():
 @pytest.mark.slow
 def test_peers_and_lightglue_run(synthetic_set, tmp_path):
     printed = []
-    summaries = run_pose_evaluation({**default_conf, "data_path": str(synthetic_set),
+    summaries = run_pose_evaluation({**pose_config(), "data_path": str(synthetic_set),
                                      "methods": ["disk+lightglue", "aliked", "xfeat+lightglue"],
                                      "resize": 128, "max_keypoints": 256,
                                      "cache_dir": str(tmp_path / "c"), "output_json": None,
