@@ -15,11 +15,11 @@ from dataloader.megadepth import MegaDepth_SIFT
 from losses.keypoint import KeypointLoss
 from losses.line2window import EpipolarLoss_Line2Window, Preprocess_Line2Window
 from model.keypoints import DETECTORS
-from model.scfeat import BACKBONES, LOCALHEADERS, MODELS, SCFeatModel
-from utils.config import Spec, lookup
+from model.scfeat import BACKBONES, LOCALHEADERS, MODELS
+from utils.config import lookup
 
 __all__ = ["BACKBONES", "LOCALHEADERS", "MODELS", "DATASETS", "EXTRACTION_DATASETS",
-           "PREPROCESSORS", "LOSSES", "DETECTORS", "lookup", "class_section", "model_schema",
+           "PREPROCESSORS", "LOSSES", "DETECTORS", "lookup", "class_section",
            "build_model"]
 
 # The networks', detectors' and extraction datasets' names are declared beside them (model/,
@@ -36,24 +36,6 @@ def class_section(table: dict[str, Any], key: str):
         name = root.get(key)
         return {} if name is None else lookup(table, name, key).default_conf
     return schema_of
-
-
-def model_schema(model_config: dict) -> dict:
-    """Schema of ``model_config``: SCFeatModel's keys, with ``backbone_config`` and
-    ``localheader_config`` taken from the classes the config names."""
-    defaults = SCFeatModel.default_conf
-    backbone = model_config.get("backbone", defaults["backbone"])
-    header = model_config.get("localheader", defaults["localheader"])
-    return {
-        "backbone": Spec(defaults["backbone"], choices=tuple(BACKBONES)),
-        "backbone_config": {**lookup(BACKBONES, backbone, "model_config.backbone").default_conf,
-                            "pretrained": Spec(True, types=(bool, str))},
-        "localheader": Spec(defaults["localheader"], choices=tuple(LOCALHEADERS)),
-        "localheader_config": lookup(LOCALHEADERS, header, "model_config.localheader").default_conf,
-        "align_local_grad": defaults["align_local_grad"],
-        "local_input_elements": defaults["local_input_elements"],
-        "local_with_img": defaults["local_with_img"],
-    }
 
 
 def build_model(name: str, model_config: dict) -> nn.Module:

@@ -14,8 +14,8 @@ from evaluation import hpatches, pose
 from model.checkpoint_config import inherit_model_config
 from model.features import DESCRIPTOR_MAPS
 from model.keypoints import DETECTORS, detector_schema, make_detector
-from registry import (DATASETS, EXTRACTION_DATASETS, LOSSES, MODELS, PREPROCESSORS,
-                      class_section, model_schema)
+from model.scfeat import model_schema
+from registry import DATASETS, EXTRACTION_DATASETS, LOSSES, MODELS, PREPROCESSORS, class_section
 from utils.checkpoint import CHECKPOINT_PARTS, checkpoint_files
 from utils.cli import DEVICE_CHOICES
 from utils.config import Dynamic, Spec, load_config, lookup

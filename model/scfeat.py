@@ -15,7 +15,7 @@ from model.features import detect_and_describe
 from model.f2r import ResUNet_F2R
 from utils.checkpoint import CHECKPOINT_PARTS, checkpoint_files, load_state_dict_file, load_strict
 from utils.cli import resolve_device
-from utils.config import lookup
+from utils.config import Spec, lookup
 from utils.errors import SCFeatError
 
 DETECTOR_INPUTS = ("local_map", "local_map_first", "desc_map")
@@ -143,3 +143,21 @@ class SCFeatModel(nn.Module):
 BACKBONES = {"ResUNet_F2R": ResUNet_F2R}
 LOCALHEADERS = {"DetNet": DetNet}
 MODELS = {"SCFeatModel": SCFeatModel}
+
+
+def model_schema(model_config: dict) -> dict:
+    """Schema of ``model_config``: SCFeatModel's keys, with ``backbone_config`` and
+    ``localheader_config`` taken from the classes the config names."""
+    defaults = SCFeatModel.default_conf
+    backbone = model_config.get("backbone", defaults["backbone"])
+    header = model_config.get("localheader", defaults["localheader"])
+    return {
+        "backbone": Spec(defaults["backbone"], choices=tuple(BACKBONES)),
+        "backbone_config": {**lookup(BACKBONES, backbone, "model_config.backbone").default_conf,
+                            "pretrained": Spec(True, types=(bool, str))},
+        "localheader": Spec(defaults["localheader"], choices=tuple(LOCALHEADERS)),
+        "localheader_config": lookup(LOCALHEADERS, header, "model_config.localheader").default_conf,
+        "align_local_grad": defaults["align_local_grad"],
+        "local_input_elements": defaults["local_input_elements"],
+        "local_with_img": defaults["local_with_img"],
+    }
