@@ -27,8 +27,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-# Shared with the downstream evaluations; re-exported here for existing callers.
-from evaluation.matching import mnn_matches, read_feature_file, sift_features  # noqa: F401
 from evaluation.matching import Features, mnn_matcher, read_features
 from evaluation.matching import require_files as _require_files
 from evaluation.methods import SYNTAX, Matcher, Method, make_matcher, method_features, parse_method

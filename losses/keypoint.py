@@ -21,25 +21,18 @@ No ``B×N×M`` reward tensor is built: the reward is ``base`` on every accepted 
 
 Shapes: ``B`` image pairs, ``H×W`` score-map size, ``N``/``M`` cells (= proposals) of image
 1/2, ``K`` F-error trials, ``C`` descriptor channels.
-The sampling and the reward ingredients live in ``keypoint_sampling`` and ``keypoint_reward``
-(re-exported here).
+The sampling and the reward ingredients live in ``keypoint_sampling`` and ``keypoint_reward``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from losses.keypoint_reward import (EIGHT, draw_index_sets, fundamental_error,
-                                    fundamental_trial_errors, good_pair_mask, good_pairs,
-                                    grid_candidates, grid_walk_size, threshold_scales)
+from losses.keypoint_reward import EIGHT, fundamental_error, good_pairs, grid_walk_size, threshold_scales
 from losses.keypoint_sampling import sample_keypoints
 from losses.temperature import temperature_at
 from utils.config import Spec, section_config
 from utils.geometry import normalize_coords, sample_features
-
-__all__ = ["KeypointLoss", "match_log_probabilities", "threshold_scales", "sample_keypoints",
-           "good_pairs", "good_pair_mask", "grid_candidates", "grid_walk_size",
-           "draw_index_sets", "fundamental_error", "fundamental_trial_errors", "EIGHT"]
 
 # --------------------------------------------------------------------------- matching
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from losses.temperature import temperature_at  # noqa: F401  (re-exported)
+from losses.temperature import temperature_at
 from losses.line_search import line_border_intersections, line_search_centres, sample_along_lines
 from losses.sampled_correlation import padded_table
 from losses.soft_argmax import soft_correspondence

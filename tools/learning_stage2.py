@@ -31,7 +31,8 @@ import torch
 
 from utils.cli import network_size
 from utils.image import normalize_imagenet, to_float_tensor
-from losses.keypoint import KeypointLoss, sample_keypoints
+from losses.keypoint import KeypointLoss
+from losses.keypoint_sampling import sample_keypoints
 from model import fast
 from model.detnet import DetNet
 from model.f2r import ResUNet_F2R

@@ -164,7 +164,7 @@ def test_zero_texture_image_gives_an_empty_valid_feature_file(model_and_checkpoi
     assert blank["descriptors"].shape == (0, 128)
     assert all(v.dtype == np.float32 for v in blank.values())
     assert len(textured["keypoints"]) > 0
-    from evaluation.hpatches import read_feature_file
+    from evaluation.matching import read_feature_file
     keypoints, descriptors = read_feature_file(desc / "1.ppm.scfeat")
     assert keypoints.shape == (0, 2) and descriptors.shape == (0, 128)
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import evaluate_hpatches
-from evaluation.hpatches import (HIGH_RES_SEQUENCES, FeatureFolder,
-                                 evaluate_method, files_signature,
-                                 list_sequences, load_cache, mnn_matches, parse_hpatches_methods,
+from evaluation.hpatches import (HIGH_RES_SEQUENCES, FeatureFolder, evaluate_method,
+                                 list_sequences, load_cache, parse_hpatches_methods,
                                  run_evaluation, save_cache, summarize)
+from evaluation.matching import mnn_matches
+from utils.files import files_signature
 from utils.errors import SCFeatError
 
 POSTFIX = "test"

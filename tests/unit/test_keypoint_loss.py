@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from losses.keypoint import (KeypointLoss, draw_index_sets, fundamental_error,
-                             fundamental_trial_errors, good_pair_mask, good_pairs,
-                             match_log_probabilities, sample_keypoints, threshold_scales)
+from losses.keypoint import KeypointLoss, match_log_probabilities
+from losses.keypoint_reward import (draw_index_sets, fundamental_error, fundamental_trial_errors,
+                                    good_pair_mask, good_pairs, threshold_scales)
+from losses.keypoint_sampling import sample_keypoints
 from utils.errors import SCFeatError
 from utils.geometry import (epipolar_distance_matrix, fundamental_from_pose, normalize_coords,
                             sample_features, skew)
