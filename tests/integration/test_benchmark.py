@@ -1,4 +1,4 @@
-"""The benchmark's measuring helpers (tools/benchmark.py) give the right numbers."""
+"""The benchmark's measuring helpers (tools/benchmark*.py) give the right numbers."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from model.detnet import DetNet
-from tools.benchmark import (PeakMemory, count_flops, efficiency, format_table, gemm_summary,
-                             row, summarize, variant_difference)
 from tools import benchmark
+from tools.benchmark_extraction import (DISK, disk_variant, format_profile, profile_forward,
+                                        variant_difference)
+from tools.benchmark_methods import build_network
+from tools.benchmark_timing import (PeakMemory, count_flops, efficiency, format_table,
+                                    gemm_summary, row, summarize)
 from model.keypoints import sample_descriptors
 
 
@@ -158,14 +161,14 @@ def test_fused_cpu_inference_path_equals_reference_ops(monkeypatch, with_image):
 
 
 def test_profile_lists_the_costliest_operators_first():
-    model = benchmark.build_network(torch.device("cpu")).eval()
-    ops = benchmark.profile_forward(model, torch.randn(1, 3, 32, 48), top=5)
+    model = build_network(torch.device("cpu")).eval()
+    ops = profile_forward(model, torch.randn(1, 3, 32, 48), top=5)
     assert len(ops) == 5
     shares = [o["share"] for o in ops]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
     assert any("conv" in o["op"] or "mkldnn" in o["op"] for o in ops)
     assert all(o["calls"] >= 1 and o["self_ms"] > 0 for o in ops)
-    table = benchmark.format_profile(ops).splitlines()
+    table = format_profile(ops).splitlines()
     assert len(table) == 6 and table[1].startswith(ops[0]["op"][:20])
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--profile", "-1"])
@@ -224,14 +227,14 @@ def test_extraction_times_reference_ops_and_ours_side_by_side(tmp_path):
                            "--json", str(out)]) == 0
     report = json.loads(out.read_text())["extraction"]
     variants = report["variants"]
-    assert list(variants) == ["reference ops", "fp32 eager", benchmark.DISK]
+    assert list(variants) == ["reference ops", "fp32 eager", DISK]
     assert variants["fp32 eager"]["gflop"] < variants["reference ops"]["gflop"]
     assert variants["reference ops"]["difference"]["within_tolerance"]
-    assert "difference" not in variants[benchmark.DISK] and variants[benchmark.DISK]["gflop"] > 0
-    assert "depth weights, 2048 keypoints" in variants[benchmark.DISK]["note"]
+    assert "difference" not in variants[DISK] and variants[DISK]["gflop"] > 0
+    assert "depth weights, 2048 keypoints" in variants[DISK]["note"]
     assert report["speedup"]["forward"]["median"] > 0
     assert report["speedup"]["gflop"] == pytest.approx(variants["fp32 eager"]["gflop"])
-    assert report["versus_disk"]["gflop_reference"] == variants[benchmark.DISK]["gflop"]
+    assert report["versus_disk"]["gflop_reference"] == variants[DISK]["gflop"]
     for name in ("fp32 eager", "reference ops"):
         layers = report["layer_profile"][name]
         assert sum(r["gflop"] for r in layers) == pytest.approx(variants[name]["gflop"])
@@ -252,13 +255,13 @@ def test_disk_without_its_weights_is_not_timed_with_the_reason(monkeypatch):
     def missing(name):
         raise SCFeatError(f"the weights of {name} are missing")
     monkeypatch.setattr(peers, "weight_file", missing)
-    variant, why = benchmark.disk_variant(np.zeros((32, 48, 3), np.uint8), torch.device("cpu"))
+    variant, why = disk_variant(np.zeros((32, 48, 3), np.uint8), torch.device("cpu"))
     assert variant is None and why == "not timed: the weights of disk are missing"
 
 
 def test_layer_profile_attributes_time_and_flops_to_layers():
     from tools.profile_layers import format_layer_profile, profile_layers
-    model = benchmark.build_network(torch.device("cpu")).eval()
+    model = build_network(torch.device("cpu")).eval()
     image = torch.randn(1, 3, 32, 48)
     with torch.inference_mode():
         rows = profile_layers(lambda: model.extract(image), model, repeat=2)
