@@ -179,7 +179,7 @@ class MegaDepth_SIFT(Dataset):
 
     def _image_tensor(self, image: np.ndarray) -> torch.Tensor:
         if self.train:
-            # On a PIL image, as the original: three times faster than on a tensor.
+            # On a PIL image, as the original.
             image = np.array(self.jitter(Image.fromarray(image)))
         return normalize_imagenet(to_float_tensor(image))
 

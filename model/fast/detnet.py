@@ -31,8 +31,8 @@ def forward(ops, det: nn.Module, features: torch.Tensor, image: torch.Tensor | N
 
 def shifted_sums_mean3x3(x: torch.Tensor) -> torch.Tensor:
     """``avg_pool2d(pad(x, 1, reflect), 3, stride=1)`` as the sums of three shifted rows, then
-    of three shifted columns (the same sum in another order, several times faster than
-    PyTorch's channels-first 3×3 average pool on the CPU)."""
+    of three shifted columns (the same sum in another order, faster on the CPU than PyTorch's
+    channels-first 3×3 average pool)."""
     padded = F.pad(x, [1, 1, 1, 1], mode="reflect")
     rows = padded[..., :-2] + padded[..., 1:-1]
     rows += padded[..., 2:]

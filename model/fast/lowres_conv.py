@@ -21,10 +21,7 @@ so large outputs are computed in blocks, each from the few low-resolution rows a
 reads (:func:`band_chunks`). Every step is a GEMM or a copy: exact up to floating-point
 reassociation, and differentiable by autograd (input, weight and bias gradients for free).
 
-A polyphase form with strided transposed convolutions (a ``3s``-tap kernel per axis) was also
-tried: exact as well, but oneDNN's convolutions with 3 input channels run far below the GEMM's
-speed (the detector's ``f`` part at 480×640 took 0.8 s that way, the banded products 0.35 s),
-so it is not kept.
+docs/performance.md has the measurements and the forms that were not kept.
 
 :func:`upsample_conv3x3_reference` is the direct ``F.interpolate → F.conv2d`` composition.
 
