@@ -1,26 +1,33 @@
 """Visual localisation with pycolmap and the Aachen protocol's measures:
-``python localize.py --images DIR [DIR ...] --poses FILE [FILE ...] --features METHOD --out DIR``.
+``python localize.py [--config config/localize.yaml] images=[DIR, ...] poses=[FILE, ...]
+features=METHOD out=DIR [KEY=VALUE ...]`` (the flags ``--images``, ``--poses``, ``--queries``,
+``--query-every``, ``--features``, ``--out``, ``--max-keypoints``, ``--ratio``, ``--device``,
+``--seed`` are aliases of those keys).
 
 Per scene (an image folder and its cameras in the ``img_cam.txt`` layout, e.g.
 ``python -m tools.synthetic megadepth1500``'s ``images/<scene>`` and ``poses/<scene>.txt``): the
-reference images are triangulated with their known poses, every ``--query-every``-th image (or
-``--queries``) is localised from 2D–3D matches, and the percentage of queries within (0.25 m,
+reference images are triangulated with their known poses, every ``query_every``-th image (or
+``queries``) is localised from 2D–3D matches, and the percentage of queries within (0.25 m,
 2°), (0.5 m, 5°) and (5 m, 10°) is printed over all scenes. The per-query records go to
 ``<out>/<method>.json``. For the real Aachen Day-Night run, export the features to hloc's h5
 (``extract_features.py --format h5``). See :mod:`evaluation.localization`.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from evaluation.localization import AACHEN_THRESHOLDS, localize_scene, summarize
 from evaluation.methods import parse_method
-from evaluation.reconstruction import add_feature_arguments, colmap_cli
-from utils.cli import resolve_device
+from evaluation.reconstruction import FEATURE_FLAGS, colmap_cli
+from schemas import load_localize_config
 from utils.atomic import write_json
-from utils.errors import SCFeatError
+from utils.cli import config_parser, flags_as_overrides, resolve_device
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "config" / "localize.yaml")
+FLAGS = {"--images": ("images", "list"), "--poses": ("poses", "list"),
+         "--queries": ("queries", "list"), "--query-every": ("query_every", "yaml"),
+         **FEATURE_FLAGS}
 
 
 def format_summary(label: str, summary: dict) -> str:
@@ -32,40 +39,26 @@ def format_summary(label: str, summary: dict) -> str:
             f"localised within {thresholds} {label}: {recalls} %")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", required=True, nargs="+", help="image folder of each scene")
-    parser.add_argument("--poses", required=True, nargs="+",
-                        help="known cameras of each scene (img_cam.txt layout), same order")
-    parser.add_argument("--queries", nargs="*", default=None,
-                        help="query image names (default: every --query-every-th image)")
-    parser.add_argument("--query-every", type=int, default=4)
-    add_feature_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def localize(args) -> int:
-    if len(args.images) != len(args.poses):
-        raise SCFeatError(f"--images and --poses: expected one poses file per image folder, "
-                          f"got {len(args.images)} folders and {len(args.poses)} files")
-    method = parse_method(args.features, "--features")
-    device = resolve_device(args.device, "--device")
+def localize(conf: dict) -> int:
+    method = parse_method(conf["features"], "features")
+    device = resolve_device(conf["device"])
     records = []
-    for images, poses in zip(args.images, args.poses):
-        records += localize_scene(images, poses, method, args.out, args.queries,
-                                  args.query_every, args.max_keypoints, args.ratio, device,
-                                  args.seed)
+    for images, poses in zip(conf["images"], conf["poses"]):
+        records += localize_scene(images, poses, method, conf["out"], conf["queries"],
+                                  conf["query_every"], conf["max_keypoints"], conf["ratio"],
+                                  device, conf["seed"])
     label = method.label
     summary = summarize(records)
-    write_json(Path(args.out) / f"{label}.json", {"summary": summary, "queries": records})
+    write_json(Path(conf["out"]) / f"{label}.json", {"summary": summary, "queries": records})
     print(format_summary(label, summary))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return colmap_cli(lambda: localize(args))
+    argv = flags_as_overrides(sys.argv[1:] if argv is None else list(argv), FLAGS)
+    parser = config_parser(__doc__, DEFAULT_CONFIG, "images=[DIR] poses=[FILE] features=sift out=DIR")
+    args = parser.parse_args(argv)
+    return colmap_cli(lambda: localize(load_localize_config(args.config, args.overrides)))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,30 @@
 """3-D reconstruction with pycolmap and the ETH benchmark's measures:
-``python reconstruct.py --images DIR --features METHOD --out DIR [--gt img_cam.txt]``.
+``python reconstruct.py [--config config/reconstruct.yaml] images=DIR features=METHOD out=DIR
+[gt=img_cam.txt] [KEY=VALUE ...]`` (the flags ``--images``, ``--features``, ``--out``,
+``--gt``, ``--max-keypoints``, ``--ratio``, ``--device``, ``--seed`` are aliases of those keys).
 
 ``METHOD`` is any method of ``evaluation/methods.py`` (``sift``, ``disk``, ``aliked``,
 ``xfeat``, ``disk+lightglue``, ..., or an SCFeat checkpoint folder). Extracts features (cached
 under ``<out>/features``), matches every pair with the method's matcher, imports them into a COLMAP database, runs COLMAP's geometric verification and
 incremental mapping, and prints registered images, 3-D points, observations, mean track length
-and mean reprojection error; with ``--gt`` (``img_cam.txt`` layout, e.g. the ``poses/<scene>.txt``
+and mean reprojection error; with ``gt`` (``img_cam.txt`` layout, e.g. the ``poses/<scene>.txt``
 of ``python -m tools.synthetic megadepth1500``) also the rotation and camera-centre errors
 after a similarity alignment. The measures go to ``<out>/<method>.json`` too. See
 :mod:`evaluation.reconstruction`.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from evaluation.methods import parse_method
-from evaluation.reconstruction import add_feature_arguments, colmap_cli, run_reconstruction
-from utils.cli import resolve_device
+from evaluation.reconstruction import FEATURE_FLAGS, colmap_cli, run_reconstruction
+from schemas import load_reconstruct_config
 from utils.atomic import write_json
+from utils.cli import config_parser, flags_as_overrides, resolve_device
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "config" / "reconstruct.yaml")
+FLAGS = {"--images": ("images", "str"), "--gt": ("gt", "str"), **FEATURE_FLAGS}
 
 MEASURES = [("registered", "registered images", "{:d}"), ("points3D", "3-D points", "{:d}"),
             ("observations", "observations", "{:d}"),
@@ -41,28 +46,19 @@ def format_measures(statistics: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", required=True, help="folder of the scene's images")
-    parser.add_argument("--gt", default=None, help="ground-truth cameras (img_cam.txt layout)")
-    add_feature_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def reconstruct(args) -> int:
-    statistics = run_reconstruction(args.images, parse_method(args.features, "--features"),
-                                    args.out, args.gt,
-                                    args.max_keypoints, args.ratio,
-                                    resolve_device(args.device, "--device"), args.seed)
-    write_json(Path(args.out) / f"{statistics['method']}.json", statistics)
+def reconstruct(conf: dict) -> int:
+    statistics = run_reconstruction(conf["images"], parse_method(conf["features"], "features"),
+                                    conf["out"], conf["gt"], conf["max_keypoints"], conf["ratio"],
+                                    resolve_device(conf["device"]), conf["seed"])
+    write_json(Path(conf["out"]) / f"{statistics['method']}.json", statistics)
     print(format_measures(statistics))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return colmap_cli(lambda: reconstruct(args))
+    argv = flags_as_overrides(sys.argv[1:] if argv is None else list(argv), FLAGS)
+    args = config_parser(__doc__, DEFAULT_CONFIG, "images=DIR features=sift out=DIR").parse_args(argv)
+    return colmap_cli(lambda: reconstruct(load_reconstruct_config(args.config, args.overrides)))
 
 
 if __name__ == "__main__":

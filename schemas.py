@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from evaluation import hpatches, pose
+from evaluation import hpatches, localization, pose, reconstruction
 from model.checkpoint_config import inherit_model_config
 from model.features import DESCRIPTOR_MAPS
 from model.keypoints import DETECTORS, detector_schema, make_detector
@@ -255,3 +255,19 @@ def load_eval_hpatches_config(path: str | Path, overrides: list[str] | tuple = (
 def load_eval_pose_config(path: str | Path, overrides: list[str] | tuple = ()) -> dict:
     """The relative-pose evaluation config of ``path`` (``evaluate_pose.py``), validated."""
     return load_config(path, overrides, EVAL_POSE_SCHEMA)
+
+
+def load_reconstruct_config(path: str | Path, overrides: list[str] | tuple = ()) -> dict:
+    """The reconstruction config of ``path`` (``reconstruct.py``), validated."""
+    return load_config(path, overrides, reconstruction.default_conf)
+
+
+def load_localize_config(path: str | Path, overrides: list[str] | tuple = ()) -> dict:
+    """The localisation config of ``path`` (``localize.py``), validated; one poses file per
+    image folder."""
+    conf = load_config(path, overrides, localization.default_conf)
+    if len(conf["images"]) != len(conf["poses"]):
+        raise SCFeatError(f"{path}: keys 'images' and 'poses': expected one poses file per image "
+                          f"folder, got {len(conf['images'])} folders and "
+                          f"{len(conf['poses'])} files")
+    return conf

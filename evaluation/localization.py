@@ -28,12 +28,24 @@ from evaluation.methods import Matcher, Method, make_matcher
 from evaluation.reconstruction import (COLMAP_PIXEL_OFFSET, _pycolmap, build_database,
                                        camera_centre, colmap_camera, exhaustive_matches,
                                        extract_features, list_images, read_ground_truth,
-                                       rotation_angle)
+                                       FEATURE_CONF, rotation_angle)
+from utils.config import Spec
 from utils.errors import SCFeatError
 
 logger = logging.getLogger(__name__)
 
 AACHEN_THRESHOLDS = ((0.25, 2.0), (0.5, 5.0), (5.0, 10.0))  # (metres, degrees)
+
+# localize.py's config (config/localize.yaml).
+default_conf = {
+    "images": Spec(types=(list,), doc="the image folder of each scene"),
+    "poses": Spec(types=(list,), doc="the known cameras of each scene (img_cam.txt layout), "
+                                     "in the order of images"),
+    "queries": Spec(None, types=(list, type(None)),
+                    doc="query image names; null: every query_every-th image"),
+    "query_every": 4,
+    **FEATURE_CONF,
+}
 
 
 def split_queries(names: list[str], queries: list[str] | None, query_every: int,

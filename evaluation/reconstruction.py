@@ -24,7 +24,8 @@ import torch
 from dataloader.megadepth_layout import CameraRecord, read_img_cam
 from evaluation.matching import Features, read_features
 from evaluation.methods import SYNTAX, Matcher, Method, make_matcher, method_features
-from utils.cli import run_cli, setup_logging
+from utils.cli import DEVICE_CHOICES, run_cli, setup_logging
+from utils.config import Spec
 from utils.errors import SCFeatError
 from utils.image import IMAGE_SUFFIXES, load_image
 
@@ -56,27 +57,39 @@ def colmap_cli(work) -> int:
     return run_cli(work)
 
 
-def add_feature_arguments(parser) -> None:
-    """The options ``reconstruct.py`` and ``localize.py`` share (an ``argparse`` parser)."""
-    parser.add_argument("--features", required=True, metavar="METHOD",
-                        help=f"the method: {SYNTAX} (evaluation/methods.py)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--max-keypoints", type=int, default=2048,
-                        help="keypoint budget of the method (default 2048)")
-    parser.add_argument("--ratio", type=float, default=None,
-                        help="Lowe's ratio test on top of mutual nearest neighbours (none)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--seed", type=int, default=0)
+# The keys reconstruct.py and localize.py share: the method and how it runs.
+FEATURE_CONF = {
+    "features": Spec(types=(str,), doc=f"the method: {SYNTAX} (evaluation/methods.py)"),
+    "out": Spec(types=(str,), doc="output folder"),
+    "max_keypoints": Spec(2048, types=(int, type(None)), minimum=1,
+                          doc="keypoint budget of the method"),
+    "ratio": Spec(None, types=(float, type(None)),
+                  doc="Lowe's ratio test on top of mutual nearest neighbours; null: none"),
+    "device": Spec("auto", choices=DEVICE_CHOICES),
+    "seed": 0,
+}
+# The older flags of both scripts, aliases of these keys.
+FEATURE_FLAGS = {"--features": ("features", "str"), "--out": ("out", "str"),
+                 "--max-keypoints": ("max_keypoints", "yaml"), "--ratio": ("ratio", "yaml"),
+                 "--device": ("device", "str"), "--seed": ("seed", "yaml")}
+
+# reconstruct.py's config (config/reconstruct.yaml).
+default_conf = {
+    "images": Spec(types=(str,), doc="folder of the scene's images"),
+    "gt": Spec(None, types=(str, type(None)),
+               doc="ground-truth cameras (img_cam.txt layout); null: none"),
+    **FEATURE_CONF,
+}
 
 
 def list_images(folder: str | Path) -> list[str]:
     """Sorted image file names of ``folder`` (suffixes ``IMAGE_SUFFIXES``)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise SCFeatError(f"--images {folder}: not a folder of images")
+        raise SCFeatError(f"images {folder}: not a folder of images")
     names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(names) < 2:
-        raise SCFeatError(f"--images {folder}: expected at least 2 images "
+        raise SCFeatError(f"images {folder}: expected at least 2 images "
                           f"({', '.join(IMAGE_SUFFIXES)}), found {len(names)}")
     return names
 

@@ -7,6 +7,7 @@ Scripts stay thin: ``parser = config_parser(...)``; ``return run_cli(lambda: wor
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -95,6 +96,38 @@ def config_parser(doc: str | None, default_config: str | None = None, example: s
                         help="dotted config overrides, values parsed as YAML"
                              + (f", e.g. {example}" if example else ""))
     return parser
+
+
+def flags_as_overrides(argv: list[str], flags: dict[str, tuple[str, str]]) -> list[str]:
+    """``argv`` with each ``--flag VALUE`` (or ``--flag=VALUE``) of ``flags`` written as the
+    ``KEY=VALUE`` override it stands for: a script's older flags, kept as aliases of its config
+    keys. ``flags``: flag → ``(key, kind)``, ``kind`` ``"str"`` (one value, a string),
+    ``"list"`` (the values up to the next ``--`` option, a list of strings) or ``"yaml"`` (one
+    value, parsed as YAML like any override)."""
+    out, i = [], 0
+    while i < len(argv):
+        name, eq, inline = argv[i].partition("=")
+        i += 1
+        if name not in flags:
+            out.append(argv[i - 1])
+            continue
+        key, kind = flags[name]
+        if eq:
+            values = [inline]
+        elif kind == "list":
+            values = []
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+        else:
+            if i >= len(argv):
+                raise SCFeatError(f"{name}: expected a value")
+            values = [argv[i]]
+            i += 1
+        value = (json.dumps(values) if kind == "list" else
+                 json.dumps(values[0]) if kind == "str" else values[0])
+        out.append(f"{key}={value}")
+    return out
 
 
 def run_cli(work: Callable[[], int | None], interrupted: str | None = None) -> int:

@@ -119,6 +119,9 @@ def test_bad_input_names_the_folder_or_file(tmp_path):
         read_ground_truth(poses, ["a.png"])
     assert reconstruct.main(["--images", str(tmp_path / "one"), "--features", "sift",
                              "--out", str(tmp_path / "out")]) == 2
+    # the config keys, as every script takes them, and the flags are the same settings
+    assert reconstruct.main([f"images={tmp_path / 'one'}", "features=sift",
+                             f"out={tmp_path / 'out'}"]) == 2
 
 
 @pytest.mark.slow

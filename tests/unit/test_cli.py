@@ -73,3 +73,17 @@ def test_reference_ops_flag_reaches_the_training_run(monkeypatch):
         assert seen[1][0] is True
     finally:
         fast.use_reference_ops(False)
+
+
+def test_older_flags_become_the_overrides_they_stand_for():
+    from utils.cli import flags_as_overrides
+    flags = {"--images": ("images", "list"), "--out": ("out", "str"),
+             "--max-keypoints": ("max_keypoints", "yaml")}
+    argv = ["--config", "c.yaml", "--images", "a b", "c", "--out=o 1", "--max-keypoints", "512",
+            "seed=3"]
+    assert flags_as_overrides(argv, flags) == [
+        "--config", "c.yaml", 'images=["a b", "c"]', 'out="o 1"', "max_keypoints=512", "seed=3"]
+    from utils.config import parse_override
+    assert parse_override('images=["a b", "c"]') == (["images"], ["a b", "c"])
+    with pytest.raises(SCFeatError, match="--out: expected a value"):
+        flags_as_overrides(["--out"], flags)
