@@ -16,8 +16,8 @@ first when both are there, as COLMAP reads them). Conventions:
 
 Pairs (:func:`select_pairs`), by one of two stated rules:
 
-* ``points`` (the model has 3-D points; the MegaDepth rule of D2-Net's preprocessing, which CAPS's
-  pairs come from): the overlap ratio of images ``i, j`` is the number of 3-D points both observe
+* ``points`` (the model has 3-D points; the overlap ratio of D2-Net's MegaDepth preprocessing,
+  made symmetric): the overlap ratio of images ``i, j`` is the number of 3-D points both observe
   over ``min(points of i, points of j)``; a pair is kept when the ratio lies in
   ``[min_overlap, max_overlap]`` (defaults 0.1 and 0.7: the range of LoFTR's MegaDepth training
   indices, ``scene_info_0.1_0.7``; near-duplicate views above 0.7 teach little).
@@ -267,7 +267,7 @@ def pinhole_intrinsics(model: str, params: np.ndarray, where: str) -> tuple[floa
             return params[0], params[0], params[1], params[2]
         return tuple(params[:4])
     raise SCFeatError(f"{where}: a {model} camera with distortion "
-                      f"{list(np.round(params, 6))}; only pinhole cameras are used: "
+                      f"{[round(float(p), 6) for p in params]}; only pinhole cameras are used: "
                       f"{UNDISTORT_HINT}")
 
 

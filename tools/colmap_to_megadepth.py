@@ -68,6 +68,7 @@ def undistort(model_dir: Path, images_dir: Path, out_dir: Path) -> tuple[Path, P
     except ImportError:
         raise SCFeatError("--undistort needs pycolmap (pip install pycolmap)") from None
     out_dir.mkdir(parents=True, exist_ok=True)
+    pycolmap.logging.minloglevel = int(pycolmap.logging.WARNING)  # not its timing lines
     pycolmap.undistort_images(out_dir, model_dir, images_dir)
     return out_dir / "sparse", out_dir / "images"
 
