@@ -1,6 +1,6 @@
 """3-D reconstruction with pycolmap and the ETH benchmark's measures:
 ``python reconstruct.py [--config config/reconstruct.yaml] images=DIR features=METHOD out=DIR
-[gt=img_cam.txt] [KEY=VALUE ...]`` (the flags ``--images``, ``--features``, ``--out``,
+[gt=img_cam.txt|MODEL_DIR] [KEY=VALUE ...]`` (the flags ``--images``, ``--features``, ``--out``,
 ``--gt``, ``--max-keypoints``, ``--ratio``, ``--device``, ``--seed`` are aliases of those keys).
 
 ``METHOD`` is any method of ``evaluation/methods.py`` (``sift``, ``disk``, ``aliked``,
@@ -8,8 +8,9 @@
 under ``<out>/features``), matches every pair with the method's matcher, imports them into a COLMAP database, runs COLMAP's geometric verification and
 incremental mapping, and prints registered images, 3-D points, observations, mean track length
 and mean reprojection error; with ``gt`` (``img_cam.txt`` layout, e.g. the ``poses/<scene>.txt``
-of ``python -m tools.synthetic megadepth1500``) also the rotation and camera-centre errors
-after a similarity alignment. The measures go to ``<out>/<method>.json`` too. See
+of ``python -m tools.synthetic megadepth1500``, or a COLMAP model folder) also the rotation and
+camera-centre errors after a similarity alignment and their mAA over IMC 2022's thresholds. The
+measures go to ``<out>/<method>.json`` too. See
 :mod:`evaluation.reconstruction`.
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ MEASURES = [("registered", "registered images", "{:d}"), ("points3D", "3-D point
             ("rotation_error_median", "rotation error, median [°]", "{:.3f}"),
             ("rotation_error_max", "rotation error, max [°]", "{:.3f}"),
             ("centre_error_median", "centre error, median [GT units]", "{:.4f}"),
-            ("centre_error_max", "centre error, max [GT units]", "{:.4f}")]
+            ("centre_error_max", "centre error, max [GT units]", "{:.4f}"),
+            ("maa", "mAA (IMC thresholds)", "{:.3f}")]
 
 
 def format_measures(statistics: dict) -> str:
