@@ -70,7 +70,8 @@ def bench_layers(height: int, width: int, repeat: int = 5, device: str = "cpu",
                 tensor.requires_grad_()
         args = (x, weight, bias, spec["size"], spec["align_corners"])
         direct = _with_backward(lambda: upsample_conv3x3_reference(*args), backward)
-        lowres = _with_backward(lambda: upsample_conv3x3(*args, fast.DEFAULT.lowres_chunk), backward)
+        chunk = fast.DEFAULT.lowres_chunk if backward else fast.DEFAULT.lowres_inference_chunk
+        lowres = _with_backward(lambda: upsample_conv3x3(*args, chunk), backward)
         times: dict[str, list[float]] = {"direct": [], "lowres": []}
         with torch.inference_mode(not backward):
             expected, got = direct(), lowres()  # warm-up

@@ -140,15 +140,42 @@ def method_note(entry: dict) -> str:
     return f"{entry['ratio']:.2f}× SCFeat's time; {entry['keypoints']} keypoints (budget {budget})"
 
 
+VENDORS = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}
+
+
+def cpu_description(cpuinfo: str, logical_cpus: int | None) -> str | None:
+    """The first processor of ``/proc/cpuinfo`` text as ``model name (vendor, family F model
+    M, N logical CPUs)`` (the vendor from ``vendor_id``: Intel, AMD, else as written), or
+    ``None`` without a ``model name`` line."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block ends
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "model name" not in fields:
+        return None
+    details = []
+    vendor = fields.get("vendor_id")
+    if vendor:
+        details.append(VENDORS.get(vendor, vendor))
+    if "cpu family" in fields and "model" in fields:
+        details.append(f"family {fields['cpu family']} model {fields['model']}")
+    details.append(f"{logical_cpus} logical CPUs")
+    return f"{fields['model name']} ({', '.join(details)})"
+
+
 def cpu_name() -> str:
-    """The CPU's model name and logical CPU count."""
+    """The CPU's model name, vendor, family and model, and logical CPU count
+    (:func:`cpu_description` of ``/proc/cpuinfo``), or what :mod:`platform` knows."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
+        described = cpu_description(Path("/proc/cpuinfo").read_text(), os.cpu_count())
     except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
+        described = None
+    fallback = platform.processor() or platform.machine()
+    return described or f"{fallback} ({os.cpu_count()} logical CPUs)"
 
 
 def machine(device: torch.device) -> str:

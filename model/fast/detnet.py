@@ -56,9 +56,10 @@ def conv2_upsampled(ops, det: nn.Module, f: torch.Tensor, size: tuple[int, int],
         return det.conv2(f if g is None else torch.cat([f, g], dim=1))
     weight, bias = det.conv2.weight, det.conv2.bias
     channels = f.shape[1]
+    chunk = ops.lowres_chunk_for(f, det.conv2)
     if g is None:
-        return upsample_conv3x3(f, weight, bias, size, False, ops.lowres_chunk)
-    up = upsample_conv3x3(f, weight[:, :channels], None, size, False, ops.lowres_chunk)
+        return upsample_conv3x3(f, weight, bias, size, False, chunk)
+    up = upsample_conv3x3(f, weight[:, :channels], None, size, False, chunk)
     return F.conv2d(g, weight[:, channels:], bias, padding=1) + up
 
 

@@ -23,9 +23,14 @@ import torch.nn.functional as F
 
 import model.fast.workspace as workspace
 
-# rows × channels per band: few and large operations (each a meeting point of the threads),
-# the band's temporary in reused memory (model/fast/workspace.py)
-BAND_ELEMENTS = 1 << 24
+# rows × channels per band: 4 MiB of float32, half of it per thread on two cores, so that a
+# band read from memory stays in the cache (2 MiB of L2 per core on the AMD EPYC host of
+# docs/performance.md) for the passes that follow (centring, sums, squares; leaky ReLU and
+# the projection). Larger bands make fewer operations but every pass after the first goes to
+# memory: 64 MiB bands took twice the time (statistics of the detector's 128-channel map at
+# 480×640, one thread: 65 ms against 29). The band's temporary is in reused memory
+# (model/fast/workspace.py).
+BAND_ELEMENTS = 1 << 20
 
 
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:

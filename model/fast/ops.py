@@ -39,9 +39,14 @@ class FastOps:
     (:mod:`model.fast.lowres_conv`). ``winograd_tile``: F(m×m, 3×3) for the 3×3 convolutions
     with at least ``winograd_min_channels`` inputs where autograd does not record them
     (:mod:`model.fast.winograd`; 0: direct). ``channels_last``: the encoder's and the
-    detector's full-resolution maps channels-last on the fused path. ``lowres_chunk`` and
-    ``lowres_channels_last_chunk``: the output blocks (rows, columns) of the banded
-    interpolation products, channels-first and channels-last.
+    detector's full-resolution maps channels-last on the fused path. ``lowres_chunk``,
+    ``lowres_inference_chunk`` and ``lowres_channels_last_chunk``: the output blocks (rows,
+    columns) of the banded interpolation products, channels-first where autograd records the
+    layer and where it does not, and channels-last. Small blocks multiply fewer of the banded
+    matrices' zeros, large ones make fewer operations (each a meeting point of the threads, and
+    under autograd a node and a concatenation): without autograd, 24×32 and 16×64 blocks took
+    0.70× and 0.80× of the time of 120×160 and 32×128 for ``upconv2`` and the detector's
+    ``conv2`` on ``up(f)`` (docs/performance.md).
     """
 
     fused: bool = FUSED_AVAILABLE
@@ -50,7 +55,8 @@ class FastOps:
     winograd_min_channels: int = 512
     channels_last: bool = True
     lowres_chunk: tuple[int, int] = (120, 160)
-    lowres_channels_last_chunk: tuple[int, int] = (32, 128)
+    lowres_inference_chunk: tuple[int, int] = (24, 32)
+    lowres_channels_last_chunk: tuple[int, int] = (16, 64)
 
     def __deepcopy__(self, memo) -> "FastOps":
         return self  # settings shared by every module that holds them, copies included
@@ -125,7 +131,14 @@ class FastOps:
         if not (self.lowres_conv_path(x) and block.conv.kernel_size == (3, 3)):
             return None
         return block.activate(upsample_conv3x3(x, block.conv.weight, block.conv.bias, size,
-                                               align_corners, self.lowres_chunk))
+                                               align_corners, self.lowres_chunk_for(x, block.conv)))
+
+    def lowres_chunk_for(self, x: torch.Tensor, conv: nn.Module) -> tuple[int, int]:
+        """The channels-first blocks for ``conv`` on ``x``: ``lowres_inference_chunk`` where
+        autograd does not record the layer, else ``lowres_chunk``."""
+        recorded = torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for p in conv.parameters()))
+        return self.lowres_chunk if recorded else self.lowres_inference_chunk
 
     def encode(self, backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """:meth:`model.f2r.ResUNet_F2R.encode` in eval mode with the fused convolutions."""

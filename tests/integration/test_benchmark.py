@@ -311,3 +311,34 @@ def test_colmap_benchmark_times_every_step_and_indexes_every_pair(capsys):
                           f"pairs indexed"
     assert report["pairs_cameras_rule"] > 0
     assert format_rows(rows).count("\n") == len(rows)
+
+
+AMD_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+flags\t\t: fpu avx512f
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+"""
+
+INTEL_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+
+"""
+
+
+def test_cpu_description_names_model_vendor_family_and_count():
+    from tools.benchmark_methods import cpu_description
+    assert cpu_description(AMD_CPUINFO, 2) == "AMD EPYC (AMD, family 25 model 17, 2 logical CPUs)"
+    assert cpu_description(INTEL_CPUINFO, 4) == ("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz "
+                                                 "(Intel, family 6 model 143, 4 logical CPUs)")
+    other = "vendor_id : HygonGenuine\nmodel name : Hygon C86\n"
+    assert cpu_description(other, 8) == "Hygon C86 (HygonGenuine, 8 logical CPUs)"
+    assert cpu_description("processor : 0\nBogoMIPS : 50.0\n", 1) is None  # no model name
