@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from utils.atomic import atomic_open
 from utils.errors import SCFeatError
 
 log = logging.getLogger("scfeat.data")
@@ -69,19 +70,23 @@ class PairLine(NamedTuple):
     name2: str
 
 
-def _data_lines(path: Path) -> list[tuple[int, list[str]]]:
-    """``(line number, tokens)`` of the non-blank lines of ``path`` not starting with ``#``
-    (lines end at ``\\n`` only, so the numbers match an editor's)."""
+def text_lines(path: Path) -> list[str]:
+    """The lines of the UTF-8 text file ``path``, split at ``\\n`` only (so line numbers match
+    an editor's); an error naming the file (and the line of a byte that is not UTF-8)."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8").split("\n")
     except OSError as error:
         raise SCFeatError(f"{path}: cannot read the file ({error})") from None
     except UnicodeDecodeError as error:
         line = error.object[:error.start].count(b"\n") + 1
         raise SCFeatError(f"{path}:{line}: not UTF-8 text (byte {error.object[error.start]:#04x}); "
                           f"expected a text file") from None
+
+
+def _data_lines(path: Path) -> list[tuple[int, list[str]]]:
+    """``(line number, tokens)`` of the non-blank lines of ``path`` not starting with ``#``."""
     lines = []
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line in enumerate(text_lines(path), start=1):
         stripped = line.strip()
         if stripped and not stripped.startswith("#"):
             lines.append((number, stripped.split()))
@@ -207,3 +212,25 @@ def missing_part(folder: Path) -> str | None:
     if not (folder / "images").is_dir():
         return f"{folder / 'images'}: images folder not found"
     return None
+
+
+def img_cam_line(name: str, camera: CameraRecord) -> str:
+    """The ``img_cam.txt`` line of one image (``IMG_CAM_FORMAT``; values as ``repr``, exact)."""
+    K, pose = camera.K, camera.pose
+    values = [K[0, 0], K[1, 1], K[0, 2], K[1, 2], *pose[:3, :3].ravel(), *pose[:3, 3]]
+    return f"{name} {camera.width} {camera.height} " + " ".join(repr(float(v)) for v in values)
+
+
+def write_img_cam(path: Path, names: list[str], cameras: list[CameraRecord],
+                  comments: tuple[str, ...] = ()) -> None:
+    """``img_cam.txt`` of ``names`` and their ``cameras``, atomically, after ``# comments``."""
+    lines = [f"# {IMG_CAM_FORMAT}", *(f"# {c}" for c in comments)]
+    lines += [img_cam_line(name, camera) for name, camera in zip(names, cameras)]
+    with atomic_open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def write_pairs(path: Path, pairs: list[tuple[str, str]]) -> None:
+    """``pairs.txt`` (``name1 name2`` per line), atomically."""
+    with atomic_open(path, "w") as handle:
+        handle.write("".join(f"{a} {b}\n" for a, b in pairs))
