@@ -54,6 +54,16 @@ LOG_LINE = re.compile(r"epoch \d+ step (\d+) loss ([-+0-9.eE]+|nan|inf)")
 # training
 # ---------------------------------------------------------------------------------------------
 
+def size_overrides(size: str | None, keys: Sequence[str]) -> list[str]:
+    """``<key>=[H,W]`` for each of ``keys`` from ``HxW`` (nothing for ``None``)."""
+    if size is None:
+        return []
+    from utils.cli import parse_size
+
+    height, width = parse_size(size)
+    return [f"{key}=[{height},{width}]" for key in keys]
+
+
 def stage_overrides(data: Path, out: Path, name: str, seed: int, steps: int, epochs: int,
                     device: str) -> list[str]:
     """``KEY=VALUE`` overrides of a config for one run: its data, folder, seed and ``steps``
@@ -74,6 +84,8 @@ def train(args: argparse.Namespace) -> dict[str, Path]:
     data, out = args.data.resolve(), args.out.resolve()
     val = (["val_config.max_pairs=0"] if args.val is None else
            [f"val_config.data_config_val.data_path={yaml_str(args.val.resolve())}"])
+    val += size_overrides(args.size, ("data_config_train.resize",
+                                      "val_config.data_config_val.resize"))
     desc_conf = load_train_config(DESC_CONFIG, stage_overrides(
         data, out, f"{args.run}-desc", args.seed, args.desc_steps, args.desc_epochs,
         args.device) + val)
@@ -96,7 +108,7 @@ def train(args: argparse.Namespace) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------
 
 def held_out_loader(pairs: Path, conf: dict, max_pairs: int | None):
-    """The pairs of the CAPS-layout folder ``pairs`` in eval mode at stage 1's training size,
+    """The pairs of the CAPS-layout folder ``pairs`` in eval mode at ``conf``'s training size,
     a seeded subset of ``max_pairs`` (``training.data.validation_subset``), one pair a batch."""
     import torch
 
@@ -154,7 +166,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     from schemas import load_train_config
     from tools.learning_stage1 import cached, describe_checkpoint, files_key
 
-    conf = load_train_config(DESC_CONFIG)
+    conf = load_train_config(DESC_CONFIG, size_overrides(args.size, ("data_config_train.resize",)))
     loader = held_out_loader(args.pairs, conf, args.max_pairs)
     settings = {"version": MEASURE_VERSION, "pairs": str(args.pairs.resolve()),
                 "max_pairs": args.max_pairs, "resize": conf["data_config_train"]["resize"]}
@@ -237,6 +249,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--det-epochs", type=int, default=2, help="stage-2 epochs (default 2)")
     run.add_argument("--untrained", action="store_true",
                      help="also write the calibrated untrained network")
+    run.add_argument("--size", default=None, metavar="HxW",
+                     help="training size, multiples of 16 (default: the configs' 256x384)")
     run.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     check = commands.add_parser("measure", help="stage-1 loss and epi@2 on held-out pairs")
     check.add_argument("--pairs", type=Path, required=True, help="CAPS-layout held-out folder")
@@ -244,6 +258,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     check.add_argument("--out", type=Path, required=True, help="cache folder of the rows")
     check.add_argument("--max-pairs", type=int, default=40,
                        help="held-out pairs, a seeded subset (default 40)")
+    check.add_argument("--size", default=None, metavar="HxW",
+                       help="image size of the pairs (default: the stage-1 config's resize)")
     check.add_argument("--plot", type=Path, default=None, help="PNG of the curves")
     check.add_argument("--title", default="", help="the figure's title")
     return parser.parse_args(argv)
