@@ -1,13 +1,13 @@
 """3-D reconstruction with pycolmap and the ETH benchmark's measures:
-``python reconstruct.py --images DIR --features METHOD --out DIR [--gt img_cam.txt]``.
+``python reconstruct.py --images DIR --features METHOD --out DIR [--gt img_cam.txt|MODEL_DIR]``.
 
 ``METHOD`` is any method of ``evaluation/methods.py`` (``sift``, ``disk``, ``aliked``,
 ``xfeat``, ``disk+lightglue``, ..., or an SCFeat checkpoint folder). Extracts features (cached
 under ``<out>/features``), matches every pair with the method's matcher, imports them into a COLMAP database, runs COLMAP's geometric verification and
 incremental mapping, and prints registered images, 3-D points, observations, mean track length
 and mean reprojection error; with ``--gt`` (``img_cam.txt`` layout, e.g. the ``poses/<scene>.txt``
-of ``python -m tools.synthetic megadepth1500``) also the rotation and camera-centre errors
-after a similarity alignment. The measures go to ``<out>/<method>.json`` too. See
+of ``python -m tools.synthetic megadepth1500``, or a COLMAP model folder) also the rotation and
+camera-centre errors after a similarity alignment and their mAA over IMC 2022's thresholds. The measures go to ``<out>/<method>.json`` too. See
 :mod:`evaluation.reconstruction`.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ MEASURES = [("registered", "registered images", "{:d}"), ("points3D", "3-D point
             ("rotation_error_median", "rotation error, median [°]", "{:.3f}"),
             ("rotation_error_max", "rotation error, max [°]", "{:.3f}"),
             ("centre_error_median", "centre error, median [GT units]", "{:.4f}"),
-            ("centre_error_max", "centre error, max [GT units]", "{:.4f}")]
+            ("centre_error_max", "centre error, max [GT units]", "{:.4f}"),
+            ("maa", "mAA (IMC thresholds)", "{:.3f}")]
 
 
 def format_measures(statistics: dict) -> str:
@@ -45,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="folder of the scene's images")
-    parser.add_argument("--gt", default=None, help="ground-truth cameras (img_cam.txt layout)")
+    parser.add_argument("--gt", default=None,
+                        help="ground-truth cameras: an img_cam.txt file or a COLMAP model folder")
     add_feature_arguments(parser)
     return parser.parse_args(argv)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from evaluation.hpatches import default_conf as hpatches_defaults
 from evaluation.hpatches import parse_methods
+from dataloader.colmap_model import DEFAULT_PAIRS as COLMAP_PAIRS
+from dataloader.colmap_model import RULES as PAIR_RULES
 from evaluation.pose import ESTIMATORS, LAYOUTS
 from evaluation.pose import default_conf as pose_defaults
 from model.extractor import DESCRIPTOR_MAPS, DETECTORS, detector_schema, make_detector
@@ -275,6 +277,20 @@ EVAL_POSE_SCHEMA = {
     "output_json": Spec(pose_defaults["output_json"], types=OPTIONAL_PATH),
     "output_plot": Spec(pose_defaults["output_plot"], types=OPTIONAL_PATH),
     "device": Spec("auto", choices=DEVICE_CHOICES),
+    "colmap_pairs": {  # layout colmap; the rules: dataloader/colmap_model.py, docs/data.md
+        "rule": Spec(COLMAP_PAIRS["rule"], choices=PAIR_RULES),
+        "min_overlap": Spec(COLMAP_PAIRS["min_overlap"], minimum=0, maximum=1,
+                            doc="points rule: least shared-point ratio"),
+        "max_overlap": Spec(COLMAP_PAIRS["max_overlap"], minimum=0, maximum=1,
+                            doc="points rule: largest shared-point ratio"),
+        "max_angle": Spec(COLMAP_PAIRS["max_angle"], above=0, maximum=180,
+                          doc="cameras rule: degrees between the viewing directions"),
+        "min_view_overlap": Spec(COLMAP_PAIRS["min_view_overlap"], minimum=0, maximum=1,
+                                 doc="cameras rule: least view overlap"),
+        "grid": Spec(COLMAP_PAIRS["grid"], minimum=2, doc="cameras rule: points per side"),
+        "depth": Spec(None, types=(float, type(None)),
+                      doc="cameras rule: scene depth (model units); null: from the cameras"),
+    },
 }
 
 

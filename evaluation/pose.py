@@ -21,7 +21,11 @@ Pairs are read from glue-factory's ``pairs_calibrated.txt`` (per line ``name0 na
 K1(9) R(9) t(3)``, row-major, relative pose 0→1: ``x1 = R·x0 + t``; images under
 ``<data_path>/<images_dir>``) or LoFTR's ``megadepth_test_1500_scene_info/*.npz``
 (``image_paths`` relative to ``data_path``, ``intrinsics`` N×3×3, world→camera ``poses`` N×4×4,
-``pair_infos`` of ``((i, j), overlap, central_matches)``).
+``pair_infos`` of ``((i, j), overlap, central_matches)``) or a COLMAP model
+(``layout: colmap``: ``<data_path>/<model_dir>`` in text or binary, images under
+``<data_path>/<images_dir>``, pairs by :func:`dataloader.colmap_model.select_pairs` with the
+``colmap_pairs`` options; intrinsics with pixel centres at integers, COLMAP's ``cx, cy`` minus
+0.5, unlike the two MegaDepth-1500 layouts, whose intrinsics are used as given).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import cv2
 import numpy as np
 import torch
 
+from dataloader.colmap_model import DEFAULT_PAIRS, check_images, read_model, select_pairs
 from dataloader.megadepth_layout import parse_numbers
 from evaluation.matching import read_features, require_files
 from evaluation.methods import Matcher, Method, make_matcher, method_features, parse_methods
@@ -49,7 +54,7 @@ logger = logging.getLogger(__name__)
 # Bump when the protocol or the cache content changes, so older caches are never reused.
 PROTOCOL_VERSION = "megadepth1500-relative-pose-v1"
 AUC_THRESHOLDS = (5, 10, 20)
-LAYOUTS = ("gluefactory", "loftr")
+LAYOUTS = ("gluefactory", "loftr", "colmap")
 ESTIMATORS = ("opencv", "poselib")
 # Pixels: LoFTR's OpenCV threshold, glue-factory's PoseLib threshold.
 DEFAULT_RANSAC_THRESHOLD = {"opencv": 0.5, "poselib": 1.0}
@@ -58,10 +63,13 @@ SCENE_INFO_KEYS = ("image_paths", "intrinsics", "poses", "pair_infos")
 
 default_conf = {
     "data_path": "data/megadepth1500-synthetic",
-    "layout": "gluefactory",  # gluefactory: pairs_file + images_dir; loftr: scene_info_dir
+    "layout": "gluefactory",  # gluefactory: pairs_file + images_dir; loftr: scene_info_dir;
+    # colmap: model_dir + images_dir, pairs by colmap_pairs (dataloader.colmap_model)
     "pairs_file": "pairs_calibrated.txt",  # relative to data_path (or absolute)
     "images_dir": "images",  # glue-factory's image root, relative to data_path
     "scene_info_dir": "megadepth_test_1500_scene_info",  # LoFTR's, relative to data_path
+    "model_dir": "sparse",  # layout colmap: the COLMAP model, relative to data_path
+    "colmap_pairs": dict(DEFAULT_PAIRS),  # layout colmap: the pair rule and its thresholds
     "methods": ["sift"],  # evaluation.methods names: sift, disk, aliked+lightglue, checkpoints...
     "resize": 1600,  # longer image side in pixels; None keeps the images' size
     "max_keypoints": 2048,  # every method's budget; None: each method's own default
@@ -186,6 +194,26 @@ def read_scene_info(path: str | Path, data_root: str | Path) -> list[PosePair]:
     return pairs
 
 
+def read_colmap_pairs(model_dir: Path, images_dir: Path, options: dict | None = None,
+                      ) -> tuple[list[PosePair], list[Path]]:
+    """The pairs of a COLMAP model (:func:`dataloader.colmap_model.select_pairs` with
+    ``options``) and the model's files; every image must be in ``images_dir`` at its camera's
+    size."""
+    model = read_model(model_dir)
+    paths = check_images(model, images_dir)
+    selection = select_pairs(model, options)
+    logger.info("%s: %d pairs of %d images (%s rule: %s)", model_dir, len(selection),
+                len(model.names), selection.rule, selection.description)
+    pairs = []
+    for i, j in zip(selection.i, selection.j):
+        a, b = model.cameras[i], model.cameras[j]
+        relative = b.pose @ np.linalg.inv(a.pose)
+        pairs.append(PosePair(model.names[i], model.names[j], paths[i], paths[j], a.K, b.K,
+                              relative[:3, :3], relative[:3, 3],
+                              f"{model.files[1]}: {model.names[i]} {model.names[j]}"))
+    return pairs, model.files
+
+
 def resolve(data_path: Path, name: str) -> Path:
     """``name`` relative to ``data_path`` unless absolute."""
     return Path(name) if Path(name).is_absolute() else data_path / name
@@ -201,6 +229,9 @@ def load_pairs(conf: dict) -> tuple[list[PosePair], list[Path]]:
     if conf["layout"] == "gluefactory":
         pairs_file = resolve(data_path, conf["pairs_file"])
         return read_pairs_calibrated(pairs_file, resolve(data_path, conf["images_dir"])), [pairs_file]
+    if conf["layout"] == "colmap":
+        return read_colmap_pairs(resolve(data_path, conf["model_dir"]),
+                                 resolve(data_path, conf["images_dir"]), conf["colmap_pairs"])
     folder = resolve(data_path, conf["scene_info_dir"])
     files = sorted(folder.glob("*.npz")) if folder.is_dir() else []
     if not files:
@@ -454,6 +485,8 @@ def evaluate_method(method: Method, pairs: list[PosePair], index_files: list[Pat
                                            "epipolar_threshold", "seed")}
     settings["ransac_threshold"] = ransac_threshold(conf)
     settings["matcher"] = method.matcher
+    if conf["layout"] == "colmap":  # the pairs depend on the rule, not only on the model files
+        settings["colmap_pairs"] = conf["colmap_pairs"]
     signature = files_signature(list(feature_files.values()) + index_files,
                                 f"{PROTOCOL_VERSION}\n{json.dumps(settings, sort_keys=True)}")
     cache_path = cache_dir / f"{label}-{signature[:16]}.json"
@@ -539,7 +572,8 @@ def run_pose_evaluation(conf: dict, print_fn: Callable[[str], None] = print) -> 
     device = resolve_device(conf["device"])
     pairs, index_files = load_pairs(conf)
     require_files(sorted({p for pair in pairs for p in (pair.path0, pair.path1)}), "image")
-    print_fn(f"MegaDepth-1500 relative pose: {len(pairs)} pairs ({conf['layout']} layout) in "
+    title = "COLMAP model" if conf["layout"] == "colmap" else "MegaDepth-1500"
+    print_fn(f"{title} relative pose: {len(pairs)} pairs ({conf['layout']} layout) in "
              f"{conf['data_path']}; estimator {conf['estimator']}, RANSAC threshold "
              f"{ransac_threshold(conf)} px, resize {conf['resize']}")
     all_records, summaries = {}, {}

@@ -5,8 +5,9 @@ matching with the method's matcher (mutual nearest neighbours or LightGlue), imp
 COLMAP database, COLMAP's geometric verification, incremental mapping. Reported (:func:`reconstruction_statistics`): registered images, 3-D
 points, observations, mean track length, mean reprojection error (pixels) — the ETH table —
 and, with ground-truth cameras (``img_cam.txt`` layout, e.g. ``tools.synthetic
-megadepth1500``'s ``poses/<scene>.txt``), the rotation and camera-centre errors of the
-registered images after a similarity alignment of the camera centres (:func:`pose_errors`).
+megadepth1500``'s ``poses/<scene>.txt``, or a COLMAP model folder), the rotation and
+camera-centre errors of the registered images after a similarity alignment of the camera
+centres (:func:`pose_errors`) and their mAA (:func:`mean_average_accuracy`).
 
 COLMAP puts pixel centres at ``x + 0.5`` (the top-left corner is 0); our keypoints and
 intrinsics put them at integers, so both are shifted by 0.5 on the way in (as hloc does).
@@ -16,11 +17,13 @@ every image gets a ``SIMPLE_RADIAL`` camera from COLMAP's focal prior, refined b
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dataloader.colmap_model import check_images, read_model
 from dataloader.megadepth_layout import CameraRecord, read_img_cam
 from evaluation.matching import Features, read_features
 from evaluation.methods import SYNTAX, Matcher, Method, make_matcher, method_features
@@ -32,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")
 COLMAP_PIXEL_OFFSET = 0.5  # COLMAP's pixel centres are at x + 0.5
+# mAA thresholds, paired: IMC 2022's 10 (rotation in degrees, translation in metres; here the
+# camera centre error after the alignment, in ground-truth units).
+MAA_ROTATION_DEG = tuple(float(v) for v in np.linspace(1, 10, 10))
+MAA_CENTRE = tuple(float(v) for v in np.geomspace(0.2, 5, 10))
 
 
 def _pycolmap():
@@ -82,17 +89,30 @@ def list_images(folder: str | Path) -> list[str]:
     return names
 
 
-def read_ground_truth(path: str | Path, names: list[str]) -> dict[str, CameraRecord]:
-    """Ground-truth cameras (``img_cam.txt`` layout) of ``names``; every name must be there."""
-    cameras, rejected = read_img_cam(Path(path))
-    for name, (cause, where) in rejected.items():
-        if name in names:
-            raise SCFeatError(f"{where}: {cause} (camera of {name})")
+def read_ground_truth(path: str | Path, names: list[str],
+                      images_dir: str | Path | None = None) -> dict[str, CameraRecord]:
+    """Ground-truth cameras of ``names`` from an ``img_cam.txt`` file or a COLMAP model folder
+    (:func:`dataloader.colmap_model.read_model`: pixel centres moved to integers); every name
+    must be there. With ``images_dir``, a model's cameras must have the images' sizes."""
+    path = Path(path)
+    if path.is_dir():
+        model = read_model(path)
+        cameras, expected = model.records(), f"an image entry in {model.files[1]}"
+        if images_dir is not None:
+            keep = [k for k, name in enumerate(model.names) if name in names]
+            check_images(replace(model, names=[model.names[k] for k in keep],
+                                 cameras=[model.cameras[k] for k in keep],
+                                 point_ids=[model.point_ids[k] for k in keep]), images_dir)
+    else:
+        cameras, rejected = read_img_cam(path)
+        for name, (cause, where) in rejected.items():
+            if name in names:
+                raise SCFeatError(f"{where}: {cause} (camera of {name})")
+        expected = "one line per image: name w h fx fy cx cy R(9) t(3)"
     missing = [name for name in names if name not in cameras]
     if missing:
         raise SCFeatError(f"{path}: no camera for {', '.join(missing[:5])}"
-                          f"{' and more' if len(missing) > 5 else ''} (expected one line per "
-                          f"image: name w h fx fy cx cy R(9) t(3))")
+                          f"{' and more' if len(missing) > 5 else ''} (expected {expected})")
     return {name: cameras[name] for name in names}
 
 
@@ -231,12 +251,29 @@ def align_to_ground_truth(rotations: np.ndarray, centres: np.ndarray, gt_rotatio
     return scale, rotation, gt_mean - scale * rotation @ mean
 
 
-def pose_errors(reconstruction, cameras: dict[str, CameraRecord]) -> dict:
+def mean_average_accuracy(rotation_errors: np.ndarray, centre_errors: np.ndarray,
+                          num_images: int) -> float:
+    """mAA: the mean over the threshold pairs ``(MAA_ROTATION_DEG[k], MAA_CENTRE[k])`` of the
+    fraction of the ``num_images`` images whose rotation and centre errors are both below them
+    (images without errors, the unregistered, count as inaccurate)."""
+    if num_images == 0:
+        return 0.0
+    rotation_errors, centre_errors = np.asarray(rotation_errors), np.asarray(centre_errors)
+    accurate = [(np.sum((rotation_errors < r) & (centre_errors < c))) / num_images
+                for r, c in zip(MAA_ROTATION_DEG, MAA_CENTRE)]
+    return float(np.mean(accurate))
+
+
+def pose_errors(reconstruction, cameras: dict[str, CameraRecord],
+                num_images: int | None = None) -> dict:
     """Rotation (degrees) and centre (ground-truth units) errors of the registered images after
-    the similarity alignment :func:`align_to_ground_truth` (needs ≥ 2 registered images)."""
+    the similarity alignment :func:`align_to_ground_truth` (needs ≥ 2 registered images), and
+    their mAA over ``num_images`` (default: the ground truth's images;
+    :func:`mean_average_accuracy`)."""
+    num_images = len(cameras) if num_images is None else num_images
     images = [image for image in reconstruction.images.values() if image.has_pose]
     if len(images) < 2:
-        return {"aligned": 0}
+        return {"aligned": 0, "maa": 0.0}
     rotations = np.array([image.cam_from_world().rotation.matrix() for image in images])
     centres = np.array([image.projection_center() for image in images])
     gt_poses = [cameras[image.name].pose for image in images]
@@ -253,7 +290,8 @@ def pose_errors(reconstruction, cameras: dict[str, CameraRecord]) -> dict:
             "rotation_error_median": float(np.median(rotation_errors)),
             "rotation_error_max": float(np.max(rotation_errors)),
             "centre_error_median": float(np.median(centre_errors)),
-            "centre_error_max": float(np.max(centre_errors))}
+            "centre_error_max": float(np.max(centre_errors)),
+            "maa": mean_average_accuracy(np.array(rotation_errors), centre_errors, num_images)}
 
 
 def run_reconstruction(images_dir: str | Path, method: Method, out_dir: str | Path,
@@ -265,7 +303,7 @@ def run_reconstruction(images_dir: str | Path, method: Method, out_dir: str | Pa
     errors with ``ground_truth``). ``max_keypoints`` ``None``: the method's own budget."""
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     names = list_images(images_dir)
-    cameras = read_ground_truth(ground_truth, names) if ground_truth else None
+    cameras = read_ground_truth(ground_truth, names, images_dir) if ground_truth else None
     features = extract_features(method, images_dir, names, out_dir / "features", max_keypoints,
                                 device)
     matches = exhaustive_matches(features, names, make_matcher(method, device, ratio))
@@ -277,5 +315,7 @@ def run_reconstruction(images_dir: str | Path, method: Method, out_dir: str | Pa
     statistics = {"method": label, **reconstruction_statistics(reconstruction, len(names)),
                   "mean_matches": float(np.mean([len(m) for m in matches.values()]))}
     if cameras is not None and reconstruction is not None:
-        statistics.update(pose_errors(reconstruction, cameras))
+        statistics.update(pose_errors(reconstruction, cameras, len(names)))
+    elif cameras is not None:
+        statistics.update({"aligned": 0, "maa": 0.0})
     return statistics

@@ -1,7 +1,7 @@
 """Benchmark suite: feature extraction, the two training steps, data loading and peak memory.
 
 ``python -m tools.benchmark [--device cpu|cuda] [--size 480x640] [--train-size 240x320]
-[--repeat 3] [--train-repeat 2] [--data-pairs 48] [--threads N] [--only extraction,train,data,methods]
+[--repeat 3] [--train-repeat 2] [--data-pairs 48] [--threads N] [--only extraction,train,data,methods,colmap]
 [--json out.json] [--amp] [--compile] [--reference-ops] [--no-disk] [--no-layer-profile]
 [--no-layers] [--thp] [--profile N]``
 
@@ -39,6 +39,9 @@ prints one table and writes the same figures as JSON (``--json``):
   forward, with their share and call count;
 * **methods** (``--only methods``, not run by default): every method's whole per-image
   extraction side by side (SCFeat, DISK, ALIKED, XFeat, SIFT; :mod:`tools.benchmark_methods`);
+* **colmap** (``--only colmap``, not run by default): reading, pairing and converting a
+  synthetic 1000-image COLMAP model (:mod:`tools.benchmark_colmap`; the CPU seconds go in the
+  notes);
 * **peak memory** of each part and its increase over the part's start: resident set size of
   this process (the kernel's high-water mark ``VmHWM``, reset before each part; data loading
   also gives the memory private to the workers), or ``torch.cuda.max_memory_allocated`` on
@@ -854,7 +857,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="pairs loaded per worker setting (default 48)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--only", default="extraction,train,data",
-                        help="comma-separated parts: extraction, train, data, methods")
+                        help="comma-separated parts: extraction, train, data, methods, colmap")
     parser.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     parser.add_argument("--amp", action="store_true", help="add a bf16-autocast extraction run")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile extraction run")
@@ -880,7 +883,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="restart with THP_MEM_ALLOC_ENABLE=1 (transparent huge pages)")
     args = parser.parse_args(argv)
     args.only = {p.strip() for p in args.only.split(",") if p.strip()}
-    unknown = args.only - {"extraction", "train", "data", "methods"}
+    unknown = args.only - {"extraction", "train", "data", "methods", "colmap"}
     if unknown:
         parser.error(f"--only: unknown part(s) {sorted(unknown)}")
     if args.profile < 0:
@@ -929,6 +932,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
         rows += [row("methods", f"{name} extract()", entry, note=method_note(entry),
                      rate=f"{1000 / entry['median_ms']:.1f} images/s")
                  for name, entry in report["methods"]["methods"].items()]
+    if "colmap" in args.only:
+        from tools.benchmark_colmap import bench_colmap
+        colmap_rows, report["colmap"] = bench_colmap()
+        rows += [row("colmap", name, {"median_ms": 1000 * wall, "min_ms": 1000 * wall},
+                     note=f"CPU {cpu:.2f} s" + (f"; {note}" if note else ""))
+                 for name, wall, cpu, note in colmap_rows]
     if args.only & {"train", "data"}:
         with synthetic_megadepth(args.size, pairs=15) as path:
             report["synthetic_data"] = dict(synthetic_megadepth.last_counts)

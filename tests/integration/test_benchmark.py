@@ -293,3 +293,18 @@ def test_methods_are_timed_side_by_side_with_their_ratio_to_scfeat(tmp_path, cap
     table = capsys.readouterr().out
     assert all(f"{name} extract()" in table for name in benchmark_methods.METHODS)
     assert "1.00× SCFeat's time" in table
+
+
+@pytest.mark.slow
+def test_colmap_benchmark_times_every_step_and_indexes_every_pair(capsys):
+    from tools.benchmark_colmap import bench_colmap, format_rows
+    rows, report = bench_colmap(images=36, points=720)
+    names = [name for name, *_ in rows]
+    assert names[1:3] == ["read model, binary", "read model, text"]
+    assert all(wall >= 0 and cpu >= 0 for _, wall, cpu, _ in rows)
+    # Each image sees ±15° of the ring: 10° apart, images up to 2 steps apart share points.
+    assert report["observations"] == pytest.approx(720 * 36 * 30 / 360, rel=0.25)
+    assert rows[-1][3] == f"{report['pairs_points_rule']} of {report['pairs_points_rule']} " \
+                          f"pairs indexed"
+    assert report["pairs_cameras_rule"] > 0
+    assert format_rows(rows).count("\n") == len(rows)

@@ -333,3 +333,72 @@ def test_peers_and_lightglue_run(synthetic_set, tmp_path):
     assert printed[-1].startswith("AUC@5/10/20 xfeat+lightglue: ")
     for summary in summaries.values():
         assert summary["mean_matches"] > 10 and summary["failed"] < summary["pairs"]
+
+
+def colmap_copy(synthetic_set: Path, out: Path, binary: bool) -> Path:
+    """The synthetic scene ``synth_0000`` as a COLMAP model (principal points + 0.5) beside
+    its images: ``out/sparse``, ``out/images``."""
+    from dataloader.colmap_model import write_model
+    from dataloader.megadepth_layout import read_img_cam
+    cameras, _ = read_img_cam(synthetic_set / "poses" / "synth_0000.txt")
+    models, images = [], []
+    for index, (name, camera) in enumerate(sorted(cameras.items())):
+        K = camera.K
+        models.append(("PINHOLE", camera.width, camera.height,
+                       [K[0, 0], K[1, 1], K[0, 2] + 0.5, K[1, 2] + 0.5]))
+        images.append((name, index, camera.pose[:3, :3], camera.pose[:3, 3], np.zeros((0, 3))))
+    write_model(out / "sparse", models, images, binary=binary)
+    shutil.copytree(synthetic_set / "images" / "synth_0000", out / "images")
+    return out
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_colmap_layout_gives_the_gluefactory_pairs_records(synthetic_set, tmp_path, binary):
+    data = colmap_copy(synthetic_set, tmp_path / "scene", binary)
+    common = {"resize": 128, "output_json": None, "output_plot": None, "methods": ["sift"]}
+    colmap = {**default_conf, **common, "layout": "colmap", "data_path": str(data),
+              "cache_dir": str(tmp_path / "c1"),
+              "colmap_pairs": {**default_conf["colmap_pairs"], "max_angle": 180.0,
+                               "min_view_overlap": 0.0, "depth": 5.0}}
+    pairs, files = load_pairs(colmap)
+    assert len(pairs) == 10 and files[0].name == ("cameras.bin" if binary else "cameras.txt")
+    glue, _ = load_pairs({**default_conf, "data_path": str(synthetic_set)})
+    by_names = {(p.key0, p.key1): p for p in pairs}
+    for pair in glue:
+        other = by_names[(pair.path0.name, pair.path1.name)]
+        assert other.K0 == pytest.approx(pair.K0, abs=1e-9)  # COLMAP's cx, cy - 0.5
+        assert other.R == pytest.approx(pair.R, abs=1e-9) and other.t == pytest.approx(pair.t, abs=1e-9)
+    # The same protocol: the records of the shared pairs are the glue-factory layout's.
+    from evaluation.methods import parse_methods
+    from evaluation.pose import evaluate_method
+    sift = parse_methods(["sift"])[0]
+    records, _ = evaluate_method(sift, pairs, files, colmap)
+    glue_conf = {**default_conf, **common, "data_path": str(synthetic_set),
+                 "cache_dir": str(tmp_path / "c2")}
+    glue_records, _ = evaluate_method(sift, glue, [], glue_conf)
+    mine = {(r["name0"], r["name1"]): r for r in records}
+    for record in glue_records:
+        other = mine[tuple(Path(record[k]).name for k in ("name0", "name1"))]
+        assert other["matches"] == record["matches"]
+        assert other["error"] == pytest.approx(record["error"], abs=1e-6)
+
+
+def test_colmap_layout_cli_prints_a_row_and_keys_the_cache_by_the_pair_rule(
+        synthetic_set, tmp_path, capsys):
+    data = colmap_copy(synthetic_set, tmp_path / "scene", binary=False)
+    args = [f"data_path={data}", "layout=colmap", "methods=[sift]", "resize=null",
+            f"cache_dir={tmp_path / 'cache'}", "output_json=null", "output_plot=null",
+            "colmap_pairs.depth=5.0", "colmap_pairs.min_view_overlap=0.1"]
+    assert evaluate_pose.main(args) == 0
+    out = capsys.readouterr().out
+    assert "COLMAP model relative pose" in out and out.strip().split("\n")[-1].startswith(
+        "AUC@5/10/20 sift: ")
+    assert evaluate_pose.main(args + ["colmap_pairs.grid=12"]) == 0  # another rule: new records
+    assert len(list((tmp_path / "cache").glob("sift-*.json"))) == 2
+    # A rule that leaves no pair, and a missing image: one message naming the model / image.
+    assert evaluate_pose.main(args + ["colmap_pairs.min_view_overlap=1.0"]) == 2
+    assert "leaves no pair" in capsys.readouterr().err
+    (data / "images" / "img_003.jpg").unlink()
+    assert evaluate_pose.main(args) == 2
+    err = capsys.readouterr().err
+    assert "lacks 1 of the 5 images" in err and "img_003.jpg" in err

@@ -142,3 +142,55 @@ def test_an_unknown_matcher_is_refused(tmp_path, capsys):
     assert reconstruct.main(["--images", str(tmp_path), "--features", "xfeat+lighterglue",
                              "--out", str(tmp_path / "out")]) == 2
     assert "unknown matcher '+lighterglue'" in capsys.readouterr().err
+
+
+def write_colmap_ground_truth(folder: Path, names, cameras, binary: bool) -> Path:
+    """The ground-truth cameras as a COLMAP model (principal points + 0.5, COLMAP's pixels)."""
+    from dataloader.colmap_model import write_model
+    models = [("PINHOLE", cameras[n].width, cameras[n].height,
+               [cameras[n].K[0, 0], cameras[n].K[1, 1], cameras[n].K[0, 2] + 0.5,
+                cameras[n].K[1, 2] + 0.5]) for n in names]
+    images = [(n, k, cameras[n].pose[:3, :3], cameras[n].pose[:3, 3], np.zeros((0, 3)))
+              for k, n in enumerate(names)]
+    return write_model(folder, models, images, binary=binary)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_ground_truth_from_a_colmap_model_gives_exact_poses_and_maa_1(tmp_path, binary):
+    names, cameras, features, _ = exact_scene(tmp_path / "images")
+    model = write_colmap_ground_truth(tmp_path / "gt", names, cameras, binary)
+    read = read_ground_truth(model, names, tmp_path / "images")
+    for name in names:
+        assert read[name].K == pytest.approx(cameras[name].K, abs=1e-9)
+        assert read[name].pose == pytest.approx(cameras[name].pose, abs=1e-9)
+    database = tmp_path / "scene.db"
+    build_database(database, tmp_path / "images", names, features,
+                   exhaustive_matches(features, names, mnn_matcher()), read)
+    reconstruction = run_mapper(database, tmp_path / "images", tmp_path / "sparse", True)
+    errors = pose_errors(reconstruction, read)
+    assert errors["aligned"] == 6 and errors["rotation_error_max"] < 0.05
+    assert errors["maa"] == 1.0
+    # Two images fewer in the count of the scene: the same errors, mAA over 8 images.
+    assert pose_errors(reconstruction, read, num_images=8)["maa"] == pytest.approx(6 / 8)
+
+
+def test_mean_average_accuracy_by_hand():
+    from evaluation.reconstruction import MAA_CENTRE, MAA_ROTATION_DEG, mean_average_accuracy
+    assert MAA_ROTATION_DEG[0] == 1 and MAA_ROTATION_DEG[-1] == 10
+    assert MAA_CENTRE[0] == pytest.approx(0.2) and MAA_CENTRE[-1] == pytest.approx(5)
+    # Image a: accurate at every threshold; b: rotation 5.5° passes thresholds 6..10 (5 of 10)
+    # but its centre error 1.0 passes only from the 6th threshold (geomspace(0.2, 5)[5] ≈ 1.20):
+    # both from the 6th on → 5 of 10; c never; a 4th image is not registered.
+    value = mean_average_accuracy(np.array([0.1, 5.5, 20.0]), np.array([0.01, 1.0, 0.01]), 4)
+    assert value == pytest.approx((10 + 5 + 0 + 0) / 40)
+
+
+def test_ground_truth_model_must_match_the_images(tmp_path):
+    names, cameras, _, _ = exact_scene(tmp_path / "images", images=3, points=20)
+    model = write_colmap_ground_truth(tmp_path / "gt", names[:2], cameras, binary=False)
+    with pytest.raises(SCFeatError, match=r"gt: no camera for view_02.png \(expected an image "
+                                          r"entry in .*images.txt\)"):
+        read_ground_truth(model, names, tmp_path / "images")
+    cv2.imwrite(str(tmp_path / "images" / names[0]), np.zeros((10, 20, 3), np.uint8))
+    with pytest.raises(SCFeatError, match=r"view_00.png: the image is 20x10 .*says 320x240"):
+        read_ground_truth(model, names[:2], tmp_path / "images")
