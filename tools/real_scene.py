@@ -47,7 +47,7 @@ DET_CONFIG = REPO / "config" / "strecha" / "train_det.yaml"
 EPI_THRESHOLD = 2.0          # px, as tools.learning_stage1 (the stage-2 reward_thr)
 MEASURE_SEED = 0             # the held-out subset and the query points
 MEASURE_VERSION = "real-scene-v1"
-LOG_LINE = re.compile(r"epoch \d+ step (\d+) loss ([-+0-9.eE]+|nan|inf)")
+LOG_LINE = re.compile(r"epoch (\d+) step (\d+) loss ([-+0-9.eE]+|nan|inf)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,14 +152,21 @@ def measure_network(folder: Path, loader, conf: dict) -> dict:
 
 
 def training_losses(run: Path) -> tuple[list[int], list[float]]:
-    """``(steps, losses)`` logged in ``<run>/train.log`` (every ``log_freq`` steps)."""
+    """``(global steps, losses)`` logged in ``<run>/train.log`` (every ``log_freq`` steps; the
+    log numbers steps within their epoch of ``epoch_step``, from ``<run>/config.yaml``), a step
+    logged twice (a resumed run) once."""
+    from utils.config import read_yaml
+
     path = run / "train.log"
-    steps, losses = [], []
-    if path.is_file():
-        for match in LOG_LINE.finditer(path.read_text(errors="replace")):
-            steps.append(int(match.group(1)))
-            losses.append(float(match.group(2)))
-    return steps, losses
+    if not path.is_file() or not (run / "config.yaml").is_file():
+        return [], []
+    epoch_step = read_yaml(run / "config.yaml")["epoch_step"]
+    logged = {}
+    for match in LOG_LINE.finditer(path.read_text(errors="replace")):
+        step = (int(match.group(1)) - 1) * epoch_step + int(match.group(2))
+        logged[step] = float(match.group(3))
+    steps = sorted(logged)
+    return steps, [logged[step] for step in steps]
 
 
 def measure(args: argparse.Namespace) -> list[dict]:

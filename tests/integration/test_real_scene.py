@@ -69,3 +69,15 @@ def test_a_missing_checkpoint_is_one_clear_error(tmp_path, capsys, megadepth):
     captured = capsys.readouterr()
     assert code == 2 and "is not a checkpoint folder" in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_training_losses_number_the_steps_across_epochs(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("epoch_step: 50\n")
+    (run / "train.log").write_text(
+        "x INFO scfeat.train: epoch 1 step 10 loss 9.5 EpipolarLoss_Line2Window=9.5\n"
+        "x INFO scfeat.train: epoch 1 step 50 loss 8.25 a=1\n"
+        "x INFO scfeat.train: epoch 2 step 10 loss 7.0 a=1\n"
+        "x INFO scfeat.train: epoch 2 step 10 loss 7.5 a=1\n")   # resumed: logged again
+    assert real_scene.training_losses(run) == ([10, 50, 60], [9.5, 8.25, 7.5])
