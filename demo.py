@@ -29,6 +29,13 @@ random weights, stage 1's gain on the held-out photographs comes within its firs
 and then erodes at the config's constant learning rate (docs/training.md, "Stage 1 on held-out
 photographs"), so the default stops at 40. The defaults take about 2 minutes on 2 idle CPU
 cores.
+``--pose-scene [DIR]`` adds relative pose (AUC@5/10/20°, ``evaluation.pose`` with
+``config/strecha/eval_pose.yaml``) on a real scene with known cameras for the same networks
+and methods: ``DIR`` is a COLMAP scene folder (``DIR/sparse``: the model in text or binary,
+``DIR/images``: the photographs, undistorted); without ``DIR``, the Strecha benchmark's
+Herz-Jesus-P25 in the ``shared/data/strecha`` folder beside this checkout, where it is present
+(248 pairs: several minutes on a CPU). Without the option the demo needs nothing but the
+installed packages.
 ``--keypoints K`` (default 512) is every method's budget: at most K keypoints per image, its
 K strongest (the networks' detector without a score threshold, OpenCV SIFT by response, the
 peers by their scores above their default thresholds). With the original's absolute threshold
@@ -50,9 +57,11 @@ import sys
 import time
 from pathlib import Path
 
+from tools import demo_stages
 from tools.demo_stages import (DESC_CONFIG, DET_CONFIG, REPO, DemoResult, StageRecord, banner,
-                               budget_overrides, evaluate, extract, format_seconds, make_data,
-                               make_untrained, baseline_features, plural, results_table, same_backbone,
+                               budget_overrides, evaluate, evaluate_pose_scene, extract,
+                               format_seconds, make_data, make_untrained, baseline_features,
+                               plural, pose_scene_problem, results_table, same_backbone,
                                train_stage, yaml_str)
 from utils.atomic import write_json
 from utils.cli import resolve_device, run_cli, setup_logging
@@ -112,7 +121,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"(default {DEFAULT_KEYPOINTS})")
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed: initialisation, data order, queries (default 0)")
+    parser.add_argument("--pose-scene", nargs="?", const="", default=None, metavar="DIR",
+                        help="also evaluate relative pose on a COLMAP scene folder (DIR/sparse, "
+                             "DIR/images); without DIR: Strecha's Herz-Jesus-P25 in "
+                             "shared/data/strecha beside this checkout")
     return parser.parse_args(argv)
+
+
+def pose_scene(args: argparse.Namespace) -> Path | None:
+    """The ``--pose-scene`` folder (checked), or ``None`` without the option."""
+    from utils.errors import SCFeatError
+
+    if args.pose_scene is None:
+        return None
+    scene = Path(args.pose_scene) if args.pose_scene else demo_stages.STRECHA_SCENE
+    problem = pose_scene_problem(scene)
+    if problem is not None:
+        default = "" if args.pose_scene else " (the default of --pose-scene without DIR)"
+        raise SCFeatError(f"--pose-scene: {problem}{default}")
+    return scene
 
 
 def parse_training_size(args: argparse.Namespace) -> tuple[int, int]:
@@ -220,13 +247,14 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     from utils.errors import SCFeatError
 
     size = parse_training_size(args)
+    scene = pose_scene(args)
     device = str(resolve_device(args.device, "--device"))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SCFeatError(f"--out {out}: exists and is not a folder")
     check_settings(out, settings_of(args, size))
     result = DemoResult()
-    total = 6
+    total = 6 if scene is None else 7
     ckpts = out / "ckpts"
 
     banner(1, total, "data: synthetic training pairs, held-out photographs")
@@ -263,6 +291,13 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     result.results = evaluate(out, photos, methods, args.keypoints, result)
     result.rows = rows
     result.paths["photos"] = photos
+    if scene is not None:
+        banner(7, total, f"relative pose on {scene}")
+        pose_methods = {label: str(folder) for label, folder in networks.items()}
+        pose_methods.update({label: label for label, _, _ in rows if label in BASELINES})
+        result.pose = evaluate_pose_scene(out, scene, pose_methods, args.keypoints, device,
+                                          result)
+        result.paths["pose_scene"] = scene
     return result
 
 
@@ -299,6 +334,18 @@ method's detector, at most its {args.keypoints} strongest (ALIKED and XFeat abov
 default score thresholds). SIFT's keypoints: every network describes the keypoints of OpenCV
 SIFT, which compares the descriptors alone. Minutes of training from random weights on
 synthetic data: far from SCFeat's published quality (docs/evaluation.md).""")
+    if result.pose:
+        from evaluation.pose import format_table
+
+        pairs = next(iter(result.pose.values()))["pairs"]
+        print(f"\nRelative pose on {result.paths['pose_scene']} ({pairs} pairs of a COLMAP model, "
+              f"the images at their own size), at most {args.keypoints} keypoints per image:\n")
+        print(format_table(result.pose))
+        print(f"""
+AUC@5/10/20: the area under the recall curve of the pose error max(ΔR, Δt) up to 5°, 10°
+and 20° (%; LoFTR's protocol, config/strecha/eval_pose.yaml); P(epi): matches within the
+epipolar threshold of the true geometry; failed: pairs without a pose. Table and curves:
+{result.paths['pose_table']}, {result.paths['pose_plot']}.""")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,9 @@ DESC_CONFIG = REPO / "config" / "demo" / "train_desc.yaml"
 DET_CONFIG = REPO / "config" / "demo" / "train_det.yaml"
 EXTRACT_CONFIG = REPO / "config" / "demo" / "extract.yaml"
 EVAL_CONFIG = REPO / "config" / "demo" / "eval.yaml"
+POSE_CONFIG = REPO / "config" / "strecha" / "eval_pose.yaml"   # the real-scene pose protocol
+# The Strecha benchmark's Herz-Jesus-P25 where this checkout sits beside a shared/ data folder
+STRECHA_SCENE = REPO.parent / "shared" / "data" / "strecha" / "Herz-Jesus-P25"
 DATA_SEED = 0
 STAMP_FILE = "demo_stamp.json"     # what a reused output was made from
 BATCHNORM_BATCHES = 20              # pair batches that estimate the untrained network's statistics
@@ -47,6 +50,7 @@ class DemoResult:
     results: dict = field(default_factory=dict)   # method → evaluation summary
     paths: dict = field(default_factory=dict)     # what → path, for the final summary
     rows: list = field(default_factory=list)      # the table: (label, method, at SIFT's keypoints)
+    pose: dict = field(default_factory=dict)      # label → relative pose summary (--pose-scene)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +377,55 @@ def evaluate(out: Path, sequences: Path, methods: dict[str, tuple[Path, str] | N
     result.paths["caches"] = Path(conf["cache_dir"])
     result.paths["table"] = table
     result.paths["plot"] = Path(conf["output_plot"])
+    return results
+
+
+def pose_scene_problem(scene: Path) -> str | None:
+    """What keeps ``scene`` from being a COLMAP scene for :func:`evaluate_pose_scene`, or
+    ``None``."""
+    missing = [part for part in ("sparse", "images") if not (Path(scene) / part).is_dir()]
+    if missing:
+        lacks = " and ".join(f"{part}/" for part in missing)
+        return (f"{scene}: not a COLMAP scene folder (it lacks {lacks}; "
+                f"expected {scene}/sparse with cameras, images and points3D as .txt or .bin, "
+                f"and the photographs in {scene}/images)")
+    return None
+
+
+def evaluate_pose_scene(out: Path, scene: Path, methods: dict[str, str], keypoints: int,
+                        device: str, result: DemoResult) -> dict[str, dict]:
+    """Relative pose on the COLMAP scene ``scene`` (``sparse/``, ``images/``) by
+    ``evaluation.pose`` with ``config/strecha/eval_pose.yaml`` (its pair rule and protocol, the
+    images at their own size) for ``methods`` (table label → a method of
+    ``evaluation/methods.py`` or a checkpoint folder), at most ``keypoints`` per image. Features
+    and records are cached under ``<out>/eval/pose-cache``; the table goes to
+    ``<out>/eval/pose.txt``, the cumulative error curves to ``<out>/pose.png``. Returns
+    ``{label: summary}``."""
+    from evaluation.methods import parse_method
+    from evaluation.pose import run_pose_evaluation
+    from schemas import load_eval_pose_config
+    from utils.atomic import atomic_open
+
+    cache = eval_cache(out).parent / "pose-cache"
+    conf = load_eval_pose_config(POSE_CONFIG, [
+        f"data_path={yaml_str(Path(scene).resolve())}", f"max_keypoints={keypoints}",
+        f"device={device}", f"cache_dir={yaml_str(cache)}",
+        f"output_json={yaml_str(cache.parent / 'pose.json')}",
+        f"output_plot={yaml_str(Path(out).resolve() / 'pose.png')}"])
+    conf["methods"] = list(methods.values())
+    start = time.perf_counter()
+    lines: list[str] = []
+    summaries = run_pose_evaluation(conf, print_fn=lines.append)
+    table = Path(out) / "eval" / "pose.txt"
+    with atomic_open(table, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    results = {label: summaries[parse_method(entry, "methods").label]
+               for label, entry in methods.items()}
+    pairs = next(iter(results.values()))["pairs"]
+    result.stages.append(StageRecord("relative pose", time.perf_counter() - start, False,
+                                     f"{len(results)} methods, {pairs} pairs of {scene}, {table}"))
+    result.paths["pose_table"] = table
+    result.paths["pose_plot"] = Path(conf["output_plot"])
     return results
 
 

@@ -38,6 +38,34 @@ def build_training_model(conf: dict) -> nn.Module:
     return model
 
 
+def validation_means(model: nn.Module, composer: LossComposer, loader, seed: int, epoch: int,
+                     device: torch.device, log_notes=None) -> tuple[dict[str, float], int, int]:
+    """``(mean loss and components, pairs, batches)`` of ``composer`` over ``loader``'s usable
+    batches, ``model`` in eval mode without gradients, the global generator seeded with
+    ``seed`` (fixed query points, so that networks and epochs compare) and restored after;
+    ``epoch`` (1-based) goes to the losses. ``log_notes`` receives the batches' notes."""
+    pair_model = PairModel(model)
+    sums: dict[str, float] = {}
+    batches = pairs = 0
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            torch.no_grad():
+        torch.manual_seed(seed)
+        for batch in loader:
+            batch.pop("skipped", None)
+            notes = batch.pop("notes", [])
+            if log_notes is not None:
+                log_notes(notes)
+            if "im1" not in batch:
+                continue
+            loss, components = composer(to_device(batch, device), pair_model, epoch)
+            for name, value in {"loss": loss, **components}.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+            batches += 1
+            pairs += len(batch["im1"])
+    return {k: v / batches for k, v in sums.items()} if batches else {}, pairs, batches
+
+
 class Trainer:
     """Builds everything a (validated) training config names, then :meth:`fit` runs it."""
 
@@ -143,28 +171,12 @@ class Trainer:
         loader = self.validation_loader()
         if loader is None:
             return
-        pair_model = PairModel(self.model)
-        sums: dict[str, float] = {}
-        batches = pairs = 0
-        self.model.eval()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
-                torch.no_grad():
-            torch.manual_seed(self.conf["seed"])
-            for batch in loader:
-                batch.pop("skipped", None)
-                self.batches.log_notes(batch.pop("notes", []))
-                if "im1" not in batch:
-                    continue
-                loss, components = self.composer(to_device(batch, self.device), pair_model,
-                                                 self.progress.epoch + 1)
-                for name, value in {"loss": loss, **components}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
-                batches += 1
-                pairs += len(batch["im1"])
+        means, pairs, batches = validation_means(self.model, self.composer, loader,
+                                                 self.conf["seed"], self.progress.epoch + 1,
+                                                 self.device, self.batches.log_notes)
         if batches == 0:
             log.warning("validation: no usable pair in val_config data")
             return
-        means = {k: v / batches for k, v in sums.items()}
         log.info("validation after epoch %d (%d pairs, %d batches): %s", self.progress.epoch,
                  pairs, batches, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
         if self.writer is not None:

@@ -197,6 +197,72 @@ def test_a_peer_without_its_wheel_is_skipped_with_one_line(demo_run, capsys, mon
     assert "Traceback" not in captured.out + captured.err
 
 
+@pytest.fixture(scope="module")
+def tiny_scene(tmp_path_factory) -> Path:
+    """A tiny COLMAP scene folder (sparse/, images/): 5 synthetic views at 96×128, 10 pairs by
+    the pose protocol's rule."""
+    from test_pose import colmap_copy
+    from tools.synthetic import make_megadepth1500
+
+    root = tmp_path_factory.mktemp("scene")
+    make_megadepth1500(root / "views", scenes=1, images=5, pairs=4, size=(96, 128), seed=0)
+    return colmap_copy(root / "views", root / "scene", binary=False)
+
+
+def pose_rows(text: str) -> dict[str, list[float]]:
+    """``label → [AUC@5, AUC@10, AUC@20, P(epi), matches, inliers, failed]`` of the printed
+    relative-pose table (``evaluation.pose.format_table``), after its header."""
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:4] == [
+        "method", "AUC@5", "AUC@10", "AUC@20"])
+    rows = {}
+    for line in lines[header + 2:]:
+        if not line.strip():
+            break
+        label, *values, failed = line.rsplit(maxsplit=7)
+        rows[label] = [float(v) for v in values] + [int(failed.split("/")[0])]
+    return rows
+
+
+@pytest.mark.slow
+def test_a_pose_scene_adds_the_relative_pose_rows(demo_run, tiny_scene, capsys):
+    from evaluation.pose import run_pose_evaluation
+    from schemas import load_eval_pose_config
+
+    out, _, first_printed, _ = demo_run
+    # without the option: no pose stage, no pose output
+    assert "Relative pose" not in first_printed and not (out / "eval" / "pose-cache").exists()
+    capsys.readouterr()
+    assert demo.main(TINY + ["--out", str(out), "--pose-scene", str(tiny_scene)]) == 0
+    printed = capsys.readouterr().out
+    assert check_table(printed) == table_rows(first_printed)  # the HPatches table is unchanged
+    assert f"Relative pose on {tiny_scene} (10 pairs of a COLMAP model" in printed
+    rows = pose_rows(printed)
+    assert list(rows) == list(ROWS)
+    for label, (auc5, auc10, auc20, precision, *_rest) in rows.items():
+        assert 0 <= auc5 <= auc10 <= auc20 <= 100 and 0 <= precision <= 100, label
+    # the evaluation's own protocol: SIFT's row is evaluate_pose's with the same config
+    conf = load_eval_pose_config(demo.demo_stages.POSE_CONFIG, [
+        f"data_path={tiny_scene}", "methods=[sift]", "max_keypoints=128", "output_json=null",
+        "output_plot=null", f"cache_dir={out / 'separate-cache'}"])
+    sift = run_pose_evaluation(conf, print_fn=lambda line: None)["sift"]
+    assert rows["sift"][:3] == [round(100 * sift["auc"][t], 1) for t in ("5", "10", "20")]
+    assert rows["sift"][4] == round(sift["mean_matches"])
+    assert (out / "eval" / "pose.txt").is_file() and (out / "pose.png").is_file()
+
+
+def test_pose_scene_without_a_folder_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo.demo_stages, "STRECHA_SCENE", tmp_path / "strecha" / "Herz-Jesus-P25")
+    assert demo.main(["--out", str(tmp_path / "out"), "--pose-scene"]) == 2
+    err = capsys.readouterr().err
+    assert "--pose-scene" in err and "lacks sparse/ and images/" in err and \
+        "without DIR" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before any work
+    (tmp_path / "scene" / "sparse").mkdir(parents=True)
+    assert demo.main(["--out", str(tmp_path / "out"), "--pose-scene", str(tmp_path / "scene")]) == 2
+    assert "lacks images/" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_other_settings_for_the_same_out_are_refused(demo_run, capsys):
     out = demo_run[0]
@@ -229,7 +295,8 @@ def test_help_documents_the_options(capsys):
         demo.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--steps", "--out", "--device", "--size", "--keypoints", "--seed"):
+    for option in ("--steps", "--out", "--device", "--size", "--keypoints", "--seed",
+                   "--pose-scene"):
         assert option in text
 
 

@@ -47,7 +47,8 @@ def test_shipped_files_hold_every_original_key_and_value(name):
 
 
 @pytest.mark.parametrize("name", ["train_desc.yaml", "train_det.yaml", "demo/train_desc.yaml",
-                                  "demo/train_det.yaml"])
+                                  "demo/train_det.yaml", "strecha/train_desc.yaml",
+                                  "strecha/train_det.yaml"])
 def test_training_configs_validate(name, checkpoint):
     conf = load_train_config(CONFIG / name, [f"load_path={checkpoint}"] if "det" in name else [])
     assert conf["losses"] and conf["optimal_modules"]
@@ -104,3 +105,25 @@ def test_extraction_original_settings(checkpoint):
                 "thr_mod": "abs"}
     assert {key: conf["detector_config"][key] for key in expected} == expected
 
+
+
+# The settings that define what each stage learns: the preprocess step, the losses, the
+# optimiser (the real-scene configs change the scale of a run, not its learning problem).
+LEARNING_KEYS = ("optimal_modules", "optimal_lrs", "optimizer", "preprocess_train",
+                 "preprocess_train_config", "losses", "losses_weight")
+
+
+@pytest.mark.parametrize("stage", ["train_desc.yaml", "train_det.yaml"])
+def test_the_real_scene_configs_keep_the_original_learning_settings(stage, checkpoint):
+    load = [f"load_path={checkpoint}"] if "det" in stage else []
+    original = load_train_config(CONFIG / stage, load)
+    real = load_train_config(CONFIG / "strecha" / stage, load)
+    for key in LEARNING_KEYS + tuple(f"{name}_config" for name in original["losses"]):
+        assert real[key] == original[key], f"config/strecha/{stage}: {key}"
+    # the original's query sampling and rotation filter; our size, batch and data
+    for key in ("random_percent", "rot_thr"):
+        assert real["data_config_train"][key] == original["data_config_train"][key], key
+    assert real["data_config_train"]["resize"] == [256, 384]
+    assert real["data_config_train"]["data_path"] == "data/strecha-megadepth/castle-P30"
+    assert real["val_config"]["data_config_val"]["data_path"] == \
+        "data/strecha-megadepth/Herz-Jesus-P25"
