@@ -199,10 +199,14 @@ def plot(rows: list[dict], folders: Sequence[Path], path: Path, title: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utils.atomic import atomic_open
+    from utils.atomic import atomic_target
 
-    runs = sorted({row["run"] for row in rows})
+    untrained = [row for row in rows if row["run"].endswith("untrained")]
+    runs = sorted({row["run"] for row in rows} - {row["run"] for row in untrained})
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for row in untrained:  # the random initialisation: step 0 of every run
+        for axis, key in ((axes[1], "loss"), (axes[2], "epi")):
+            axis.plot([0], [row[key]], "k*", markersize=10, label="untrained")
     for index, run in enumerate(runs):
         colour = f"C{index}"
         run_dir = next(Path(f).parent for f in folders if Path(f).parent.name == run)
@@ -226,10 +230,11 @@ def plot(rows: list[dict], folders: Sequence[Path], path: Path, title: str) -> N
     axes[2].legend(fontsize=8)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path) as handle:
-        figure.savefig(handle, format="png", dpi=90)
-    plt.close(figure)
+    try:
+        with atomic_target(Path(path)) as tmp:
+            figure.savefig(tmp, format="png", dpi=90)
+    finally:
+        plt.close(figure)
 
 
 # ---------------------------------------------------------------------------------------------
